@@ -1,0 +1,22 @@
+"""Tiny Llama-style model on the embedded default corpus, for CPU.
+
+  lmjax train --config configs/tiny.py --workdir /tmp/lmjax-tiny
+
+About 0.5M parameters (2 layers, width 128, 4 heads / 2 KV heads, vocab 1024), 300 steps of
+16 x 128 tokens. On a 2-core CPU it takes a few minutes; the loss falls from ~6.9 to ~3.
+"""
+
+from lmjax.config import default_config
+
+
+def get_config(arg: str | None = None):
+  c = default_config()
+  c.train.steps = 300
+  c.train.log_every = 10
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 100
+  if arg == "runlocal":  # a few seconds, for smoke tests
+    c.train.steps = 20
+    c.train.eval_every = 10
+    c.train.checkpoint_every = 10
+  return c

@@ -1,0 +1,228 @@
+"""Every config field with its default, validation with clear errors, derived values.
+
+A config file in ``configs/`` starts from :func:`default_config` and changes a few
+fields. :func:`validate` runs before anything is compiled and raises
+:class:`ConfigError` naming the offending key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+MESH_AXES = ("data", "stage", "fsdp", "tensor")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_BACKENDS = ("xla",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key and what to do."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The defaults every config starts from (a tiny CPU model on the default corpus)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds parameter init, dropout-free training RNG and data order
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 1024  # must equal the tokenizer's vocabulary size
+  m.num_layers = 2  # l: decoder blocks (stacked and scanned)
+  m.embed_dim = 128  # d: residual stream width
+  m.num_heads = 4  # n: query heads
+  m.num_kv_heads = 2  # k: key/value heads (GQA); must divide num_heads
+  m.head_dim = 32  # h: per-head width
+  m.mlp_dim = 384  # f: SwiGLU hidden width
+  m.max_seq_len = 128  # longest sequence the model is used with (RoPE table size)
+  m.rope_theta = 10000.0  # RoPE base frequency
+  m.norm_eps = 1e-6  # RMSNorm epsilon
+  m.tie_embeddings = True  # output projection shares the token embedding
+  m.param_dtype = "float32"  # master weights
+  m.compute_dtype = "float32"  # activations and matmuls ("bfloat16" on accelerators)
+  m.remat = "none"  # rematerialisation per block: none | full | dots | dots_no_batch
+  m.scan_layers = True  # stack blocks and run them with lax.scan (flat compile time)
+  m.attention = "xla"  # attention backend
+  m.init_std = 0.02  # normal init std of embeddings and projections
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "default"  # "default" (embedded corpus) or a path/glob of .txt / .jsonl files
+  d.text_field = "text"  # JSONL field holding the document text
+  d.eval_fraction = 0.05  # fraction of documents held out for evaluation
+  d.seq_len = 128  # tokens per packed row
+  d.global_batch_size = 16  # rows per step across all processes
+  d.shuffle = True  # shuffle documents, differently each epoch
+  d.num_epochs = -1  # -1 repeats forever (training stops at train.steps)
+  d.tokenizer = ""  # path to a sentencepiece .model; "" trains/caches one for the source
+  d.tokenizer_cache = ""  # directory for generated tokenizers; "" = ~/.cache/lmjax
+  d.worker_count = 0  # Grain worker processes (0 = in the main process)
+  d.prefetch = 2  # batches prefetched ahead of the step
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.learning_rate = 3e-3  # peak learning rate
+  o.warmup_steps = 20  # linear warmup from 0
+  o.decay_steps = -1  # cosine decay length; -1 = train.steps - warmup_steps
+  o.end_lr_fraction = 0.1  # final lr as a fraction of the peak
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1  # decoupled (AdamW) weight decay
+  o.decay_norms_and_embeddings = False  # also decay norm scales and embeddings
+  o.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+  o.grad_accum_steps = 1  # microbatches accumulated per update
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 200  # optimizer updates
+  t.log_every = 10  # steps between metric writes
+  t.eval_every = 100  # steps between eval-loss runs; 0 disables
+  t.eval_batches = 4  # batches per eval run
+  t.checkpoint_every = 100  # steps between checkpoints; 0 = only at the end
+  t.keep_checkpoints = 3  # newest checkpoints kept
+  t.async_checkpointing = True  # save in the background while training continues
+  t.progress_bar = True  # tqdm bar on process 0
+  t.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind, else no MFU
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = 1  # pure data parallelism (parameters replicated)
+  ms.stage = 1  # pipeline stages
+  ms.fsdp = -1  # fully-sharded data parallelism; -1 fills the remaining devices
+  ms.tensor = 1  # tensor (model) parallelism
+  ms.rules = ()  # ((logical_name, mesh_axes), ...) overriding the default rules table
+  return c
+
+
+def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _fail(key: str, msg: str) -> None:
+  raise ConfigError(f"config.{key}: {msg}")
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks ``cfg`` against the defaults and itself; raises ConfigError naming the key.
+
+  ``num_devices``, when given, checks that the mesh covers exactly that many devices.
+  """
+  defaults = _flat(default_config())
+  given = _flat(cfg)
+  for key in given:
+    if key not in defaults:
+      parent = key.rsplit(".", 1)[0] if "." in key else ""
+      known = sorted(k.rsplit(".", 1)[-1] for k in defaults if k.startswith(parent + ".")) if parent else []
+      hint = f" Known keys under {parent}: {', '.join(known)}." if known else ""
+      _fail(key, f"unknown key.{hint}")
+  for key in defaults:
+    if key not in given:
+      _fail(key, "missing; start configs from lmjax.config.default_config().")
+  for key, default in defaults.items():
+    value = given[key]
+    if isinstance(default, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(default, int):
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+      ok = isinstance(value, str)
+    else:
+      ok = isinstance(value, (tuple, list))
+    if not ok:
+      _fail(key, f"expected {type(default).__name__}, got {value!r} ({type(value).__name__}).")
+
+  m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+  for key in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "max_seq_len"):
+    if m[key] <= 0:
+      _fail(f"model.{key}", f"must be positive, got {m[key]}.")
+  if m.num_heads % m.num_kv_heads:
+    _fail("model.num_kv_heads",
+          f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads}).")
+  if m.head_dim % 2:
+    _fail("model.head_dim", f"must be even for RoPE, got {m.head_dim}.")
+  for key in ("param_dtype", "compute_dtype"):
+    if m[key] not in DTYPES:
+      _fail(f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}.")
+  if m.remat not in REMAT_POLICIES:
+    _fail("model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}.")
+  if m.attention not in ATTENTION_BACKENDS:
+    _fail("model.attention", f"must be one of {ATTENTION_BACKENDS}, got {m.attention!r}.")
+  if d.seq_len <= 0 or d.seq_len > m.max_seq_len:
+    _fail("data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}], got {d.seq_len}.")
+  if not 0.0 <= d.eval_fraction < 1.0:
+    _fail("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}.")
+  if d.global_batch_size <= 0:
+    _fail("data.global_batch_size", f"must be positive, got {d.global_batch_size}.")
+  if d.worker_count < 0:
+    _fail("data.worker_count", f"must be >= 0, got {d.worker_count}.")
+  if o.learning_rate <= 0:
+    _fail("optim.learning_rate", f"must be positive, got {o.learning_rate}.")
+  if o.warmup_steps < 0:
+    _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}.")
+  if not 0.0 <= o.end_lr_fraction <= 1.0:
+    _fail("optim.end_lr_fraction", f"must be in [0, 1], got {o.end_lr_fraction}.")
+  if o.grad_accum_steps <= 0:
+    _fail("optim.grad_accum_steps", f"must be positive, got {o.grad_accum_steps}.")
+  if o.grad_clip_norm < 0:
+    _fail("optim.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}.")
+  for key in ("steps", "log_every", "eval_batches"):
+    if t[key] <= 0:
+      _fail(f"train.{key}", f"must be positive, got {t[key]}.")
+  for key in ("eval_every", "checkpoint_every"):
+    if t[key] < 0:
+      _fail(f"train.{key}", f"must be >= 0, got {t[key]}.")
+  if t.keep_checkpoints <= 0:
+    _fail("train.keep_checkpoints", f"must be positive, got {t.keep_checkpoints}.")
+
+  sizes = [cfg.mesh[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if size == 0 or size < -1:
+      _fail(f"mesh.{axis}", f"must be a positive size or -1 (fill), got {size}.")
+  if sizes.count(-1) > 1:
+    _fail("mesh", f"at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+  if cfg.mesh.stage != 1:
+    _fail("mesh.stage", "pipeline stages are not supported by this version; set mesh.stage=1.")
+  for i, rule in enumerate(cfg.mesh.rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      _fail(f"mesh.rules[{i}]", f"must be (logical_name, mesh_axes), got {rule!r}.")
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for a in axes:
+      if a is not None and a not in MESH_AXES:
+        _fail(f"mesh.rules[{i}]", f"unknown mesh axis {a!r}; mesh axes are {MESH_AXES}.")
+  if num_devices is not None:
+    resolve_mesh_shape(cfg, num_devices)
+    shape = dict(zip(MESH_AXES, resolve_mesh_shape(cfg, num_devices)))
+    batch_shards = shape["data"] * shape["fsdp"]
+    if d.global_batch_size % (batch_shards * o.grad_accum_steps):
+      _fail("data.global_batch_size",
+            f"{d.global_batch_size} must be divisible by mesh data*fsdp ({batch_shards}) "
+            f"times optim.grad_accum_steps ({o.grad_accum_steps}).")
+
+
+def resolve_mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Mesh sizes in MESH_AXES order with -1 filled; raises ConfigError if they don't cover the devices."""
+  sizes = [cfg.mesh[a] for a in MESH_AXES]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      _fail("mesh", f"the fixed axes {dict(zip(MESH_AXES, sizes))} multiply to {known}, "
+                    f"which does not divide the {num_devices} devices.")
+    sizes[sizes.index(-1)] = num_devices // known
+  elif known != num_devices:
+    _fail("mesh", f"axis sizes {dict(zip(MESH_AXES, sizes))} multiply to {known}, but there are "
+                  f"{num_devices} devices; make the product equal or set one axis to -1.")
+  return tuple(sizes)
+
+
+def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the structure so that a misspelt override fails instead of adding a field."""
+  cfg.lock()
+  return cfg

@@ -1,0 +1,148 @@
+"""The device mesh, the logical-axis rules table, and helpers that shard pytrees.
+
+Model code names array axes logically (``"embed"``, ``"mlp"``, ``"act_batch"`` ...).
+:data:`RULES` is the one table that maps those names onto the mesh axes
+``data``, ``stage``, ``fsdp`` and ``tensor``; ``config.mesh.rules`` overrides entries.
+
+A logical axis whose mesh axes do not divide the array dimension is replicated
+along that dimension (e.g. 2 KV heads on a 4-way ``tensor`` axis), so every
+config runs on every mesh; the math never depends on the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+
+from lmjax.config import MESH_AXES, ConfigError, resolve_mesh_shape
+
+MeshAxes = str | tuple[str, ...] | None
+
+# logical name -> mesh axes. Parameters first, then activations ("act_" prefix).
+RULES: tuple[tuple[str, MeshAxes], ...] = (
+    # parameters
+    ("layers", None),  # stacked-block axis
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+_current_rules: contextvars.ContextVar[dict[str, MeshAxes]] = contextvars.ContextVar(
+    "lmjax_rules", default=dict(RULES))
+
+
+def rules_from_config(cfg: ml_collections.ConfigDict) -> dict[str, MeshAxes]:
+  """The default table with ``config.mesh.rules`` applied on top."""
+  rules = dict(RULES)
+  for name, axes in cfg.mesh.rules:
+    rules[name] = tuple(axes) if isinstance(axes, list) else axes
+  return rules
+
+
+@contextlib.contextmanager
+def use_rules(rules: dict[str, MeshAxes]) -> Iterator[None]:
+  """Makes ``rules`` the table that :func:`constrain` uses while tracing."""
+  token = _current_rules.set(dict(rules))
+  try:
+    yield
+  finally:
+    _current_rules.reset(token)
+
+
+def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with axes (data, stage, fsdp, tensor) sized from ``config.mesh``."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: dict[str, MeshAxes],
+                    shape: Sequence[int] | None = None,
+                    mesh_shape: dict[str, int] | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec with ``rules``.
+
+  With ``shape`` and ``mesh_shape``, mesh axes that do not divide a dimension are
+  dropped (that dimension is replicated), and a mesh axis is used at most once.
+  """
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(logical_axes):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in rules:
+      raise ConfigError(f"config.mesh.rules: no rule for logical axis {name!r}; "
+                        f"known: {sorted(rules)}.")
+    axes = rules[name]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a not in used)
+    if shape is not None and mesh_shape is not None:
+      kept = []
+      for a in axes:
+        if shape[i] % (math.prod(mesh_shape[k] for k in kept) * mesh_shape[a]) == 0:
+          kept.append(a)
+      axes = tuple(a for a in kept if mesh_shape[a] > 1)
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
+                   rules: dict[str, MeshAxes]) -> Any:
+  """NamedShardings for ``abstract_tree`` from a matching tree of logical-axis tuples."""
+  mesh_shape = dict(mesh.shape)
+
+  def one(axes, x):
+    return NamedSharding(mesh, logical_to_spec(axes, rules, x.shape, mesh_shape))
+
+  return jax.tree.map(one, logical_tree, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Annotates an activation with its logical axes (a no-op outside a mesh context)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(logical_axes, _current_rules.get(), x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes] | None = None) -> NamedSharding:
+  """Sharding of a (batch, seq) input array: batch over the ``act_batch`` mesh axes."""
+  rules = dict(RULES) if rules is None else rules
+  return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq"), rules))
+
+
+def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh,
+                   sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles process-local batch rows into global arrays sharded over the mesh."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

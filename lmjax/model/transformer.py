@@ -1,0 +1,110 @@
+"""The decoder-only Transformer: blocks stacked along a ``layers`` axis and run with a scan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+
+from lmjax.mesh import constrain
+from lmjax.model.attention import Attention
+from lmjax.model.layers import MLP, Embed, RMSNorm
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_ACT = ("act_batch", "act_seq", "act_embed")
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                          rope_theta=cfg.rope_theta, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    x = constrain(x, _ACT)
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, _ACT)
+
+
+class Transformer(nnx.Module):
+  """Llama-style decoder LM. ``cfg`` is ``config.model``.
+
+  >>> model = Transformer(default_config().model, rngs=nnx.Rngs(0))
+  >>> logits = model(tokens)  # tokens (b, t) int32 -> (b, t, v) float32
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs.split(cfg.num_layers))  # params stacked (l, ...)
+    self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    if not cfg.tie_embeddings:
+      self.lm_head = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs, std=cfg.init_std,
+                           param_dtype=pdt)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens (b, t) -> logits (b, t, v) in float32.
+
+    ``positions`` restart at 0 for each packed document and ``segment_ids`` (0 = padding)
+    keep attention within a document; both default to one document per row.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    x = constrain(self.embed(tokens, jnp.dtype(cfg.compute_dtype)), _ACT)  # (b, t, d)
+    x = self._run_blocks(x, positions, segment_ids)
+    x = self.final_norm(x)
+    head = self.embed if cfg.tie_embeddings else self.lm_head
+    logits = head.attend(x).astype(jnp.float32)  # (b, t, v)
+    return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+
+  def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def block(x, layer_params):
+      return nnx.merge(graphdef, layer_params)(x, positions, segment_ids)
+
+    if self.cfg.remat != "none":
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    if self.cfg.scan_layers:
+      x, _ = jax.lax.scan(lambda carry, p: (block(carry, p), None), x, stacked)
+      return x
+    for i in range(self.cfg.num_layers):
+      x = block(x, jax.tree.map(lambda p: p[i], stacked))
+    return x
+
+
+def logical_axes(abstract_model: nnx.Module) -> dict[str, Any]:
+  """The parameters' logical axis names, as a pure dict shaped like the parameters."""
+  state = nnx.state(abstract_model, nnx.Param)
+  names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return names.to_pure_dict() if hasattr(names, "to_pure_dict") else names
+
+
+def count_params(params: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,264 @@
+"""Training: state initialisation (sharded, under jit), the train and eval steps, the loop.
+
+``train(cfg, workdir)`` is the whole job; the CLI and notebooks call it. Rerunning it with
+the same ``workdir`` resumes from the newest checkpoint, data position included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from lmjax import config as config_lib
+from lmjax import data as data_lib
+from lmjax.checkpoint import Checkpointer, abstract_with_shardings
+from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, rules_from_config, tree_shardings, use_rules
+from lmjax.metrics import MetricsWriter, Throughput
+from lmjax.model import Transformer, count_params, logical_axes
+from lmjax.optim import learning_rate_schedule, make_optimizer
+
+Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: (b, t) int32
+State = dict[str, Any]  # step, params, opt_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything built from a config and a mesh before the first step."""
+  cfg: ml_collections.ConfigDict
+  mesh: Mesh
+  rules: dict
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  abstract_state: State  # ShapeDtypeStructs carrying the target shardings
+  state_shardings: State
+  batch_sharding: NamedSharding
+  num_params: int
+
+  def model(self, params: Any) -> Transformer:
+    """The NNX module with ``params`` (e.g. to call it eagerly in a notebook)."""
+    return nnx.merge(self.graphdef, params)
+
+
+def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Setup:
+  """Validates ``cfg``, builds the mesh over ``devices`` (default: all) and the abstract,
+  sharded train state. Nothing is allocated or compiled."""
+  devices = jax.devices() if devices is None else list(devices)
+  config_lib.validate(cfg, num_devices=len(devices))
+  mesh = make_mesh(cfg, devices)
+  rules = rules_from_config(cfg)
+  optimizer = make_optimizer(cfg)
+  abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+  graphdef, abstract_params = nnx.split(abstract_model)
+  abstract_params = abstract_params.to_pure_dict()
+  param_shardings = tree_shardings(logical_axes(abstract_model), abstract_params, mesh, rules)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated(mesh))
+  shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+              "opt_state": abstract_opt}
+  return Setup(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer,
+               abstract_state=abstract_with_shardings(abstract, shardings),
+               state_shardings=shardings, batch_sharding=batch_sharding(mesh, rules),
+               num_params=count_params(abstract_params))
+
+
+def init_state(setup: Setup) -> State:
+  """Creates parameters and optimizer state directly sharded (never whole on one device)."""
+  cfg = setup.cfg
+
+  @functools.partial(jax.jit, out_shardings=setup.state_shardings)
+  def init():
+    params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))[1].to_pure_dict()
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": setup.optimizer.init(params)}
+
+  with jax.set_mesh(setup.mesh), use_rules(setup.rules):
+    return init()
+
+
+def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over real (non-padding) tokens, and their count."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # (b, t, v)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  weights = (batch["segment_ids"] != 0).astype(jnp.float32)
+  return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+  """One optimizer update on ``batch``, accumulated over ``optim.grad_accum_steps`` microbatches.
+
+  The loss is the mean over all real tokens of the batch, whatever the microbatching.
+  """
+  accum = setup.cfg.optim.grad_accum_steps
+  grad_fn = jax.value_and_grad(functools.partial(token_losses, setup.graphdef), has_aux=True)
+
+  if accum == 1:
+    (loss_sum, count), grads = grad_fn(state["params"], batch)
+  else:
+    # (b, t) -> (accum, b/accum, t), keeping each device's rows on that device.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+
+    def one(carry, mb):
+      (loss_sum, count), grads = grad_fn(state["params"], mb)
+      return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+
+    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+    (loss_sum, count, grads), _ = jax.lax.scan(one, zeros, micro)
+
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {
+      "loss": loss_sum / count,
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "learning_rate": learning_rate_schedule(setup.cfg)(state["step"]),
+      "tokens": count,
+  }
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(setup: Setup, params: Any, batch: Batch) -> dict[str, jax.Array]:
+  loss_sum, count = token_losses(setup.graphdef, params, batch)
+  return {"loss_sum": loss_sum, "tokens": count}
+
+
+def compile_steps(setup: Setup) -> tuple[Callable, Callable]:
+  """The jitted train step (state donated, explicit shardings) and eval step."""
+  rep = replicated(setup.mesh)
+  step = jax.jit(functools.partial(train_step, setup),
+                 in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, rep), donate_argnums=0)
+  ev = jax.jit(functools.partial(eval_step, setup),
+               in_shardings=(setup.state_shardings["params"], setup.batch_sharding),
+               out_shardings=rep)
+
+  def with_context(fn):
+    @functools.wraps(fn)
+    def call(*args):
+      with jax.set_mesh(setup.mesh), use_rules(setup.rules):
+        return fn(*args)
+    call.lower = lambda *a: _lower(fn, setup, *a)
+    return call
+
+  return with_context(step), with_context(ev)
+
+
+def _lower(fn, setup: Setup, *args):
+  with jax.set_mesh(setup.mesh), use_rules(setup.rules):
+    return fn.lower(*args)
+
+
+def evaluate(setup: Setup, eval_fn: Callable, params: Any, iterator, max_batches: int) -> dict[str, float]:
+  """Mean loss and perplexity over up to ``max_batches`` held-out batches."""
+  loss_sum, tokens = 0.0, 0.0
+  for i, batch in enumerate(iterator):
+    if i >= max_batches:
+      break
+    out = jax.device_get(eval_fn(params, host_to_global(batch, setup.mesh, setup.batch_sharding)))
+    loss_sum += float(out["loss_sum"])
+    tokens += float(out["tokens"])
+  if tokens == 0:
+    return {}
+  loss = loss_sum / tokens
+  return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
+          devices: list[jax.Device] | None = None) -> list[dict[str, float]]:
+  """Trains ``cfg`` in ``workdir`` (resuming if it holds a checkpoint); returns the metric
+  records written by this call."""
+  workdir = Path(workdir)
+  setup = build(cfg, devices)
+  is_main = jax.process_index() == 0
+  tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
+  if tokenizer.vocab_size != cfg.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model.vocab_size: {cfg.model.vocab_size} differs from the tokenizer's "
+        f"vocabulary size {tokenizer.vocab_size} ({tokenizer.path}); set them equal.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  if is_main:
+    (workdir / "config.json").write_text(cfg.to_json(indent=2))
+
+  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = data_lib.make_train_iterator(cfg, tokenizer, **proc)
+  checkpointer = Checkpointer(workdir / "checkpoints", cfg)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s at step %d", checkpointer.directory, latest)
+    state = checkpointer.restore(latest, setup.abstract_state, train_iter)
+  else:
+    state = init_state(setup)
+  start = int(jax.device_get(state["step"]))
+
+  step_fn, eval_fn = compile_steps(setup)
+  writer = MetricsWriter(workdir, enabled=is_main)
+  throughput = Throughput(cfg, setup.num_params)
+  history: list[dict[str, float]] = []
+  t = cfg.train
+  bar = None
+  if is_main and t.progress_bar and start < t.steps:
+    from tqdm import tqdm
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+  if is_main:
+    logging.info("Model: %.2fM parameters; mesh %s", setup.num_params / 1e6, dict(setup.mesh.shape))
+
+  pending: list[dict[str, jax.Array]] = []
+  try:
+    for step in range(start + 1, t.steps + 1):
+      batch = host_to_global(next(train_iter), setup.mesh, setup.batch_sharding)
+      with jax.transfer_guard("disallow"):
+        state, metrics = step_fn(state, batch)
+      pending.append(metrics)
+      if step == start + 1:
+        jax.block_until_ready(metrics)  # compile time stays out of the throughput
+        throughput.reset()
+        pending = []
+        record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        record["step"] = step
+        writer.write(step, {k: v for k, v in record.items() if k != "step"})
+        history.append(record)
+      elif step % t.log_every == 0 or step == t.steps:
+        fetched = jax.device_get(pending)
+        for m in fetched:
+          throughput.add(int(m["tokens"]))
+        record = {k: float(v) for k, v in fetched[-1].items()}
+        record["loss"] = float(np.mean([m["loss"] for m in fetched]))
+        record.update(throughput.rate())
+        record["step"] = step
+        pending = []
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+          record.update(evaluate(setup, eval_fn, state["params"],
+                                 data_lib.make_eval_iterator(cfg, tokenizer, **proc), t.eval_batches))
+        writer.write(step, {k: v for k, v in record.items() if k != "step"})
+        history.append(record)
+        if bar is not None:
+          bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+      if bar is not None:
+        bar.update(1)
+      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
+        checkpointer.save(step, state, train_iter, cfg)
+  finally:
+    checkpointer.close()
+    writer.close()
+    if bar is not None:
+      bar.close()
+  return history
