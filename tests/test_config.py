@@ -1,0 +1,118 @@
+"""Config defaults, command-line overrides and every validation error naming its key."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import pytest
+
+from lmjax.config import ConfigError, default_config, resolve_mesh_shape, validate
+from lmjax.train import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_defaults_and_shipped_configs_validate():
+  validate(default_config(), num_devices=8)
+  for name in ("tiny", "gpt2_small", "llama_1b"):
+    validate(_load(name), num_devices=8)
+  validate(_load("tiny", "runlocal"), num_devices=1)
+  validate(_load("gpt2_small", "runlocal"), num_devices=1)
+
+
+def test_every_default_field_is_documented_where_defined():
+  source = (ROOT / "lmjax" / "config.py").read_text().splitlines()
+  for line in source:
+    stripped = line.strip()
+    if stripped.startswith(("m.", "d.", "o.", "t.", "ms.", "c.seed")) and " = " in stripped:
+      if stripped.split(" = ")[0] in ("o.b1", "o.b2", "o.eps"):
+        continue  # AdamW's own hyper-parameters, named as in Optax
+      assert "#" in stripped, f"config field without a comment: {stripped}"
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("model.num_kv_heads", 3, "config.model.num_kv_heads: model.num_heads (4) must be divisible"),
+    ("model.head_dim", 7, "config.model.head_dim: must be even"),
+    ("model.remat", "some", "config.model.remat: must be one of"),
+    ("model.param_dtype", "float64", "config.model.param_dtype"),
+    ("data.seq_len", 4096, "config.data.seq_len: must be in [1, model.max_seq_len=128]"),
+    ("data.global_batch_size", 12, "config.data.global_batch_size: 12 must be divisible by mesh data*fsdp (8)"),
+    ("optim.learning_rate", -1.0, "config.optim.learning_rate: must be positive"),
+    ("train.steps", 0, "config.train.steps: must be positive"),
+    ("mesh.tensor", 3, "config.mesh: the fixed axes"),
+    ("mesh.stage", 0, "config.mesh.stage: must be a positive size or -1"),
+])
+def test_validation_errors_name_the_key(key, value, needle):
+  cfg = default_config()
+  section, field = key.split(".")
+  cfg[section][field] = value
+  with pytest.raises(ConfigError) as e:
+    validate(cfg, num_devices=8)
+  assert needle in str(e.value)
+
+
+def test_unknown_missing_and_mistyped_keys():
+  cfg = default_config()
+  cfg.model.num_layer = 3  # misspelt
+  with pytest.raises(ConfigError, match=r"config.model.num_layer: unknown key.*num_layers"):
+    validate(cfg)
+  cfg = default_config()
+  del cfg.train["steps"]
+  with pytest.raises(ConfigError, match="config.train.steps: missing"):
+    validate(cfg)
+  cfg = default_config()
+  with pytest.raises(TypeError, match="num_layers"):  # ConfigDict is type-safe itself
+    cfg.model.num_layers = "two"
+  raw = default_config().to_dict()
+  raw["model"]["num_layers"] = "two"  # a config built from plain dicts is checked too
+  with pytest.raises(ConfigError, match=r"config.model.num_layers: expected int, got 'two'"):
+    validate(ml_collections.ConfigDict(raw))
+
+
+def test_mesh_sizes():
+  cfg = default_config()
+  assert resolve_mesh_shape(cfg, 8) == (1, 1, 8, 1)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, -1, 2
+  assert resolve_mesh_shape(cfg, 8) == (2, 1, 2, 2)
+  cfg.mesh.fsdp = 4
+  with pytest.raises(ConfigError, match="multiply to 16, but there are 8 devices"):
+    resolve_mesh_shape(cfg, 8)
+  cfg.mesh.fsdp, cfg.mesh.data = -1, -1
+  with pytest.raises(ConfigError, match="at most one axis may be -1"):
+    validate(cfg)
+
+
+def test_llama_1b_shapes_without_allocating():
+  setup = build(_load("llama_1b"), jax.devices())
+  assert 1.2e9 < setup.num_params < 1.3e9  # Llama-3.2-1B: 1.24B with tied embeddings
+  q = setup.abstract_state["params"]["blocks"]["attn"]["q"]
+  assert q.shape == (16, 2048, 32, 64)
+  assert q.sharding.shard_shape(q.shape) == (16, 256, 32, 64)  # embed over fsdp=8
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "lmjax.cli", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_cli_overrides_and_errors():
+  out = _cli("validate", "--config", "configs/tiny.py", "--config.model.num_layers=3",
+             "--config.optim.learning_rate=0.01")
+  assert out.returncode == 0, out.stderr
+  assert "num_layers: 3" in out.stdout and "learning_rate: 0.01" in out.stdout
+  out = _cli("validate", "--config", "configs/tiny.py", "--config.model.num_layerz=3")
+  assert out.returncode != 0 and "num_layerz" in out.stderr
+  out = _cli("validate", "--config", "configs/tiny.py", "--config.model.num_kv_heads=3")
+  assert out.returncode == 2 and "config.model.num_kv_heads" in out.stderr
+  out = _cli("validate", "--config", "configs/tiny.py:runlocal")
+  assert out.returncode == 0 and "steps: 20" in out.stdout
