@@ -53,7 +53,7 @@ def main() -> None:
     sys.stderr.write(USAGE)
     sys.exit(2)
   command = COMMANDS[sys.argv[1]]
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # Orbax and Grain are chatty at INFO
 
   def run(argv):
     if _CONFIG.value is None:

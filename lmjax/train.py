@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -182,6 +181,13 @@ def evaluate(setup: Setup, eval_fn: Callable, params: Any, iterator, max_batches
   return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
 
 
+def _say(message: str) -> None:
+  """A one-line status message from process 0, kept clear of the progress bar."""
+  if jax.process_index() == 0:
+    from tqdm import tqdm
+    tqdm.write(f"lmjax: {message}")
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
           devices: list[jax.Device] | None = None) -> list[dict[str, float]]:
   """Trains ``cfg`` in ``workdir`` (resuming if it holds a checkpoint); returns the metric
@@ -203,7 +209,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
   checkpointer = Checkpointer(workdir / "checkpoints", cfg)
   latest = checkpointer.latest_step()
   if latest is not None:
-    logging.info("Resuming from %s at step %d", checkpointer.directory, latest)
+    _say(f"resuming from {checkpointer.directory / str(latest)} (step {latest})")
     state = checkpointer.restore(latest, setup.abstract_state, train_iter)
   else:
     state = init_state(setup)
@@ -218,8 +224,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
   if is_main and t.progress_bar and start < t.steps:
     from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-  if is_main:
-    logging.info("Model: %.2fM parameters; mesh %s", setup.num_params / 1e6, dict(setup.mesh.shape))
+  _say(f"model: {setup.num_params / 1e6:.2f}M parameters; mesh {dict(setup.mesh.shape)}; "
+       f"tokenizer {tokenizer.path} (vocab {tokenizer.vocab_size}); steps {start}..{t.steps}")
 
   pending: list[dict[str, jax.Array]] = []
   try:

@@ -8,3 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import tempfile  # noqa: E402
+
+# Tokenizers generated for the default corpus are cached here for the whole session
+# (subprocesses inherit it), never in the user's home.
+os.environ.setdefault("LMJAX_CACHE", tempfile.mkdtemp(prefix="lmjax-test-cache-"))
