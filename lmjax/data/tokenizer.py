@@ -1,0 +1,218 @@
+"""Sentencepiece tokenizers: loading, deterministic training, and a cache keyed by content.
+
+lmjax's token ids are fixed: 0 pad, 1 unk, 2 bos, 3 eos. Trained tokenizers use
+byte fallback (no text is ever unknown) and identity normalisation, so
+``decode(encode(text)) == text`` for any text, newlines and indentation included.
+
+Example::
+
+  tok = train_tokenizer(load_documents("default"), 1024, "/tmp/tok.model")
+  tok.decode(tok.encode("x = 1\\n")) == "x = 1\\n"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+from lmjax.data.sources import DataError, load_documents
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram")
+
+# Trainer options shared by every lmjax tokenizer; they are part of the cache key.
+_TRAINER_OPTIONS: dict[str, Any] = dict(
+    pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+    byte_fallback=True,  # unseen characters become UTF-8 byte pieces, never <unk>
+    normalization_rule_name="identity",  # keep the text exactly (no NFKC)
+    remove_extra_whitespaces=False,  # keep indentation and runs of spaces
+    allow_whitespace_only_pieces=True,  # let "▁▁▁▁" (indentation) become one piece
+    split_digits=True,
+    user_defined_symbols=["\n"],  # newline is one piece (training sees single lines)
+    character_coverage=0.9995,
+    max_sentence_length=1 << 16,  # bytes per training line; longer lines are skipped
+    input_sentence_size=1_000_000,  # lines sampled (deterministically) from large corpora
+    shuffle_input_sentence=True,
+    num_threads=1,  # single-threaded training is bit-for-bit reproducible
+    minloglevel=2,  # only errors on stderr
+)
+_TRAINER_SEED = 0
+_CACHE_VERSION = 1  # bump when the training recipe changes in a way options don't show
+
+
+class Tokenizer:
+  """A sentencepiece model with lmjax's conventions: ids without bos/eos, pad id 0."""
+
+  def __init__(self, processor: spm.SentencePieceProcessor, path: str = ""):
+    self._sp = processor
+    self._path = path
+
+  @classmethod
+  def load(cls, path: str) -> Tokenizer:
+    """Loads a ``.model`` file; DataError if it is missing, corrupt or lacks bos/eos."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+      raise DataError(f"tokenizer {path}: no such file; set data.tokenizer to a sentencepiece "
+                      ".model file, or to \"\" to train one for data.source.")
+    with open(path, "rb") as f:
+      proto = f.read()
+    tok = cls(_processor_from_proto(proto, path), path)
+    for name, token_id in (("bos", tok.bos_id), ("eos", tok.eos_id)):
+      if token_id < 0:
+        raise DataError(f"tokenizer {path}: has no {name} piece; lmjax needs bos and eos ids.")
+    return tok
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  @property
+  def pad_id(self) -> int:
+    """The id padding holds; padding is told apart by ``segment_ids == 0``."""
+    return PAD_ID
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  @property
+  def processor(self) -> spm.SentencePieceProcessor:
+    """The wrapped sentencepiece processor (pieces, scores, sampling)."""
+    return self._sp
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text``, without bos/eos."""
+    return self._sp.encode(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of ``ids`` (any int iterable, numpy arrays included); control ids decode to ""."""
+    return self._sp.decode([int(i) for i in ids])
+
+  def __getstate__(self) -> dict[str, Any]:
+    # Grain workers are spawned processes; they receive the model bytes, not a file path.
+    return {"path": self._path, "proto": self._sp.serialized_model_proto()}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self._path = state["path"]
+    self._sp = _processor_from_proto(state["proto"], state["path"])
+
+  def __repr__(self) -> str:
+    return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
+
+
+def _processor_from_proto(proto: bytes, path: str) -> spm.SentencePieceProcessor:
+  sp = spm.SentencePieceProcessor()
+  try:
+    sp.load_from_serialized_proto(proto)
+  except (RuntimeError, OSError, TypeError) as e:
+    raise DataError(f"tokenizer {path}: not a valid sentencepiece model ({e}).") from None
+  if sp.vocab_size() <= 0:
+    raise DataError(f"tokenizer {path}: not a valid sentencepiece model (empty vocabulary).")
+  return sp
+
+
+def _training_lines(documents: Iterable[str]) -> Iterator[str]:
+  """Non-blank lines: sentencepiece trains on "sentences" of at most max_sentence_length."""
+  for doc in documents:
+    for line in doc.splitlines():
+      if line.strip():
+        yield line
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` so that readers see the old file or the whole new one."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
+                    model_type: str = "bpe") -> Tokenizer:
+  """Trains a sentencepiece model on ``documents`` and writes it atomically to ``model_path``.
+
+  Training is single-threaded with a fixed seed: the same documents and arguments give
+  the same ``.model`` bytes.
+  """
+  if model_type not in MODEL_TYPES:
+    raise DataError(f"tokenizer model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
+  writer = io.BytesIO()
+  spm.set_random_generator_seed(_TRAINER_SEED)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(documents), model_writer=writer,
+        vocab_size=vocab_size, model_type=model_type, **_TRAINER_OPTIONS)
+  except RuntimeError as e:
+    raise DataError(f"training a {model_type} tokenizer with vocab_size={vocab_size} failed: {str(e).rstrip('.')}. "
+                    "A small corpus supports only a small vocabulary: lower model.vocab_size "
+                    "or add documents.") from None
+  proto = writer.getvalue()
+  _atomic_write(model_path, proto)
+  return Tokenizer(_processor_from_proto(proto, model_path), model_path)
+
+
+def cache_dir(data_cfg: Any = None) -> str:
+  """Where generated tokenizers live: data.tokenizer_cache, $LMJAX_CACHE or ~/.cache/lmjax."""
+  configured = getattr(data_cfg, "tokenizer_cache", "") if data_cfg is not None else ""
+  root = configured or os.environ.get("LMJAX_CACHE") or os.path.join("~", ".cache", "lmjax")
+  return os.path.expanduser(root)
+
+
+def _cache_key(documents: Sequence[str], vocab_size: int, model_type: str) -> str:
+  h = hashlib.sha256()
+  settings = {"version": _CACHE_VERSION, "sentencepiece": spm.__version__, "seed": _TRAINER_SEED,
+              "vocab_size": vocab_size, "model_type": model_type, "options": _TRAINER_OPTIONS}
+  h.update(json.dumps(settings, sort_keys=True).encode())
+  for doc in documents:
+    data = doc.encode("utf-8", "surrogatepass")
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+  return h.hexdigest()[:16]
+
+
+def get_tokenizer(data_cfg: Any, vocab_size: int, model_type: str = "bpe") -> Tokenizer:
+  """The tokenizer for a ``cfg.data``: ``data.tokenizer`` if set, else a cached trained one.
+
+  Without ``data.tokenizer`` the documents of ``data.source`` are hashed together with
+  ``vocab_size`` and the training settings; a model under that key in the cache
+  directory is reused, otherwise one with ``vocab_size`` pieces is trained and stored
+  there. A ``data.tokenizer`` is returned as it is: comparing its size with
+  ``model.vocab_size`` is the caller's check (``lmjax.train`` makes it).
+  """
+  if data_cfg.tokenizer:
+    tok = Tokenizer.load(data_cfg.tokenizer)
+  else:
+    docs = load_documents(data_cfg.source, data_cfg.text_field)
+    key = _cache_key(docs, vocab_size, model_type)
+    path = os.path.join(cache_dir(data_cfg), f"tokenizer-{model_type}-{vocab_size}-{key}.model")
+    tok = None
+    if os.path.isfile(path):
+      try:
+        tok = Tokenizer.load(path)
+      except DataError:
+        tok = None  # a damaged cache entry is retrained and replaced
+    if tok is None:
+      tok = train_tokenizer(docs, vocab_size, path, model_type)
+  return tok
