@@ -2,8 +2,9 @@
 
   lmjax train --config configs/tiny.py --workdir /tmp/lmjax-tiny
 
-About 0.5M parameters (2 layers, width 128, 4 heads / 2 KV heads, vocab 1024), 300 steps of
-16 x 128 tokens. On a 2-core CPU it takes a few minutes; the loss falls from ~6.9 to ~3.
+About 0.5M parameters (2 layers, width 128, 4 heads / 2 KV heads, SwiGLU 384, tied
+embeddings, vocab 1024), 1000 steps of 16 x 128 tokens. On a 2-core CPU it takes under two
+minutes at ~22k tokens/s; the loss falls from 6.9 (uniform over the vocabulary) to about 3.7.
 """
 
 from lmjax.config import default_config
@@ -11,10 +12,10 @@ from lmjax.config import default_config
 
 def get_config(arg: str | None = None):
   c = default_config()
-  c.train.steps = 300
+  c.train.steps = 1000
   c.train.log_every = 10
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
   if arg == "runlocal":  # a few seconds, for smoke tests
     c.train.steps = 20
     c.train.eval_every = 10
