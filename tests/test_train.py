@@ -90,3 +90,20 @@ def test_vocab_size_must_match_the_tokenizer(tmp_path):
                                         "vocabulary size 512"):
     train(cfg, tmp_path / "run")
   assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was written
+
+
+def test_trains_on_user_jsonl_and_txt_files(tmp_path):
+  docs = data_lib.default_documents()
+  src = tmp_path / "corpus"
+  src.mkdir()
+  with open(src / "a.jsonl", "w") as f:
+    for doc in docs[:40]:
+      f.write(json.dumps({"body": doc, "id": 1}) + "\n")
+  for i, doc in enumerate(docs[40:50]):
+    (src / f"doc{i}.txt").write_text(doc)
+  cfg = _cfg(6)
+  cfg.data.source, cfg.data.text_field = str(src), "body"
+  cfg.model.vocab_size = 512
+  history = train(cfg, tmp_path / "run")
+  assert history[-1]["step"] == 6 and np.isfinite(history[-1]["loss"])
+  assert "tokenizer-bpe-512" in str(data_lib.get_tokenizer(cfg.data, 512).path)
