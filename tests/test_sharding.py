@@ -114,3 +114,14 @@ def test_sharded_arrays_hold_a_fraction_per_device():
   mu = setup.abstract_state["opt_state"]
   leaves = [x for x in jax.tree.leaves(mu) if x.shape == gate.shape]
   assert leaves and all(x.sharding.shard_shape(x.shape) == (2, 4, 64) for x in leaves)
+
+
+def test_config_rules_override_the_table():
+  cfg = _cfg(MESHES["data2_fsdp2_tensor2"])
+  cfg.mesh.rules = (("embed", None), ("mlp", ("fsdp", "tensor")))
+  params = build(cfg, jax.devices()).abstract_state["params"]
+  assert params["blocks"]["mlp"]["gate"].sharding.spec == P(None, None, ("fsdp", "tensor"))
+  assert params["embed"]["table"].sharding.spec == P("tensor", None)
+  cfg.mesh.rules = (("embed", "pipeline"),)
+  with pytest.raises(Exception, match=r"config.mesh.rules\[0\]: unknown mesh axis 'pipeline'"):
+    build(cfg, jax.devices())
