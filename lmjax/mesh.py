@@ -29,7 +29,8 @@ MeshAxes = str | tuple[str, ...] | None
 # logical name -> mesh axes. Parameters first, then activations ("act_" prefix).
 RULES: tuple[tuple[str, MeshAxes], ...] = (
     # parameters
-    ("layers", None),  # stacked-block axis
+    ("layers", "stage"),  # stacked-block axis: contiguous groups of layers per pipeline stage
+    ("stage", "stage"),  # the stage axis of pipelined parameters and activations
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -38,7 +39,7 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     # activations
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "stage", "fsdp")),  # inside the pipeline, "stage" is taken
     ("act_seq", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -47,8 +48,13 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("act_vocab", "tensor"),
 )
 
+UNCONSTRAINED = P.UNCONSTRAINED  # a logical-axes entry that leaves the dimension to the compiler
+
 _current_rules: contextvars.ContextVar[dict[str, MeshAxes]] = contextvars.ContextVar(
     "lmjax_rules", default=dict(RULES))
+# Mesh axes a surrounding vmap already maps over (spmd_axis_name), e.g. inside pipeline stages.
+_taken_axes: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "lmjax_taken_axes", default=())
 
 
 def rules_from_config(cfg: ml_collections.ConfigDict) -> dict[str, MeshAxes]:
@@ -69,6 +75,24 @@ def use_rules(rules: dict[str, MeshAxes]) -> Iterator[None]:
     _current_rules.reset(token)
 
 
+@contextlib.contextmanager
+def axes_taken(logical_name: str) -> Iterator[tuple[str, ...]]:
+  """Within the block, :func:`constrain` leaves out the mesh axes of ``logical_name``
+  (a surrounding ``vmap(..., spmd_axis_name=...)`` owns them). Yields those mesh axes."""
+  axes = mesh_axes(logical_name)
+  token = _taken_axes.set(_taken_axes.get() + axes)
+  try:
+    yield axes
+  finally:
+    _taken_axes.reset(token)
+
+
+def mesh_axes(logical_name: str) -> tuple[str, ...]:
+  """The mesh axes the current rules map ``logical_name`` to."""
+  axes = _current_rules.get().get(logical_name)
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with axes (data, stage, fsdp, tensor) sized from ``config.mesh``."""
   devices = list(jax.devices() if devices is None else devices)
@@ -77,19 +101,21 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
                        devices=devices)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules: dict[str, MeshAxes],
+def logical_to_spec(logical_axes: Sequence[Any], rules: dict[str, MeshAxes],
                     shape: Sequence[int] | None = None,
-                    mesh_shape: dict[str, int] | None = None) -> P:
+                    mesh_shape: dict[str, int] | None = None,
+                    exclude: Sequence[str] = ()) -> P:
   """Maps logical axis names to a PartitionSpec with ``rules``.
 
   With ``shape`` and ``mesh_shape``, mesh axes that do not divide a dimension are
-  dropped (that dimension is replicated), and a mesh axis is used at most once.
+  dropped (that dimension is replicated). A mesh axis is used at most once (first come,
+  first served) and never if it is in ``exclude``.
   """
-  used: set[str] = set()
+  used: set[str] = set(exclude)
   spec = []
   for i, name in enumerate(logical_axes):
-    if name is None:
-      spec.append(None)
+    if name is None or name is UNCONSTRAINED:
+      spec.append(name)
       continue
     if name not in rules:
       raise ConfigError(f"config.mesh.rules: no rule for logical axis {name!r}; "
@@ -125,7 +151,8 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  spec = logical_to_spec(logical_axes, _current_rules.get(), x.shape, dict(mesh.shape))
+  spec = logical_to_spec(logical_axes, _current_rules.get(), x.shape, dict(mesh.shape),
+                         exclude=_taken_axes.get())
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -133,10 +160,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes] | None = None) -> NamedSharding:
+def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes], shape: tuple[int, int]) -> NamedSharding:
   """Sharding of a (batch, seq) input array: batch over the ``act_batch`` mesh axes."""
-  rules = dict(RULES) if rules is None else rules
-  return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq"), rules))
+  return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq"), rules, shape, dict(mesh.shape)))
 
 
 def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh,

@@ -59,7 +59,8 @@ def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = Non
   mesh = make_mesh(cfg, devices)
   rules = rules_from_config(cfg)
   optimizer = make_optimizer(cfg)
-  abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+  abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed),
+                                                      num_stages=mesh.shape["stage"]))
   graphdef, abstract_params = nnx.split(abstract_model)
   abstract_params = abstract_params.to_pure_dict()
   param_shardings = tree_shardings(logical_axes(abstract_model), abstract_params, mesh, rules)
@@ -72,7 +73,8 @@ def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = Non
               "opt_state": abstract_opt}
   return Setup(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer,
                abstract_state=abstract_with_shardings(abstract, shardings),
-               state_shardings=shardings, batch_sharding=batch_sharding(mesh, rules),
+               state_shardings=shardings,
+               batch_sharding=batch_sharding(mesh, rules, (cfg.data.global_batch_size, cfg.data.seq_len)),
                num_params=count_params(abstract_params))
 
 
@@ -82,7 +84,8 @@ def init_state(setup: Setup) -> State:
 
   @functools.partial(jax.jit, out_shardings=setup.state_shardings)
   def init():
-    params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))[1].to_pure_dict()
+    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed), num_stages=setup.mesh.shape["stage"])
+    params = nnx.split(model)[1].to_pure_dict()
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": setup.optimizer.init(params)}
 

@@ -12,6 +12,7 @@ import ml_collections
 from lmjax.mesh import constrain
 from lmjax.model.attention import Attention
 from lmjax.model.layers import MLP, Embed, RMSNorm
+from lmjax.model.pipeline import run_pipeline
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the block in the backward pass
@@ -47,8 +48,9 @@ class Transformer(nnx.Module):
   >>> logits = model(tokens)  # tokens (b, t) int32 -> (b, t, v) float32
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, num_stages: int = 1):
     self.cfg = cfg
+    self.num_stages = num_stages  # pipeline stages the blocks are spread over (mesh "stage")
     pdt = jnp.dtype(cfg.param_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
 
@@ -83,19 +85,28 @@ class Transformer(nnx.Module):
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
   def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    cfg = self.cfg
     graphdef, stacked = nnx.split(self.blocks)
 
-    def block(x, layer_params):
+    def block(x, layer_params, positions, segment_ids):
       return nnx.merge(graphdef, layer_params)(x, positions, segment_ids)
 
-    if self.cfg.remat != "none":
-      block = jax.checkpoint(block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-    if self.cfg.scan_layers:
-      x, _ = jax.lax.scan(lambda carry, p: (block(carry, p), None), x, stacked)
+    if cfg.remat != "none":
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+    def layers(params, x, positions, segment_ids):  # consecutive layers, params (l', ...)
+      if cfg.scan_layers:
+        step = lambda carry, p: (block(carry, p, positions, segment_ids), None)
+        return jax.lax.scan(step, x, params)[0]
+      for i in range(jax.tree.leaves(params)[0].shape[0]):
+        x = block(x, jax.tree.map(lambda p: p[i], params), positions, segment_ids)
       return x
-    for i in range(self.cfg.num_layers):
-      x = block(x, jax.tree.map(lambda p: p[i], stacked))
-    return x
+
+    if self.num_stages == 1:
+      return layers(stacked, x, positions, segment_ids)
+    micro = cfg.pipeline_microbatches if cfg.pipeline_microbatches > 0 else self.num_stages
+    return run_pipeline(layers, stacked, x, positions, segment_ids, num_stages=self.num_stages,
+                        num_microbatches=micro, repeats=cfg.pipeline_repeats)
 
 
 def logical_axes(abstract_model: nnx.Module) -> dict[str, Any]:
