@@ -14,7 +14,7 @@ import ml_collections
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_BACKENDS = ("xla",)
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -43,7 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.compute_dtype = "float32"  # activations and matmuls ("bfloat16" on accelerators)
   m.remat = "none"  # rematerialisation per block: none | full | dots | dots_no_batch
   m.scan_layers = True  # stack blocks and run them with lax.scan (flat compile time)
-  m.attention = "xla"  # attention backend
+  m.pipeline_microbatches = -1  # microbatches per pipeline pass when mesh.stage > 1; -1 = stages
+  m.pipeline_repeats = 1  # circular pipeline: layer chunks per stage (1 = GPipe)
+  m.attention = "xla"  # xla (any platform) | cudnn (NVIDIA GPU, bf16/fp16) | splash (TPU)
   m.init_std = 0.02  # normal init std of embeddings and projections
 
   c.data = d = ml_collections.ConfigDict()
@@ -188,8 +190,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       _fail(f"mesh.{axis}", f"must be a positive size or -1 (fill), got {size}.")
   if sizes.count(-1) > 1:
     _fail("mesh", f"at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
-  if cfg.mesh.stage != 1:
-    _fail("mesh.stage", "pipeline stages are not supported by this version; set mesh.stage=1.")
   for i, rule in enumerate(cfg.mesh.rules):
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       _fail(f"mesh.rules[{i}]", f"must be (logical_name, mesh_axes), got {rule!r}.")
@@ -197,14 +197,33 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     for a in axes:
       if a is not None and a not in MESH_AXES:
         _fail(f"mesh.rules[{i}]", f"unknown mesh axis {a!r}; mesh axes are {MESH_AXES}.")
+  if m.pipeline_repeats <= 0:
+    _fail("model.pipeline_repeats", f"must be positive, got {m.pipeline_repeats}.")
+  if m.pipeline_microbatches == 0 or m.pipeline_microbatches < -1:
+    _fail("model.pipeline_microbatches", f"must be positive or -1, got {m.pipeline_microbatches}.")
   if num_devices is not None:
-    resolve_mesh_shape(cfg, num_devices)
     shape = dict(zip(MESH_AXES, resolve_mesh_shape(cfg, num_devices)))
     batch_shards = shape["data"] * shape["fsdp"]
     if d.global_batch_size % (batch_shards * o.grad_accum_steps):
       _fail("data.global_batch_size",
             f"{d.global_batch_size} must be divisible by mesh data*fsdp ({batch_shards}) "
             f"times optim.grad_accum_steps ({o.grad_accum_steps}).")
+    stages = shape["stage"]
+    if stages > 1:
+      chunks = stages * m.pipeline_repeats
+      if m.num_layers % chunks:
+        _fail("model.num_layers", f"{m.num_layers} layers cannot be split into mesh.stage "
+                                  f"({stages}) x model.pipeline_repeats ({m.pipeline_repeats}) chunks.")
+      micro = m.pipeline_microbatches if m.pipeline_microbatches > 0 else stages
+      rows = d.global_batch_size // o.grad_accum_steps
+      if rows % (micro * batch_shards):
+        _fail("model.pipeline_microbatches",
+              f"{micro} microbatches of the {rows}-row batch (data.global_batch_size / "
+              f"optim.grad_accum_steps) must each divide over mesh data*fsdp ({batch_shards}).")
+      if m.pipeline_repeats > 1 and micro < stages:
+        _fail("model.pipeline_microbatches",
+              f"a circular pipeline (model.pipeline_repeats={m.pipeline_repeats}) needs at least "
+              f"as many microbatches as stages ({stages}), got {micro}.")
 
 
 def resolve_mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
