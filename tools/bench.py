@@ -1,0 +1,144 @@
+"""lmjax benchmarks: step time and per-device memory per mesh layout, pipeline bubble.
+
+  python tools/bench.py layouts          # every layout of one fixed model on 8 devices
+  python tools/bench.py pipeline         # bubble fraction vs (S-1)/(M*R+S-1)
+  python tools/bench.py --quick layouts  # fewer steps, a smaller model
+
+On a CPU the script fakes 8 devices (XLA_FLAGS) before importing JAX. Fake CPU devices
+share the machine's cores, so step times measure *total work* across devices, not
+parallel speed-up: a layout that computes redundantly or idles (a pipeline bubble, which
+on CPU still runs the stage on garbage) is slower by exactly that extra work. Memory
+figures come from the compiled step's memory analysis and are per device.
+Results are printed as Markdown tables for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+if "jax" not in sys.modules and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax
+import numpy as np
+
+from lmjax.config import default_config
+from lmjax.mesh import host_to_global
+from lmjax.model.pipeline import bubble_fraction
+from lmjax.train import build, compile_steps, init_state
+
+LAYOUTS = [
+    ("data=8", dict(data=8), {}),
+    ("fsdp=8", dict(fsdp=8), {}),
+    ("tensor=8", dict(tensor=8), {}),
+    ("data=2,fsdp=2,tensor=2", dict(data=2, fsdp=2, tensor=2), {}),
+    ("stage=4,data=2 (M=8)", dict(stage=4, data=2), dict(pipeline_microbatches=8)),
+    ("stage=2,fsdp=2,tensor=2 (M=4)", dict(stage=2, fsdp=2, tensor=2), dict(pipeline_microbatches=4)),
+]
+
+
+def model_config(quick: bool, mesh: dict, model: dict):
+  c = default_config()
+  m = c.model
+  m.vocab_size, m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads = 1024, 8, 128, 8, 4
+  m.head_dim, m.mlp_dim, m.max_seq_len = 16, 384, 128
+  c.data.seq_len, c.data.global_batch_size = 128, 32
+  if quick:
+    m.num_layers, m.embed_dim, m.mlp_dim = 4, 64, 192
+    c.data.global_batch_size = 16
+  c.mesh.fsdp = 1
+  for k, v in mesh.items():
+    c.mesh[k] = v
+  for k, v in model.items():
+    m[k] = v
+  return c
+
+
+def measure(cfg, steps: int) -> dict:
+  """Median step time (s) and per-device memory (bytes) of the compiled train step."""
+  n = 1
+  for a in ("data", "stage", "fsdp", "tensor"):
+    n *= max(cfg.mesh[a], 1)
+  setup = build(cfg, jax.devices()[:n])
+  state = init_state(setup)
+  rng = np.random.default_rng(0)
+  shape = (cfg.data.global_batch_size, cfg.data.seq_len)
+  batch = host_to_global({
+      "inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
+      "targets": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
+      "segment_ids": np.ones(shape, np.int32),
+      "positions": np.tile(np.arange(shape[1], dtype=np.int32), (shape[0], 1))},
+      setup.mesh, setup.batch_sharding)
+  step_fn, _ = compile_steps(setup)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  return {"step_s": statistics.median(times), "compile_s": compile_s,
+          "state_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+          "params": setup.num_params, "loss": float(metrics["loss"])}
+
+
+def layouts(quick: bool, steps: int) -> None:
+  base = measure(model_config(quick, {}, {}), steps)  # one device
+  cfg = model_config(quick, {}, {})
+  print(f"Model: {base['params'] / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, width "
+        f"{cfg.model.embed_dim}; batch {cfg.data.global_batch_size} x {cfg.data.seq_len}; "
+        f"{steps} timed steps (median). Devices: {jax.devices()[0].device_kind} x {jax.device_count()}.\n")
+  print("| layout | step (s) | compile (s) | state / device (MiB) | state vs 1 device | temp / device (MiB) |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  rows = [("1 device", base)] + [(name, measure(model_config(quick, mesh, model), steps))
+                                 for name, mesh, model in LAYOUTS]
+  for name, r in rows:
+    print(f"| {name} | {r['step_s']:.3f} | {r['compile_s']:.1f} | {r['state_bytes'] / 2**20:.2f} | "
+          f"{r['state_bytes'] / base['state_bytes']:.3f} | {r['temp_bytes'] / 2**20:.2f} |")
+
+
+def pipeline(quick: bool, steps: int) -> None:
+  """Measured bubble = 1 - T(no pipeline) / T(pipeline) on the same 8 devices.
+
+  Both layouts do the same useful work per device (data=8 vs stage=S x data=8/S); the
+  pipelined step additionally runs every stage during fill and drain, so on fake CPU
+  devices its extra time is the bubble's work (plus the shift and bookkeeping).
+  """
+  ref = measure(model_config(quick, dict(data=8), {}), steps)
+  print("| stages S | microbatches M | repeats R | step (s) | measured bubble | (S-1)/(M*R+S-1) |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for s, m, r in [(4, 4, 1), (4, 8, 1), (4, 16, 1), (2, 4, 1), (2, 4, 2), (4, 4, 2)]:
+    cfg = model_config(quick, dict(stage=s, data=8 // s),
+                       dict(pipeline_microbatches=m, pipeline_repeats=r))
+    if cfg.data.global_batch_size % (m * (8 // s)) or cfg.model.num_layers % (s * r):
+      continue
+    t = measure(cfg, steps)["step_s"]
+    print(f"| {s} | {m} | {r} | {t:.3f} | {1 - ref['step_s'] / t:.3f} | {bubble_fraction(s, m, r):.3f} |")
+  print(f"\nReference (data=8, no pipeline): {ref['step_s']:.3f} s/step.")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("section", choices=["layouts", "pipeline", "all"], nargs="?", default="all")
+  parser.add_argument("--quick", action="store_true", help="smaller model, fewer steps")
+  parser.add_argument("--steps", type=int, default=0, help="timed steps per layout")
+  args = parser.parse_args()
+  steps = args.steps or (3 if args.quick else 10)
+  if args.section in ("layouts", "all"):
+    layouts(args.quick, steps)
+    print()
+  if args.section in ("pipeline", "all"):
+    pipeline(args.quick, steps)
+
+
+if __name__ == "__main__":
+  main()
