@@ -157,6 +157,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}.")
   if m.attention not in ATTENTION_BACKENDS:
     _fail("model.attention", f"must be one of {ATTENTION_BACKENDS}, got {m.attention!r}.")
+  if m.attention == "cudnn":
+    if m.compute_dtype not in ("bfloat16", "float16"):
+      _fail("model.compute_dtype", f"attention 'cudnn' needs bfloat16 or float16, got {m.compute_dtype!r}.")
+    if m.head_dim % 8 or m.head_dim > 256:
+      _fail("model.head_dim", f"attention 'cudnn' needs a multiple of 8 up to 256, got {m.head_dim}.")
+    if d.seq_len % 2:
+      _fail("data.seq_len", f"attention 'cudnn' needs an even sequence length, got {d.seq_len}.")
+  if m.attention == "splash" and d.seq_len % 128:
+    _fail("data.seq_len", f"attention 'splash' needs a multiple of 128, got {d.seq_len}.")
   if d.seq_len <= 0 or d.seq_len > m.max_seq_len:
     _fail("data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}], got {d.seq_len}.")
   if not 0.0 <= d.eval_fraction < 1.0:

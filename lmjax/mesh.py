@@ -146,13 +146,20 @@ def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
                       is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x))
 
 
+def activation_spec(shape: Sequence[int], logical_axes: Sequence[Any]) -> P:
+  """The PartitionSpec :func:`constrain` gives an activation of ``shape`` under the current
+  mesh and rules, leaving out axes a surrounding ``vmap`` owns (see :func:`axes_taken`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return logical_to_spec(logical_axes, _current_rules.get(), shape, dict(mesh.shape),
+                         exclude=_taken_axes.get())
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Annotates an activation with its logical axes (a no-op outside a mesh context)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  spec = logical_to_spec(logical_axes, _current_rules.get(), x.shape, dict(mesh.shape),
-                         exclude=_taken_axes.get())
+  spec = activation_spec(x.shape, logical_axes)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

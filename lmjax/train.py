@@ -27,6 +27,7 @@ from lmjax.checkpoint import Checkpointer, abstract_with_shardings
 from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, rules_from_config, tree_shardings, use_rules
 from lmjax.metrics import MetricsWriter, Throughput
 from lmjax.model import Transformer, count_params, logical_axes
+from lmjax.model.attention import check_backend
 from lmjax.optim import learning_rate_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: (b, t) int32
@@ -56,6 +57,10 @@ def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = Non
   sharded train state. Nothing is allocated or compiled."""
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(cfg, num_devices=len(devices))
+  try:
+    check_backend(cfg.model.attention, devices[0].platform)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   mesh = make_mesh(cfg, devices)
   rules = rules_from_config(cfg)
   optimizer = make_optimizer(cfg)

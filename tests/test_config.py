@@ -116,3 +116,23 @@ def test_cli_overrides_and_errors():
   assert out.returncode == 2 and "config.model.num_kv_heads" in out.stderr
   out = _cli("validate", "--config", "configs/tiny.py:runlocal")
   assert out.returncode == 0 and "steps: 20" in out.stdout
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(attention="cudnn"), "config.model.compute_dtype: attention 'cudnn' needs bfloat16"),
+    (dict(attention="cudnn", compute_dtype="bfloat16", head_dim=12), "config.model.head_dim: attention 'cudnn'"),
+    (dict(attention="splash"), "config.data.seq_len: attention 'splash' needs a multiple of 128"),
+])
+def test_attention_backend_requirements(overrides, needle):
+  cfg = default_config()
+  cfg.data.seq_len = 96
+  cfg.model.update(overrides)
+  with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+    validate(cfg)
+
+
+def test_backend_the_platform_cannot_run_fails_before_compiling():
+  cfg = default_config()
+  cfg.model.attention, cfg.model.compute_dtype = "cudnn", "bfloat16"
+  with pytest.raises(ConfigError, match="config.model.attention='cudnn' needs an NVIDIA GPU"):
+    build(cfg, jax.devices())

@@ -1,15 +1,60 @@
-"""Grouped-query self-attention with RoPE and a packed-sequence causal mask."""
+"""Grouped-query self-attention with RoPE and a packed-sequence causal mask.
+
+Every backend computes the same function: token i attends to tokens j <= i of the
+same packed document (equal ``segment_ids``; padding, id 0, attends within itself).
+``config.model.attention`` picks the backend:
+
+* ``"xla"``: plain einsums with the softmax in float32; runs everywhere (the reference).
+* ``"cudnn"``: cuDNN flash attention through ``jax.nn.dot_product_attention`` on NVIDIA
+  GPUs (bf16/fp16). Causal tiles are skipped; documents are masked with a boolean mask.
+* ``"splash"``: the Pallas TPU splash-attention kernel with a causal mask and segment ids.
+
+The two kernels run per device under ``jax.shard_map``, over the mesh axes that the
+rules give ``act_batch`` and ``act_heads``.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from lmjax import mesh as mesh_lib
+from lmjax.config import ATTENTION_BACKENDS
 from lmjax.mesh import constrain
 from lmjax.model.layers import param, rope
 
 _MASKED = -1e30  # large negative instead of -inf: a row is never fully masked (diagonal)
+
+# backend -> (platforms it runs on, as jax.default_backend() names them; what it needs)
+_PLATFORMS = {
+    "xla": (None, "any platform"),
+    "cudnn": (("gpu", "cuda"), "an NVIDIA GPU"),
+    "splash": (("tpu",), "a TPU"),
+}
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _unknown(name: str) -> ValueError:
+  return ValueError(f"config.model.attention={name!r} is unknown; use one of {ATTENTION_BACKENDS}.")
+
+
+def check_backend(name: str, platform: str) -> None:
+  """Raises ValueError if attention backend ``name`` cannot run on ``platform``.
+
+  >>> check_backend("xla", jax.default_backend())  # passes everywhere
+  """
+  if name not in _PLATFORMS:
+    raise _unknown(name)
+  platforms, needs = _PLATFORMS[name]
+  if platforms is not None and platform not in platforms:
+    raise ValueError(f"config.model.attention={name!r} needs {needs} (platform is {platform}); "
+                     f"use 'xla'.")
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -36,16 +81,124 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   return out.reshape(b, t, n, h)
 
 
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                    implementation: str = "cudnn") -> jax.Array:
+  """``jax.nn.dot_product_attention`` with causal + same-document masking.
+
+  q (b, t, n, h), k/v (b, s, k, h) with k dividing n (GQA is native, no repeat),
+  segment_ids (b, t) -> (b, t, n, h). ``is_causal`` lets cuDNN skip the tiles above the
+  diagonal; the same-document mask is a (b, 1, t, s) boolean that cuDNN adds as a bias.
+  ``implementation="xla"`` runs the same call on any platform.
+  """
+  same_doc = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (b, 1, t, s)
+  return jax.nn.dot_product_attention(q, k, v, mask=same_doc, is_causal=True,
+                                      implementation=implementation)
+
+
+def _splash_block(t: int) -> int:
+  """The largest splash tile (512, 256 or 128) that divides sequence length t."""
+  for block in (512, 256, 128):
+    if t % block == 0:
+      return block
+  raise ValueError(f"splash attention needs the sequence length to be a multiple of 128, got {t}; "
+                   f"change data.seq_len or use config.model.attention='xla'.")
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                     interpret: bool = False) -> jax.Array:
+  """The Pallas TPU splash kernel: causal mask and ``SegmentIds``, vmapped over the batch.
+
+  q (b, t, n, h), k/v (b, t, k, h) with k dividing n (GQA is native: the MHA kernel maps
+  query head i to key/value head i // (n/k); k == 1 uses the MQA kernel),
+  segment_ids (b, t) -> (b, t, n, h). t must be a multiple of 128.
+  ``interpret=True`` runs the kernel in the Pallas interpreter (CPU tests).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only kernel
+
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  block = _splash_block(t)
+  blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                             use_fused_bwd_kernel=True)
+  mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * n)
+  make = splash.make_splash_mqa if kv == 1 else splash.make_splash_mha
+  kernel = make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+  q = (q * (h ** -0.5)).astype(q.dtype).transpose(0, 2, 1, 3)  # (b, n, t, h), pre-scaled
+  k = k.transpose(0, 2, 1, 3)  # (b, k, s, h)
+  v = v.transpose(0, 2, 1, 3)
+  if kv == 1:
+    k, v = k[:, 0], v[:, 0]  # (b, s, h)
+  seg = segment_ids.astype(jnp.int32)
+  out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(q=s, kv=s)))(q, k, v, seg)
+  return out.transpose(0, 2, 1, 3)  # (b, t, n, h)
+
+
+def _activation_axes(shape: tuple[int, ...], logical_axes: tuple[str | None, ...]) -> list[tuple[str, ...]]:
+  """Per dimension, the mesh axes that :func:`constrain` would shard it over."""
+  # Axes a surrounding vmap(spmd_axis_name=...) maps over (pipeline stages) stay out.
+  spec = mesh_lib.activation_spec(shape, logical_axes)
+  return [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
+
+
+def per_shard(fn: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Array,
+              segment_ids: jax.Array) -> jax.Array:
+  """Runs ``fn(q, k, v, segment_ids)`` on each device's rows and heads under ``shard_map``.
+
+  Outside a mesh it calls ``fn`` directly. Rows split over the ``act_batch`` mesh axes,
+  heads over the ``act_heads`` axes that divide n; when those do not divide k, each
+  key/value head is repeated the fewest times that makes them (keeping every query head
+  with its own key/value head). The sequence is never split.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(q, k, v, segment_ids)
+  b, t, n, h = q.shape
+  batch_axes, head_axes = _activation_axes((b, n), ("act_batch", "act_heads"))
+  shards = math.prod(mesh.shape[a] for a in head_axes)
+  kv = k.shape[2]
+  repeat = math.lcm(kv, shards) // kv  # lcm(k, shards) divides n as both k and shards do
+  if repeat > 1:
+    k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)  # (b, s, k*repeat, h)
+  rows = batch_axes or None
+  heads = head_axes or None
+  qkv_spec = P(rows, None, heads, None)
+  sharded = jax.shard_map(fn, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(rows, None)),
+                          out_specs=qkv_spec, check_vma=False)
+  return sharded(q, k, v, segment_ids)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                          backend: str = "xla") -> jax.Array:
+  """Causal attention within packed documents with the chosen backend.
+
+  q (b, t, n, h), k/v (b, t, k, h), segment_ids (b, t) -> (b, t, n, h).
+
+  >>> out = dot_product_attention(q, k, v, segment_ids, backend="xla")
+  """
+  if backend == "xla":
+    return xla_attention(q, k, v, attention_mask(segment_ids))
+  if backend == "cudnn":
+    return per_shard(cudnn_attention, q, k, v, segment_ids)
+  if backend == "splash":
+    return per_shard(splash_attention, q, k, v, segment_ids)
+  raise _unknown(backend)
+
+
 class Attention(nnx.Module):
   """GQA self-attention: n query heads share k key/value heads.
 
+  ``backend`` is one of ``config.ATTENTION_BACKENDS``; it changes no parameter.
+
   >>> attn = Attention(64, 4, 2, 16, rope_theta=1e4, rngs=nnx.Rngs(0), std=0.02,
-  ...                  param_dtype=jnp.float32)
+  ...                  param_dtype=jnp.float32, backend="xla")
   >>> y = attn(x, positions, segment_ids)  # x (b, t, 64)
   """
 
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               rope_theta: float, rngs: nnx.Rngs, std: float, param_dtype):
+               rope_theta: float, rngs: nnx.Rngs, std: float, param_dtype, backend: str = "xla"):
+    if backend not in ATTENTION_BACKENDS:
+      raise _unknown(backend)
     self.q = param(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
     self.k = param(rngs, (dim, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
                    param_dtype, std)
@@ -53,6 +206,7 @@ class Attention(nnx.Module):
                    param_dtype, std)
     self.o = param(rngs, (num_heads, head_dim, dim), ("heads", "head_dim", "embed"), param_dtype, std)
     self.rope_theta = rope_theta
+    self.backend = backend
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     dt = x.dtype
@@ -62,5 +216,5 @@ class Attention(nnx.Module):
     q = constrain(rope(q, positions, self.rope_theta), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(rope(k, positions, self.rope_theta), ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
-    out = xla_attention(q, k, v, attention_mask(segment_ids))  # (b, t, n, h)
+    out = dot_product_attention(q, k, v, segment_ids, backend=self.backend)  # (b, t, n, h)
     return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))

@@ -30,7 +30,8 @@ class Block(nnx.Module):
     pdt = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                          rope_theta=cfg.rope_theta, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
+                          rope_theta=cfg.rope_theta, rngs=rngs, std=cfg.init_std, param_dtype=pdt,
+                          backend=cfg.attention)
     self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
 
