@@ -3,6 +3,7 @@ fake devices equal the single-device result, and parameters are laid out as the 
 table says."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,14 @@ def test_compiled_state_bytes_match_the_shardings():
     shard_bytes = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                       for x in jax.tree.leaves(r["setup"].abstract_state))
     assert shard_bytes <= _state_bytes(name) < shard_bytes * 1.02 + 4096, name  # + the batch
+
+
+def test_tensor_parallel_forward_has_one_reduction_per_sublayer():
+  """Megatron-style: per layer, the forward pass all-reduces the attention output and the
+  MLP output (b, t, d) once each, and gathers nothing."""
+  fwd = []
+  for line in run("tensor8")["compiled"].as_text().splitlines():
+    m = re.search(r"= (\S+) (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)\(", line)
+    if m and "/jvp()/while/body/" in line and "transpose(" not in line:
+      fwd.append((m.group(2), m.group(1).split("{")[0]))
+  assert sorted(fwd) == [("all-reduce", "f32[16,16,32]")] * 2, fwd
