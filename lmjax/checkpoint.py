@@ -1,17 +1,26 @@
 """Checkpoints: an Orbax CheckpointManager around everything a resume needs.
 
-Each step directory holds three items:
-  ``state``  parameters, optimizer state and step (Orbax PyTree, restored directly sharded
-             onto whatever mesh the abstract target names);
+Each step directory holds four items, committed together by Orbax's atomic rename (a save
+killed half-way leaves only a ``*.orbax-checkpoint-tmp`` directory, never listed and removed
+on the next start):
+  ``state``  parameters, optimizer state and step (Orbax PyTree; restored directly sharded
+             onto whatever mesh the abstract target names, each device reading its slices);
   ``data``   the Grain iterator's position, one JSON file per process;
-  ``config`` the resolved config as JSON, so a run can be inspected without its config file.
+  ``config`` the resolved config as JSON;
+  ``meta``   the checkpoint format version.
+Once a step is committed, a manifest (``lmjax_manifest.json``: size and SHA-256 of every
+file) is added beside them; a restore checks it, so a truncated or tampered checkpoint is
+reported and the previous good one used instead. Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -19,37 +28,127 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
+MANIFEST = "lmjax_manifest.json"
+# Config fields that change the shape of the saved state: a mismatch is an error, not a
+# reason to fall back to an older checkpoint.
+SHAPE_KEYS = ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "tie_embeddings", "param_dtype")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used; the message names the step, the file and the problem."""
 
 
 class Checkpointer:
-  """Saves every ``train.checkpoint_every`` steps (asynchronously), keeps the newest K."""
+  """Saves every ``train.checkpoint_every`` steps (asynchronously); keeps the newest
+  ``train.keep_checkpoints`` plus every ``train.keep_every``-th step."""
 
   def __init__(self, directory: str | Path, cfg: ml_collections.ConfigDict):
     self.directory = Path(directory).absolute()
+    t = cfg.train
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.train.keep_checkpoints,
-        enable_async_checkpointing=cfg.train.async_checkpointing,
+        max_to_keep=t.keep_checkpoints,
+        keep_period=t.keep_every if t.keep_every > 0 else None,
+        enable_async_checkpointing=t.async_checkpointing,
         create=True,
         cleanup_tmp_directories=True,
     )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data", "config"),
-        metadata={"format_version": FORMAT_VERSION})
+        self.directory, options=options, item_names=("state", "data", "config", "meta"))
+    self._in_flight: int | None = None
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
-  def save(self, step: int, state: Any, data_iterator: Any, cfg: ml_collections.ConfigDict) -> bool:
-    """Starts saving ``state`` at ``step``; returns once the save no longer needs the arrays."""
+  def save(self, step: int, state: Any, data_iterator: Any, cfg: ml_collections.ConfigDict) -> float:
+    """Starts saving ``state`` at ``step``; returns the seconds the caller was blocked
+    (waiting for the previous save, copying arrays off the devices, writing manifests)."""
+    start = time.perf_counter()
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(cfg.to_json())),
+        meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "step": step}),
     )
-    return self.manager.save(step, args=args, force=True)
+    self.manager.save(step, args=args, force=True)  # waits for the previous save first
+    self._in_flight = step
+    self._write_manifests()
+    return time.perf_counter() - start
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+    self._in_flight = None
+    self._write_manifests()
+
+  def close(self) -> None:
+    self.wait()
+    self.manager.close()
+
+  # -- integrity -------------------------------------------------------------------------
+
+  def _step_dir(self, step: int) -> Path:
+    return self.directory / str(step)
+
+  def _write_manifests(self) -> None:
+    """Adds a manifest to every committed step that lacks one (process 0 writes)."""
+    if jax.process_index() != 0:
+      return
+    for step in self.all_steps():
+      path = self._step_dir(step)
+      if step == self._in_flight or not path.is_dir() or (path / MANIFEST).exists():
+        continue
+      files = {str(p.relative_to(path)): [p.stat().st_size, _sha256(p)]
+               for p in sorted(path.rglob("*")) if p.is_file()}
+      tmp = path / (MANIFEST + ".tmp")
+      tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, "files": files}))
+      os.replace(tmp, path / MANIFEST)
+
+  def verify(self, step: int) -> bool:
+    """Checks ``step`` against its manifest; raises CheckpointError naming the first bad
+    file. Returns False if the step has no manifest yet (killed right after its commit)."""
+    path = self._step_dir(step)
+    manifest = path / MANIFEST
+    if not manifest.exists():
+      return False
+    try:
+      files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(f"{manifest}: unreadable manifest ({e})") from None
+    for name, (size, digest) in files.items():
+      f = path / name
+      if not f.exists():
+        raise CheckpointError(f"{f}: missing (listed in {MANIFEST})")
+      if f.stat().st_size != size:
+        raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {size} (truncated?)")
+      if _sha256(f) != digest:
+        raise CheckpointError(f"{f}: contents differ from the manifest's SHA-256 (corrupted)")
+    return True
+
+  # -- restoring -------------------------------------------------------------------------
+
+  def saved_config(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def check_compatible(self, step: int, cfg: ml_collections.ConfigDict) -> None:
+    """Raises CheckpointError if ``step`` was written by another format or model shape."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - any unreadable item makes the step unusable
+      raise CheckpointError(f"{self._step_dir(step)}: cannot read its format version ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+      raise IncompatibleCheckpoint(
+          f"{self._step_dir(step)} has checkpoint format {meta.get('format_version')}; this "
+          f"lmjax reads format {FORMAT_VERSION}.")
+    saved = self.saved_config(step)["model"]
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {cfg.model[k]!r}"
+             for k in SHAPE_KEYS if saved.get(k) != cfg.model[k]]
+    if diffs:
+      raise IncompatibleCheckpoint(
+          f"{self._step_dir(step)} holds a different model ({'; '.join(diffs)}). Use the "
+          f"checkpoint's config, or a new workdir to start afresh.")
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
     """Restores ``state`` shaped and sharded like ``abstract_state`` and, if given,
@@ -57,19 +156,41 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-  def saved_config(self, step: int) -> dict[str, Any]:
-    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
+  def restore_latest(self, cfg: ml_collections.ConfigDict, abstract_state: Any,
+                     make_iterator: Callable[[], Any] | None = None,
+                     warn: Callable[[str], None] = print) -> tuple[int | None, Any, Any]:
+    """The newest usable checkpoint: ``(step, state, data_iterator)``, or ``(None, None,
+    None)`` if there is none. A step that fails its manifest or cannot be read is reported
+    with ``warn`` and the previous one tried; a different model shape or format raises."""
+    problems = []
+    for step in reversed(self.all_steps()):
+      try:
+        self.verify(step)
+        self.check_compatible(step, cfg)
+        iterator = make_iterator() if make_iterator else None
+        return step, self.restore(step, abstract_state, iterator), iterator
+      except IncompatibleCheckpoint:
+        raise
+      except Exception as e:  # noqa: BLE001 - report and fall back to an older step
+        problems.append(f"step {step}: {e}")
+        warn(f"checkpoint step {step} is unusable, trying the previous one: {e}")
+    if problems:
+      raise CheckpointError(f"no usable checkpoint in {self.directory}:\n  " + "\n  ".join(problems))
+    return None, None, None
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+class IncompatibleCheckpoint(CheckpointError):
+  """The checkpoint is intact but belongs to another model shape or format version."""
+
+
+def _sha256(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

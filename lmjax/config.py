@@ -81,9 +81,15 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_batches = 4  # batches per eval run
   t.checkpoint_every = 100  # steps between checkpoints; 0 = only at the end
   t.keep_checkpoints = 3  # newest checkpoints kept
+  t.keep_every = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
   t.async_checkpointing = True  # save in the background while training continues
   t.progress_bar = True  # tqdm bar on process 0
   t.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind, else no MFU
+  t.nan_policy = "halt"  # non-finite loss/grads: "halt" (raise naming the step) | "skip" (count)
+  t.skip_spikes = False  # skip updates whose loss exceeds mean + spike_threshold * std
+  t.spike_window = 32  # steps in the rolling loss mean/std for spike detection
+  t.spike_threshold = 6.0  # spike threshold in standard deviations
+  t.debug_nan_at_step = 0  # fault injection for tests: that step's loss and grads are NaN
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = 1  # pure data parallelism (parameters replicated)
@@ -190,6 +196,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   for key in ("eval_every", "checkpoint_every"):
     if t[key] < 0:
       _fail(f"train.{key}", f"must be >= 0, got {t[key]}.")
+  if t.nan_policy not in ("halt", "skip"):
+    _fail("train.nan_policy", f"must be 'halt' or 'skip', got {t.nan_policy!r}.")
+  if t.spike_window < 2:
+    _fail("train.spike_window", f"must be at least 2, got {t.spike_window}.")
+  if t.spike_threshold <= 0:
+    _fail("train.spike_threshold", f"must be positive, got {t.spike_threshold}.")
+  if t.keep_every < 0:
+    _fail("train.keep_every", f"must be >= 0, got {t.keep_every}.")
   if t.keep_checkpoints <= 0:
     _fail("train.keep_checkpoints", f"must be positive, got {t.keep_checkpoints}.")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,18 @@ class Throughput:
 class MetricsWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard; a no-op off process 0."""
 
-  def __init__(self, workdir: str | Path, enabled: bool = True):
+  def __init__(self, workdir: str | Path, enabled: bool = True, keep_through_step: int | None = None):
+    """``keep_through_step``: on a resume, records after the restored step are dropped
+    (they will be written again), so the file holds each step once."""
     self.enabled = enabled
     self.path = Path(workdir) / "metrics.jsonl"
     self._tb = None
     if enabled:
+      if keep_through_step is not None and self.path.exists():
+        kept = [r for r in read_metrics(workdir) if r["step"] <= keep_through_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
       self._file = open(self.path, "a")
@@ -100,4 +108,10 @@ def read_metrics(workdir: str | Path) -> list[dict[str, float]]:
   path = Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue  # a line cut short by a killed process
+  return records

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +33,9 @@ from lmjax.model.attention import check_backend
 from lmjax.optim import learning_rate_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: (b, t) int32
-State = dict[str, Any]  # step, params, opt_state
+# step, params, opt_state; loss_window (recent losses, for spike detection) and skipped
+# (updates not applied). The step draws no random numbers: everything it depends on is here.
+State = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +77,12 @@ def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = Non
   opt_shardings = optax.tree_map_params(
       optimizer, lambda _, s: s, abstract_opt, param_shardings,
       transform_non_params=lambda _: replicated(mesh))
-  shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
+  shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings,
+               "loss_window": replicated(mesh), "skipped": replicated(mesh)}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-              "opt_state": abstract_opt}
+              "opt_state": abstract_opt,
+              "loss_window": jax.ShapeDtypeStruct((cfg.train.spike_window,), jnp.float32),
+              "skipped": jax.ShapeDtypeStruct((), jnp.int32)}
   return Setup(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer,
                abstract_state=abstract_with_shardings(abstract, shardings),
                state_shardings=shardings,
@@ -92,7 +99,9 @@ def init_state(setup: Setup) -> State:
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed), num_stages=setup.mesh.shape["stage"])
     params = nnx.split(model)[1].to_pure_dict()
     return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": setup.optimizer.init(params)}
+            "opt_state": setup.optimizer.init(params),
+            "loss_window": jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32),
+            "skipped": jnp.zeros((), jnp.int32)}
 
   with jax.set_mesh(setup.mesh), use_rules(setup.rules):
     return init()
@@ -130,17 +139,45 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
     (loss_sum, count, grads), _ = jax.lax.scan(one, zeros, micro)
 
   count = jnp.maximum(count, 1.0)
+  loss = loss_sum / count
   grads = jax.tree.map(lambda g: g / count, grads)
+  t = setup.cfg.train
+  if t.debug_nan_at_step:
+    poison = jnp.where(state["step"] + 1 == t.debug_nan_at_step, jnp.nan, 1.0)
+    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+
+  # A non-finite loss or gradient (or, optionally, a loss spike) leaves parameters and
+  # optimizer state untouched; the step still counts, so data and schedule move on.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  window = state["loss_window"]
+  seen = jnp.isfinite(window)
+  n = jnp.sum(seen)
+  mean = jnp.sum(jnp.where(seen, window, 0.0)) / jnp.maximum(n, 1)
+  std = jnp.sqrt(jnp.sum(jnp.where(seen, (window - mean) ** 2, 0.0)) / jnp.maximum(n, 1))
+  spike = (n == window.shape[0]) & (loss > mean + t.spike_threshold * std) if t.skip_spikes else jnp.array(False)
+  apply = finite & ~spike
+  keep = lambda new, old: jnp.where(apply, new, old)
+  new_state = {
+      "step": state["step"] + 1,
+      "params": jax.tree.map(keep, params, state["params"]),
+      "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+      "loss_window": jnp.where(apply, window.at[state["step"] % window.shape[0]].set(loss), window),
+      "skipped": state["skipped"] + (~apply).astype(jnp.int32),
+  }
   metrics = {
-      "loss": loss_sum / count,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": optax.global_norm(new_state["params"]),
       "learning_rate": learning_rate_schedule(setup.cfg)(state["step"]),
       "tokens": count,
+      "nonfinite": ~finite,
+      "spike": spike,
+      "skipped_steps": new_state["skipped"],
   }
-  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+  return new_state, metrics
 
 
 def eval_step(setup: Setup, params: Any, batch: Batch) -> dict[str, jax.Array]:
@@ -196,10 +233,48 @@ def _say(message: str) -> None:
     tqdm.write(f"lmjax: {message}")
 
 
+class TrainingHalted(RuntimeError):
+  """Training stopped on a non-finite loss or gradient (``train.nan_policy='halt'``)."""
+
+
+class _StopRequest:
+  """SIGTERM (a preemption notice) or Ctrl-C asks the loop to save and stop after the
+  current step; across processes, JAX's preemption sync point makes all stop together."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.reached_preemption_sync_point(step)) or self.signal is not None
+    return self.signal is not None
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
           devices: list[jax.Device] | None = None) -> list[dict[str, float]]:
-  """Trains ``cfg`` in ``workdir`` (resuming if it holds a checkpoint); returns the metric
-  records written by this call."""
+  """Trains ``cfg`` in ``workdir`` (resuming from its newest usable checkpoint); returns
+  the metric records written by this call.
+
+  SIGTERM or Ctrl-C saves a checkpoint after the current step and returns; rerunning the
+  same call resumes. Raises TrainingHalted on a non-finite loss under nan_policy='halt'.
+  """
   workdir = Path(workdir)
   setup = build(cfg, devices)
   is_main = jax.process_index() == 0
@@ -213,18 +288,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     (workdir / "config.json").write_text(cfg.to_json(indent=2))
 
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = data_lib.make_train_iterator(cfg, tokenizer, **proc)
+  make_iterator = lambda: data_lib.make_train_iterator(cfg, tokenizer, **proc)
   checkpointer = Checkpointer(workdir / "checkpoints", cfg)
-  latest = checkpointer.latest_step()
+  latest, state, train_iter = checkpointer.restore_latest(
+      cfg, setup.abstract_state, make_iterator, warn=lambda m: _say(f"warning: {m}"))
   if latest is not None:
     _say(f"resuming from {checkpointer.directory / str(latest)} (step {latest})")
-    state = checkpointer.restore(latest, setup.abstract_state, train_iter)
   else:
-    state = init_state(setup)
+    state, train_iter = init_state(setup), make_iterator()
   start = int(jax.device_get(state["step"]))
 
   step_fn, eval_fn = compile_steps(setup)
-  writer = MetricsWriter(workdir, enabled=is_main)
+  writer = MetricsWriter(workdir, enabled=is_main, keep_through_step=start)
   throughput = Throughput(cfg, setup.num_params)
   history: list[dict[str, float]] = []
   t = cfg.train
@@ -235,41 +310,58 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
   _say(f"model: {setup.num_params / 1e6:.2f}M parameters; mesh {dict(setup.mesh.shape)}; "
        f"tokenizer {tokenizer.path} (vocab {tokenizer.vocab_size}); steps {start}..{t.steps}")
 
-  pending: list[dict[str, jax.Array]] = []
+  def log(step: int, fetched: list[tuple[int, dict]], extra: dict[str, float]) -> None:
+    for s, m in fetched:
+      if m["nonfinite"] and t.nan_policy == "halt":
+        raise TrainingHalted(
+            f"step {s}: loss {float(m['loss'])}, grad norm {float(m['grad_norm'])} "
+            f"(train.nan_policy='halt'; the update was not applied). Newest checkpoint: "
+            f"step {checkpointer.latest_step()} in {checkpointer.directory}.")
+    record = {k: float(v) for k, v in fetched[-1][1].items() if k not in ("nonfinite", "spike")}
+    record["loss"] = float(np.mean([m["loss"] for _, m in fetched]))
+    record.update(extra)
+    record["step"] = step
+    writer.write(step, {k: v for k, v in record.items() if k != "step"})
+    history.append(record)
+    if bar is not None:
+      bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_sec', 0):.0f}")
+
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  blocked = 0.0
   try:
-    for step in range(start + 1, t.steps + 1):
-      batch = host_to_global(next(train_iter), setup.mesh, setup.batch_sharding)
-      with jax.transfer_guard("disallow"):
-        state, metrics = step_fn(state, batch)
-      pending.append(metrics)
-      if step == start + 1:
-        jax.block_until_ready(metrics)  # compile time stays out of the throughput
-        throughput.reset()
-        pending = []
-        record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        record["step"] = step
-        writer.write(step, {k: v for k, v in record.items() if k != "step"})
-        history.append(record)
-      elif step % t.log_every == 0 or step == t.steps:
-        fetched = jax.device_get(pending)
-        for m in fetched:
-          throughput.add(int(m["tokens"]))
-        record = {k: float(v) for k, v in fetched[-1].items()}
-        record["loss"] = float(np.mean([m["loss"] for m in fetched]))
-        record.update(throughput.rate())
-        record["step"] = step
-        pending = []
-        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-          record.update(evaluate(setup, eval_fn, state["params"],
-                                 data_lib.make_eval_iterator(cfg, tokenizer, **proc), t.eval_batches))
-        writer.write(step, {k: v for k, v in record.items() if k != "step"})
-        history.append(record)
+    with _StopRequest() as stop:
+      for step in range(start + 1, t.steps + 1):
+        batch = host_to_global(next(train_iter), setup.mesh, setup.batch_sharding)
+        with jax.transfer_guard("disallow"):
+          state, metrics = step_fn(state, batch)
+        pending.append((step, metrics))
+        if step == start + 1:  # compile time stays out of the throughput
+          log(step, jax.device_get(pending), {})
+          throughput.reset()
+          pending = []
+        elif step % t.log_every == 0 or step == t.steps:
+          fetched = jax.device_get(pending)
+          for _, m in fetched:
+            throughput.add(int(m["tokens"]))
+          extra = throughput.rate()
+          extra["checkpoint_blocked_sec"] = blocked
+          if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+            extra.update(evaluate(setup, eval_fn, state["params"],
+                                  data_lib.make_eval_iterator(cfg, tokenizer, **proc), t.eval_batches))
+          log(step, fetched, extra)
+          pending, blocked = [], 0.0
         if bar is not None:
-          bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-      if bar is not None:
-        bar.update(1)
-      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
-        checkpointer.save(step, state, train_iter, cfg)
+          bar.update(1)
+        stopping = stop.requested(step)
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stopping:
+          blocked += checkpointer.save(step, state, train_iter, cfg)
+        if stopping:
+          if pending:
+            log(step, jax.device_get(pending), {})
+          checkpointer.wait()
+          _say(f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
+               f"{checkpointer.directory / str(step)}. Rerun the same command to resume.")
+          break
   finally:
     checkpointer.close()
     writer.close()
