@@ -286,3 +286,18 @@ def test_loss_spike_is_skipped():
   new, metrics = step(state, host_to_global(batch, setup.mesh, setup.batch_sharding))
   assert bool(metrics["spike"]) and int(new["skipped"]) == 1  # loss ~7 vs a window of 1.0 +- 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new["params"]), params)
+
+
+def test_inspect_checkpoint_tool(tmp_path):
+  cfg = _cfg(fsdp=8)
+  _save_steps(tmp_path / "checkpoints", cfg, steps=(1, 2))
+  victim = _largest_file(tmp_path / "checkpoints" / "2")
+  victim.write_bytes(victim.read_bytes()[:10])
+  out = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", str(tmp_path), "--step", "1",
+                        "--config"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "2 checkpoint(s)" in out.stdout
+  assert "step 1:" in out.stdout and "verified" in out.stdout and '{"position": 10}' in out.stdout
+  assert "step 2:" in out.stdout and "CORRUPT" in out.stdout
+  assert "['params']['blocks']['mlp']['gate']: (4, 32, 64) float32 spec=(None, 'fsdp', None)" in out.stdout
+  assert '"embed_dim": 32' in out.stdout

@@ -2,6 +2,7 @@
 
   python tools/bench.py layouts          # every layout of one fixed model on 8 devices
   python tools/bench.py pipeline         # bubble fraction vs (S-1)/(M*R+S-1)
+  python tools/bench.py checkpoint       # save/restore throughput against dd
   python tools/bench.py --quick layouts  # fewer steps, a smaller model
 
 On a CPU the script fakes 8 devices (XLA_FLAGS) before importing JAX. Fake CPU devices
@@ -19,11 +20,13 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 if "jax" not in sys.modules and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmjax.config import default_config
@@ -126,9 +129,77 @@ def pipeline(quick: bool, steps: int) -> None:
   print(f"\nReference (data=8, no pipeline): {ref['step_s']:.3f} s/step.")
 
 
+def checkpoint(quick: bool) -> None:
+  """Save/restore throughput of a few-hundred-MB train state against the disk (dd)."""
+  import shutil
+  import subprocess
+  import tempfile
+  from lmjax.checkpoint import Checkpointer
+
+  c = default_config()
+  m = c.model
+  m.vocab_size, m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads = 8192, 8, 512, 8, 4
+  m.head_dim, m.mlp_dim = 64, 1536
+  if quick:
+    m.num_layers = 2
+  c.mesh.fsdp = -1
+  c.train.async_checkpointing = True
+  setup = build(c)
+  # Fresh Adam moments are zeros, which compress to nothing; fill every array with
+  # incompressible values so the disk sees the whole state.
+  noise = lambda k, x: jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  fill = jax.jit(lambda s: jax.tree.map(noise, list(jax.random.split(jax.random.key(0), len(jax.tree.leaves(s)))),
+                                        jax.tree.leaves(s)), out_shardings=jax.tree.leaves(setup.state_shardings))
+  state = jax.tree.unflatten(jax.tree.structure(setup.abstract_state), fill(init_state(setup)))
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  root = Path(tempfile.mkdtemp(prefix="lmjax-bench-ckpt-", dir=os.environ.get("BENCH_DIR", "/tmp")))
+
+  class _NoData:
+    def get_state(self):
+      return b"{}"
+    def set_state(self, state):
+      pass
+    def start_prefetch(self):
+      pass
+
+  try:
+    ckpt = Checkpointer(root / "ckpt", c)
+    t0 = time.perf_counter()
+    blocked = ckpt.save(1, state, _NoData(), c)
+    ckpt.manager.wait_until_finished()
+    written = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ckpt.wait()  # writes the SHA-256 manifest
+    manifest = time.perf_counter() - t0
+    os.sync()
+    t0 = time.perf_counter()
+    restored = ckpt.restore(1, setup.abstract_state)
+    jax.block_until_ready(restored)
+    read = time.perf_counter() - t0
+    ckpt.close()
+    mib = nbytes / 2**20
+    on_disk = sum(p.stat().st_size for p in (root / "ckpt").rglob("*") if p.is_file()) / 2**20
+    dd_w = subprocess.run(["dd", "if=/dev/zero", f"of={root / 'dd'}", "bs=4M", f"count={int(mib // 4)}",
+                           "conv=fdatasync"], capture_output=True, text=True).stderr.strip().splitlines()[-1]
+    dd_r = subprocess.run(["dd", f"if={root / 'dd'}", "of=/dev/null", "bs=4M"],
+                          capture_output=True, text=True).stderr.strip().splitlines()[-1]
+    print(f"Train state: {mib:.0f} MiB ({setup.num_params / 1e6:.1f}M parameters, fp32 params + "
+          f"Adam moments; {on_disk:.0f} MiB on disk) on {jax.device_count()} devices, fsdp.\n")
+    print("| what | seconds | MiB/s |")
+    print("| --- | --- | --- |")
+    print(f"| save: training blocked (device->host copy, start) | {blocked:.3f} | |")
+    print(f"| save: until committed (background write) | {written:.3f} | {mib / written:.0f} |")
+    print(f"| manifest (SHA-256 of every file) | {manifest:.3f} | {mib / manifest:.0f} |")
+    print(f"| restore (sharded, onto the same mesh) | {read:.3f} | {mib / read:.0f} |")
+    print(f"\ndd write (fdatasync): {dd_w}\ndd read (page cache may be warm): {dd_r}")
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("section", choices=["layouts", "pipeline", "all"], nargs="?", default="all")
+  parser.add_argument("section", choices=["layouts", "pipeline", "checkpoint", "all"], nargs="?",
+                      default="all")
   parser.add_argument("--quick", action="store_true", help="smaller model, fewer steps")
   parser.add_argument("--steps", type=int, default=0, help="timed steps per layout")
   args = parser.parse_args()
@@ -138,6 +209,9 @@ def main() -> None:
     print()
   if args.section in ("pipeline", "all"):
     pipeline(args.quick, steps)
+    print()
+  if args.section in ("checkpoint", "all"):
+    checkpoint(args.quick)
 
 
 if __name__ == "__main__":
