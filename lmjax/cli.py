@@ -14,12 +14,20 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file defining get_config(); override fields with --config.a.b=v.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (eval, generate); default newest.")
+_EVAL_SOURCE = flags.DEFINE_string("eval_source", None, "eval: text/JSONL file, dir or glob to "
+                                   "score instead of the run's held-out split.")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "eval: batches of held-out data "
+                                     "(default: all of the split).")
+_CHOICES = flags.DEFINE_string("choices", None, "eval: multiple-choice JSONL "
+                               '({"context", "choices", "label"} per line) to score for accuracy.')
 
-USAGE = """usage: lmjax <command> --config configs/tiny.py [--config.KEY=VALUE ...] [flags]
+USAGE = """usage: lmjax <command> [--config configs/tiny.py] [--config.KEY=VALUE ...] [flags]
 
 commands:
   train      train (or resume) the config in --workdir
   validate   check the config and print it, without touching devices
+  eval       held-out loss, perplexity, bits per byte (and --choices accuracy) of --workdir
 """
 
 
@@ -38,6 +46,23 @@ def _train(argv) -> None:
     print(f"nothing to do: {_WORKDIR.value} already holds the final step")
 
 
+def _eval(argv) -> None:
+  del argv
+  import json
+  from pathlib import Path
+  from lmjax.load import load
+  if not _WORKDIR.value:
+    raise app.UsageError("eval needs --workdir (a trained run)")
+  run = load(_WORKDIR.value, _STEP.value)
+  results = {"step": run.step}
+  name = "source" if _EVAL_SOURCE.value else "held_out"
+  results[name] = run.evaluate(_EVAL_SOURCE.value, _EVAL_BATCHES.value)
+  if _CHOICES.value:
+    results["choices"] = run.multiple_choice(_CHOICES.value)
+  (Path(_WORKDIR.value) / "eval.json").write_text(json.dumps(results, indent=2))
+  print(json.dumps(results, indent=2))
+
+
 def _validate(argv) -> None:
   del argv
   from lmjax.config import validate
@@ -45,7 +70,8 @@ def _validate(argv) -> None:
   print(_CONFIG.value)
 
 
-COMMANDS = {"train": _train, "validate": _validate}
+COMMANDS = {"train": _train, "validate": _validate, "eval": _eval}
+NEEDS_CONFIG = {"train", "validate"}  # the others read the run's own config
 
 
 def main() -> None:
@@ -56,7 +82,7 @@ def main() -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain are chatty at INFO
 
   def run(argv):
-    if _CONFIG.value is None:
+    if _CONFIG.value is None and sys.argv[1] in NEEDS_CONFIG:
       raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
     from lmjax.config import ConfigError
     try:

@@ -108,11 +108,13 @@ def init_state(setup: Setup) -> State:
 
 
 def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy over real (non-padding) tokens, and their count."""
+  """Summed next-token cross-entropy over the weighted tokens, and their weight."""
   model = nnx.merge(graphdef, params)
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # (b, t, v)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  weights = (batch["segment_ids"] != 0).astype(jnp.float32)
+  # Padding (segment 0) never counts; a batch may also weight tokens itself (e.g. a
+  # fine-tuning batch that trains on responses only).
+  weights = batch["weights"] if "weights" in batch else (batch["segment_ids"] != 0).astype(jnp.float32)
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 

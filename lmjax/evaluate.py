@@ -1,0 +1,200 @@
+"""Evaluation: perplexity and bits per byte on held-out text, and log-likelihood scoring of
+multiple-choice items (accuracy), the way evaluation harnesses do it.
+
+  results = perplexity(setup, params, tokenizer, batches)
+  results = multiple_choice(setup, params, tokenizer, read_choices("items.jsonl"))
+
+Multiple-choice items are JSONL lines ``{"context": str, "choices": [str, ...], "label": int}``.
+Each choice is scored by the summed log-probability of its tokens after the context;
+``accuracy`` takes the best sum, ``accuracy_norm`` the best sum per UTF-8 byte of the choice
+(lm-evaluation-harness's ``acc`` and ``acc_norm``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmjax.mesh import host_to_global, use_rules
+
+Batch = dict[str, np.ndarray]
+
+
+def _adds_dummy_prefix(tokenizer) -> bool:
+  from sentencepiece import sentencepiece_model_pb2
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(tokenizer.processor.serialized_model_proto())
+  return proto.normalizer_spec.add_dummy_prefix
+
+
+def target_bytes(tokenizer, batch: Batch) -> np.ndarray:
+  """(b, t) UTF-8 bytes of document text each target token covers. A tokenizer that adds
+  a space before each text has the first token after ``bos`` cover one byte less."""
+  nbytes = token_bytes(tokenizer)
+  out = nbytes[batch["targets"]]
+  if _adds_dummy_prefix(tokenizer):
+    pieces = tokenizer.processor
+    spaced = np.array([pieces.id_to_piece(i).startswith("\u2581") for i in range(len(nbytes))])
+    out = out - ((batch["inputs"] == tokenizer.bos_id) & spaced[batch["targets"]])
+  return out
+
+
+def token_bytes(tokenizer) -> np.ndarray:
+  """(v,) UTF-8 bytes of text each token stands for (0 for control tokens)."""
+  sp = tokenizer.processor
+  out = np.zeros(tokenizer.vocab_size, np.int64)
+  for i in range(tokenizer.vocab_size):
+    if sp.is_control(i) or sp.is_unknown(i):
+      continue
+    if sp.is_byte(i):
+      out[i] = 1
+    else:
+      out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+  return out
+
+
+_LOGPROB_FNS: dict[int, Any] = {}
+
+
+def _logprob_fn(setup):
+  """Jitted (params, batch) -> per-token log-probability of the targets, (b, t)."""
+  if id(setup) in _LOGPROB_FNS:
+    return _LOGPROB_FNS[id(setup)][1]
+
+  def fn(params, batch):
+    model = nnx.merge(setup.graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+
+  jitted = jax.jit(fn, in_shardings=(setup.state_shardings["params"], setup.batch_sharding))
+
+  def call(params, batch):
+    with jax.set_mesh(setup.mesh), use_rules(setup.rules):
+      return jitted(params, host_to_global(batch, setup.mesh, setup.batch_sharding))
+
+  _LOGPROB_FNS[id(setup)] = (setup, call)  # keeps setup alive, so its id stays unique
+  return call
+
+
+def perplexity(setup, params, tokenizer, batches: Iterable[Batch], max_batches: int | None = None
+               ) -> dict[str, float]:
+  """Mean loss (nats/token), perplexity and bits per byte over the real target tokens."""
+  logprob = _logprob_fn(setup)
+  loss_sum = tokens = text_bytes = 0.0
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    weights = batch.get("weights", batch["segment_ids"] != 0).astype(np.float64)
+    lp = np.asarray(jax.device_get(logprob(params, batch)), np.float64)
+    loss_sum -= float(np.sum(lp * weights))
+    tokens += float(weights.sum())
+    text_bytes += float(np.sum(target_bytes(tokenizer, batch) * weights))
+  if tokens == 0:
+    raise ValueError("no tokens to evaluate: the held-out split or source is empty")
+  loss = loss_sum / tokens
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+          "bits_per_byte": loss_sum / math.log(2) / max(text_bytes, 1.0),
+          "tokens": tokens, "bytes": text_bytes}
+
+
+def document_batches(documents: Sequence[str], tokenizer, seq_len: int, batch_size: int) -> list[Batch]:
+  """Each document as ``[bos] + ids + [eos]`` in rows of ``seq_len`` predictions (a long
+  document continues in the next row, without the earlier context); rows padded."""
+  rows = []
+  for doc in documents:
+    ids = [tokenizer.bos_id] + tokenizer.encode(doc) + [tokenizer.eos_id]
+    for start in range(0, len(ids) - 1, seq_len):
+      chunk = ids[start:start + seq_len + 1]
+      rows.append((chunk[:-1], chunk[1:]))
+  return _batches(rows, [None] * len(rows), seq_len, batch_size)
+
+
+def _batches(rows, weights, seq_len: int, batch_size: int) -> list[Batch]:
+  """Pads (inputs, targets[, weights]) rows to full (batch_size, seq_len) batches."""
+  out = []
+  for b in range(0, len(rows), batch_size):
+    batch = {k: np.zeros((batch_size, seq_len), np.int32)
+             for k in ("inputs", "targets", "segment_ids", "positions")}
+    batch["weights"] = np.zeros((batch_size, seq_len), np.float32)
+    for r, ((inp, tgt), w) in enumerate(zip(rows[b:b + batch_size], weights[b:b + batch_size])):
+      n = len(inp)
+      batch["inputs"][r, :n], batch["targets"][r, :n] = inp, tgt
+      batch["segment_ids"][r, :n] = 1
+      batch["positions"][r, :n] = np.arange(n)
+      batch["weights"][r, :n] = 1.0 if w is None else w
+    out.append(batch)
+  return out
+
+
+def read_choices(path: str | Path) -> list[dict[str, Any]]:
+  """Multiple-choice items from JSONL; a malformed line raises naming the file and line."""
+  items = []
+  for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      item = json.loads(line)
+      assert isinstance(item["context"], str) and isinstance(item["choices"], list)
+      assert all(isinstance(c, str) for c in item["choices"]) and len(item["choices"]) >= 2
+      assert isinstance(item["label"], int) and 0 <= item["label"] < len(item["choices"])
+    except (ValueError, KeyError, TypeError, AssertionError):
+      raise ValueError(f"{path}:{i}: expected {{\"context\": str, \"choices\": [str, str, ...], "
+                       f"\"label\": index}}, got {line[:200]!r}") from None
+    items.append(item)
+  if not items:
+    raise ValueError(f"{path}: no multiple-choice items")
+  return items
+
+
+def choice_loglikelihoods(setup, params, tokenizer, items: Sequence[dict[str, Any]],
+                          batch_size: int | None = None) -> list[list[float]]:
+  """Summed log-probability of each choice's tokens given ``[bos] + context``. A context too
+  long for the sequence is cut from the left."""
+  seq_len = setup.cfg.data.seq_len
+  batch_size = batch_size or setup.cfg.data.global_batch_size
+  rows, weights, owners = [], [], []
+  for i, item in enumerate(items):
+    context = [tokenizer.bos_id] + tokenizer.encode(item["context"])
+    for j, choice in enumerate(item["choices"]):
+      cont = tokenizer.encode(choice)
+      if not cont:
+        raise ValueError(f"item {i}: choice {j} ({choice!r}) has no tokens")
+      ids = (context + cont)[-(seq_len + 1):]
+      w = np.zeros(len(ids) - 1, np.float32)
+      w[-len(cont):] = 1.0  # the choice's tokens, as predicted after what precedes them
+      rows.append((ids[:-1], ids[1:]))
+      weights.append(w)
+      owners.append((i, j))
+  logprob = _logprob_fn(setup)
+  scores = [[0.0] * len(item["choices"]) for item in items]
+  batches = _batches(rows, weights, seq_len, batch_size)
+  for b, batch in enumerate(batches):
+    lp = np.asarray(jax.device_get(logprob(params, batch)), np.float64)
+    sums = np.sum(lp * batch["weights"], axis=1)
+    for r in range(batch_size):
+      k = b * batch_size + r
+      if k < len(owners):
+        i, j = owners[k]
+        scores[i][j] = float(sums[r])
+  return scores
+
+
+def multiple_choice(setup, params, tokenizer, items: Sequence[dict[str, Any]]) -> dict[str, float]:
+  """Accuracy by summed log-likelihood, and per byte of the choice (acc_norm)."""
+  scores = choice_loglikelihoods(setup, params, tokenizer, items)
+  correct = correct_norm = 0
+  for item, s in zip(items, scores):
+    norm = [v / max(len(c.encode("utf-8")), 1) for v, c in zip(s, item["choices"])]
+    correct += int(np.argmax(s) == item["label"])
+    correct_norm += int(np.argmax(norm) == item["label"])
+  n = len(items)
+  return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "items": n}
