@@ -5,7 +5,9 @@ killed half-way leaves only a ``*.orbax-checkpoint-tmp`` directory, never listed
 on the next start):
   ``state``  parameters, optimizer state and step (Orbax PyTree; restored directly sharded
              onto whatever mesh the abstract target names, each device reading its slices);
-  ``data``   the Grain iterator's position, one JSON file per process;
+  ``data``   the data iterator's position: ``global.json`` for prepared data (one state for
+             every process, so a resume may use another process count or mesh), else one
+             ``process_<i>-of-<n>.json`` per process (raw text);
   ``config`` the resolved config as JSON;
   ``meta``   the checkpoint format version.
 Once a step is committed, a manifest (``lmjax_manifest.json``: size and SHA-256 of every
@@ -15,6 +17,7 @@ reported and the previous good one used instead. Nothing is pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,10 +25,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+from lmjax.data import DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "lmjax_manifest.json"
@@ -69,7 +74,7 @@ class Checkpointer:
     start = time.perf_counter()
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
+        data=DataSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(cfg.to_json())),
         meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "step": step}),
     )
@@ -155,7 +160,7 @@ class Checkpointer:
     moves ``data_iterator`` to the saved position (in place). Returns the state."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = DataRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def restore_latest(self, cfg: ml_collections.ConfigDict, abstract_state: Any,
@@ -197,3 +202,69 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings: what a restore should produce."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+class DataHandler(ocp.CheckpointHandler):
+  """Saves a data iterator's JSON state: one global file or one file per process.
+
+  An iterator with ``topology_independent = True`` (prepared data) has one state for all
+  processes; process 0 writes it and any process of any process count reads it back.
+  Other iterators (raw text) write ``process_<i>-of-<n>.json``, Grain's layout.
+  """
+
+  GLOBAL = "global.json"
+
+  def save(self, directory: epath.Path, args: DataSave) -> None:
+    state = json.dumps(args.item.get_state(), indent=1)
+    if getattr(args.item, "topology_independent", False):
+      if jax.process_index() == 0:
+        (directory / self.GLOBAL).write_text(state)
+    else:
+      (directory / _process_file()).write_text(state)
+
+  def restore(self, directory: epath.Path, args: DataRestore) -> Any:
+    item = args.item
+    elastic = getattr(item, "topology_independent", False)
+    saved_global = (directory / self.GLOBAL).exists()
+    if elastic != saved_global:
+      kinds = ("raw-text (per-process)", "prepared (global)")
+      raise DataError(f"{directory}: the data position was saved by a {kinds[saved_global]} "
+                      f"iterator but this run reads {kinds[elastic]} data; data.source changed "
+                      "kind since the checkpoint. Start a new workdir.")
+    path = directory / (self.GLOBAL if elastic else _process_file())
+    if not path.exists():
+      saved = sorted(p.name for p in directory.iterdir() if p.name.endswith(".json"))
+      raise DataError(f"{path} does not exist (saved: {', '.join(saved) or 'nothing'}): raw-text "
+                      "data positions are per process, so resume with the process count that "
+                      "saved them, or train from a prepared dataset (tools/prepare_data.py), "
+                      "whose position any process count can restore.")
+    item.set_state(json.loads(path.read_text()))
+    return item
+
+  def metadata(self, directory: epath.Path) -> None:
+    del directory
+
+  def structure(self, directory: epath.Path) -> None:
+    del directory
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _process_file() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any

@@ -97,6 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
   ms.fsdp = -1  # fully-sharded data parallelism; -1 fills the remaining devices
   ms.tensor = 1  # tensor (model) parallelism
   ms.rules = ()  # ((logical_name, mesh_axes), ...) overriding the default rules table
+  ms.dcn_data = 1  # of mesh.data, groups across slices/nodes (slow network, outermost)
+  ms.dcn_fsdp = 1  # of mesh.fsdp, groups across slices/nodes
   return c
 
 
@@ -224,8 +226,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("model.pipeline_repeats", f"must be positive, got {m.pipeline_repeats}.")
   if m.pipeline_microbatches == 0 or m.pipeline_microbatches < -1:
     _fail("model.pipeline_microbatches", f"must be positive or -1, got {m.pipeline_microbatches}.")
+  for axis in ("data", "fsdp"):
+    if cfg.mesh[f"dcn_{axis}"] < 1:
+      _fail(f"mesh.dcn_{axis}", f"must be >= 1, got {cfg.mesh[f'dcn_{axis}']}.")
   if num_devices is not None:
     shape = dict(zip(MESH_AXES, resolve_mesh_shape(cfg, num_devices)))
+    for axis in ("data", "fsdp"):
+      if shape[axis] % cfg.mesh[f"dcn_{axis}"]:
+        _fail(f"mesh.dcn_{axis}", f"mesh.{axis}={shape[axis]} is not divisible into "
+                                  f"{cfg.mesh[f'dcn_{axis}']} groups across slices/nodes.")
     batch_shards = shape["data"] * shape["fsdp"]
     if d.global_batch_size % (batch_shards * o.grad_accum_steps):
       _fail("data.global_batch_size",

@@ -94,11 +94,22 @@ def mesh_axes(logical_name: str) -> tuple[str, ...]:
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes (data, stage, fsdp, tensor) sized from ``config.mesh``."""
+  """A mesh with axes (data, stage, fsdp, tensor) sized from ``config.mesh``; with
+  ``mesh.dcn_data``/``mesh.dcn_fsdp`` > 1 a hybrid mesh whose outer groups of those axes
+  span slices or nodes."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  types = (AxisType.Auto,) * len(MESH_AXES)
+  dcn = (cfg.mesh.dcn_data, 1, cfg.mesh.dcn_fsdp, 1)
+  if math.prod(dcn) == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+  # Several slices (TPU) or nodes/processes (GPU, CPU): the dcn part of an axis crosses
+  # them, the rest stays on the fast interconnect inside one.
+  from jax.experimental import mesh_utils
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  granule_is_process = not hasattr(devices[0], "slice_index") or devices[0].platform != "tpu"
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=granule_is_process)
+  return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(logical_axes: Sequence[Any], rules: dict[str, MeshAxes],

@@ -322,6 +322,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     record = {k: float(v) for k, v in fetched[-1][1].items() if k not in ("nonfinite", "spike")}
     record["loss"] = float(np.mean([m["loss"] for _, m in fetched]))
     record.update(extra)
+    record.update(train_iter.metrics())  # data_skipped (+ per reason), data_truncated
     record["step"] = step
     writer.write(step, {k: v for k, v in record.items() if k != "step"})
     history.append(record)

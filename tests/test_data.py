@@ -1,7 +1,12 @@
-"""Tests of lmjax.data: sources, tokenizers and the Grain pipeline (CPU, seconds)."""
+"""Tests of lmjax.data's sources, readers, bad-record policy and tokenizers (CPU, seconds).
+
+The helpers at the top (tiny corpora in every format, batch comparisons, packing checks)
+are shared with the other tests/test_data_*.py files.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pickle
@@ -13,20 +18,21 @@ from lmjax.config import default_config
 from lmjax.data import (
     BATCH_KEYS,
     DataError,
+    SkipLog,
     Tokenizer,
     default_documents,
     get_tokenizer,
     load_documents,
-    make_eval_iterator,
-    make_train_iterator,
+    load_records,
     split_documents,
     train_tokenizer,
 )
+from lmjax.data import sources as sources_module
 from lmjax.data import tokenizer as tokenizer_module
 
 VOCAB = 1024
 
-# A tiny source: an epoch is a few rows, so epoch boundaries come within a few batches.
+# A tiny corpus: an epoch is a few rows, so epoch boundaries come within a few batches.
 TINY_DOCS = [
     "The cat sat on the mat.",
     "A dog ran in the park.",
@@ -37,23 +43,72 @@ TINY_DOCS = [
     "Short.",
     "Water is wet, fire is hot, and ice is cold.",
 ]
+FORMATS = ("txt", "jsonl", "parquet", "arrayrecord")
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-  """One tokenizer for the module, trained on the default corpus."""
-  path = tmp_path_factory.mktemp("tok") / "default.model"
-  return train_tokenizer(default_documents(), VOCAB, str(path))
+# --- shared helpers ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory) -> str:
-  path = tmp_path_factory.mktemp("tiny") / "tiny.jsonl"
-  path.write_text("".join(json.dumps({"text": d}) + "\n" for d in TINY_DOCS))
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+    n >>= 7
+    if not n:
+      return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def tf_example(**features: bytes | int) -> bytes:
+  """A serialised tf.train.Example (bytes or int64 features), written by hand."""
+  entries = b""
+  for name, value in features.items():
+    if isinstance(value, bytes):
+      feature = _len_field(1, _len_field(1, value))  # bytes_list
+    else:
+      feature = _len_field(3, _len_field(1, _varint(value)))  # int64_list, packed
+    entries += _len_field(1, _len_field(1, name.encode()) + _len_field(2, feature))
+  return _len_field(1, entries)
+
+
+def write_array_record(path, records: list[bytes]) -> str:
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer = ArrayRecordWriter(str(path), "group_size:1")
+  for r in records:
+    writer.write(r)
+  writer.close()
   return str(path)
 
 
-def _cfg(source: str = "default", **data):
+def write_corpus(directory, docs: list[str], fmt: str, field: str = "text") -> str:
+  """``docs`` as a source of format ``fmt`` under ``directory``; returns data.source."""
+  directory.mkdir(parents=True, exist_ok=True)
+  if fmt == "txt":  # two files of blank-line-separated blocks (read with txt_split="blank_line")
+    half = len(docs) // 2
+    for i, part in enumerate((docs[:half], docs[half:])):
+      (directory / f"part{i}.txt").write_text("\n\n\n".join(part) + "\n")
+    return str(directory / "*.txt")
+  if fmt == "jsonl":
+    path = directory / "docs.jsonl"
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return str(path)
+  if fmt == "parquet":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = directory / "docs.parquet"
+    pq.write_table(pa.table({"id": list(range(len(docs))), field: docs}), path, row_group_size=3)
+    return str(path)
+  if fmt == "arrayrecord":
+    return write_array_record(directory / "docs.arrayrecord",
+                              [tf_example(**{field: d.encode(), "id": i}) for i, d in enumerate(docs)])
+  raise ValueError(fmt)
+
+
+def data_cfg(source: str = "default", **data):
+  """A small config: rows of 32, 4 rows per batch, no prefetch thread."""
   cfg = default_config()
   cfg.data.source = source
   cfg.data.seq_len = 32
@@ -64,11 +119,11 @@ def _cfg(source: str = "default", **data):
   return cfg
 
 
-def _take(it, n: int) -> list[dict[str, np.ndarray]]:
+def take(it, n: int) -> list[dict[str, np.ndarray]]:
   return [next(it) for _ in range(n)]
 
 
-def _assert_batches_equal(a, b) -> None:
+def assert_batches_equal(a, b) -> None:
   assert len(a) == len(b)
   for x, y in zip(a, b):
     assert sorted(x) == sorted(y)
@@ -76,7 +131,7 @@ def _assert_batches_equal(a, b) -> None:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-def _stream(batches) -> list[int]:
+def stream(batches) -> list[int]:
   """The non-padding input tokens of all rows, in order."""
   out = []
   for batch in batches:
@@ -85,10 +140,10 @@ def _stream(batches) -> list[int]:
   return out
 
 
-def _docs_in(stream: list[int], tok: Tokenizer) -> list[str]:
+def docs_in(tokens: list[int], tok: Tokenizer) -> list[str]:
   """Documents read back from a token stream ([bos] + ids of each, back to back)."""
   docs, current = [], None
-  for t in stream:
+  for t in tokens:
     if t == tok.bos_id:
       if current is not None:
         docs.append(tok.decode(current))
@@ -100,7 +155,36 @@ def _docs_in(stream: list[int], tok: Tokenizer) -> list[str]:
   return docs
 
 
-# --- sources -------------------------------------------------------------------------
+def check_rows(batch, tok: Tokenizer) -> None:
+  """Packing invariants of every row of a batch."""
+  for inp, tgt, seg, pos in zip(*(batch[k] for k in BATCH_KEYS)):
+    pad = seg == 0
+    assert not (inp[pad].any() or tgt[pad].any() or pos[pad].any())
+    n = int((~pad).sum())
+    assert not pad[:n].any()  # padding only at the end
+    assert np.all(np.diff(seg[:n]) >= 0) and (n == 0 or seg[0] == 1)
+    for i in range(n):
+      new_segment = i == 0 or seg[i] != seg[i - 1]
+      assert pos[i] == (0 if new_segment else pos[i - 1] + 1)
+      if i + 1 < n and seg[i + 1] == seg[i]:
+        assert tgt[i] == inp[i + 1]
+      if inp[i] == tok.bos_id:
+        assert pos[i] == 0  # documents start at position 0
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+  """One tokenizer per module, trained on the default corpus."""
+  path = tmp_path_factory.mktemp("tok") / "default.model"
+  return train_tokenizer(default_documents(), VOCAB, str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory) -> str:
+  return write_corpus(tmp_path_factory.mktemp("tiny"), TINY_DOCS, "jsonl")
+
+
+# --- sources and readers -------------------------------------------------------------------
 
 
 def test_default_corpus_is_real_text():
@@ -123,32 +207,133 @@ def test_load_txt_jsonl_dir_and_glob(tmp_path):
   assert load_documents(str(tmp_path / "*.txt")) == ["first file", "second file"]
   (tmp_path / "d.jsonl").write_text('{"body": "custom field"}\n')
   assert load_documents(str(tmp_path / "d.jsonl"), text_field="body") == ["custom field"]
+  with gzip.open(tmp_path / "e.json.gz", "wt") as f:  # Dolma-style gzipped JSON lines
+    f.write('{"text": "zipped"}\n')
+  assert load_documents(str(tmp_path / "e.json.gz")) == ["zipped"]
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("empty.txt", b"", r"empty\.txt: the file is empty"),
-    ("blank.jsonl", b"\n\n", r"blank\.jsonl: the file is empty"),
-    ("bad.txt", b"ok\nabc\xff\xfe", r"bad\.txt:2: invalid UTF-8 at byte offset 6"),
-    ("bad.jsonl", b'{"text": "a"}\n{"text": oops}\n', r"bad\.jsonl:2: not valid JSON"),
-    ("nofield.jsonl", b'{"text": "a"}\n{"body": "b"}\n', r"nofield\.jsonl:2: no field 'text'"),
-    ("notstr.jsonl", b'{"text": 5}\n', r"notstr\.jsonl:1: field 'text' must be a string"),
-    ("list.jsonl", b'["text"]\n', r"list\.jsonl:1: expected a JSON object"),
-    ("data.csv", b"a,b\n", r"data\.csv: unknown extension"),
-])
-def test_load_errors_name_the_file_and_line(tmp_path, name, content, match):
+def test_txt_blank_line_blocks_with_line_numbers(tmp_path):
+  path = tmp_path / "blocks.txt"
+  path.write_bytes(b"\n\nfirst block\nstill first\n\n\n  \nsecond\r\n\r\nthird\n")
+  records = load_records(str(path), txt_split="blank_line")
+  assert [r.text for r in records] == ["first block\nstill first", "second", "third"]
+  assert [r.where for r in records] == [f"{path}:3", f"{path}:8", f"{path}:10"]
+  assert load_documents(str(path)) == ["first block\nstill first\n\n\n  \nsecond\r\n\r\nthird"]
+  with pytest.raises(DataError, match="txt_split"):
+    load_documents(str(path), txt_split="paragraph")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_reads_the_same_documents(tmp_path, fmt):
+  source = write_corpus(tmp_path, TINY_DOCS, fmt, field="body")
+  records = load_records(source, text_field="body", txt_split="blank_line")
+  assert [r.text for r in records] == TINY_DOCS
+  assert all(r.path in source or r.path.startswith(str(tmp_path)) for r in records)
+
+
+def test_parquet_and_arrayrecord_variants(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"text": [b"bytes column", b"ok"]}), tmp_path / "b.parquet")
+  assert load_documents(str(tmp_path / "b.parquet")) == ["bytes column", "ok"]
+  write_array_record(tmp_path / "t.arrayrecord", [b"plain text record", "caf\u00e9".encode()])
+  assert load_documents(str(tmp_path / "t.arrayrecord")) == ["plain text record", "caf\u00e9"]
+  write_array_record(tmp_path / "j.arrayrecord", [json.dumps({"text": "json record"}).encode()])
+  assert load_documents(str(tmp_path / "j.arrayrecord")) == ["json record"]
+  write_array_record(tmp_path / "e.arrayrecord", [tf_example(text=b"example", n=3)])
+  assert load_documents(str(tmp_path / "e.arrayrecord")) == ["example"]
+
+
+# Each case: files written next to a good one; the reason counted under "skip" and the
+# message (file and line/row/record) that "skip" logs and "fail" raises.
+BAD_INPUTS = [
+    ("empty.txt", b"", "empty_file", r"empty\.txt: the file is empty"),
+    ("blank.jsonl", b"\n\n", "empty_file", r"blank\.jsonl: the file is empty"),
+    ("bad.txt", b"ok\nabc\xff\xfe", "invalid_utf8", r"bad\.txt:2: invalid UTF-8 at byte 6"),
+    ("badline.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', "invalid_utf8", r"badline\.jsonl:2: invalid UTF-8"),
+    ("surrogate.jsonl", b'{"text": "a\\ud800"}\n', "invalid_utf8", r"surrogate\.jsonl:1: .*unpaired surrogate"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": oops}\n', "invalid_json", r"bad\.jsonl:2: not valid JSON"),
+    ("nofield.jsonl", b'{"text": "a"}\n{"body": "b"}\n', "missing_field", r"nofield\.jsonl:2: no field 'text'"),
+    ("notstr.jsonl", b'{"text": 5}\n', "invalid_field", r"notstr\.jsonl:1: field 'text' must be a string"),
+    ("list.jsonl", b'["text"]\n', "invalid_json", r"list\.jsonl:1: expected a JSON object"),
+    ("emptydoc.jsonl", b'{"text": "a"}\n{"text": "  "}\n', "empty_document", r"emptydoc\.jsonl:2: the document is empty"),
+    ("data.csv", b"a,b\n", "unsupported_file", r"data\.csv: unknown extension"),
+    ("trunc.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 50)[:30], "unreadable", r"trunc\.jsonl\.gz: could not be read"),
+    ("corrupt.jsonl.gz", (lambda z: z[:12] + bytes(16) + z[28:])(gzip.compress(b'{"text": "a b c"}\n' * 50)),
+     "unreadable", r"corrupt\.jsonl\.gz: could not be read"),
+    ("junk.parquet", b"not parquet", "unreadable", r"junk\.parquet: not a readable Parquet file"),
+    ("junk.arrayrecord", b"not an array record", "unreadable", r"junk\.arrayrecord: not a readable ArrayRecord"),
+]
+
+
+@pytest.mark.parametrize("name, content, reason, match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_skipped_and_counted_or_fails_naming_the_record(tmp_path, name, content, reason, match):
+  (tmp_path / "good.jsonl").write_text('{"text": "good document"}\n')
   (tmp_path / name).write_bytes(content)
+  skips = SkipLog("skip")
+  docs = load_documents(str(tmp_path / "*"), skips=skips)
+  assert "good document" in docs
+  assert skips.counts[reason] >= 1 and skips.total == sum(skips.counts.values())
+  assert any(__import__("re").search(match, m) for m in skips.examples[reason]), skips.examples
   with pytest.raises(DataError, match=match):
-    load_documents(str(tmp_path / name))
+    load_documents(str(tmp_path / "*"), bad_records="fail")
 
 
-def test_load_errors_for_missing_sources(tmp_path):
-  with pytest.raises(DataError, match="no such file or directory"):
+def test_parquet_bad_columns_and_rows(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"text": ["fine", None, ""]}), tmp_path / "nulls.parquet")
+  pq.write_table(pa.table({"body": ["x"]}), tmp_path / "other.parquet")
+  pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+  skips = SkipLog()
+  assert load_documents(str(tmp_path / "*.parquet"), skips=skips) == ["fine"]
+  assert dict(skips.counts) == {"invalid_field": 2, "empty_document": 1, "missing_field": 1}
+  text = " ".join(m for ms in skips.examples.values() for m in ms)
+  assert "nulls.parquet row 2: column 'text' is null" in text
+  assert "nulls.parquet row 3: the document is empty" in text
+  assert "other.parquet: no column 'text' (columns: body)" in text
+  assert "ints.parquet: column 'text' must hold strings, it holds int64" in text
+
+
+def test_arrayrecord_bad_records_name_the_record(tmp_path):
+  write_array_record(tmp_path / "e.arrayrecord",
+                     [tf_example(text=b"one"), tf_example(body=b"two"), tf_example(text=b"\xff")])
+  skips = SkipLog()
+  assert load_documents(str(tmp_path / "e.arrayrecord"), skips=skips) == ["one"]
+  assert dict(skips.counts) == {"missing_field": 1, "invalid_utf8": 1}
+  assert skips.examples["missing_field"][0].startswith(f"{tmp_path}/e.arrayrecord record 2:")
+  assert skips.examples["invalid_utf8"][0].startswith(f"{tmp_path}/e.arrayrecord record 3:")
+
+
+def test_missing_paths(tmp_path):
+  with pytest.raises(DataError, match=r"(?s)no usable documents.*missing_path: 1.*no such file or directory"):
     load_documents(str(tmp_path / "missing.txt"))
   with pytest.raises(DataError, match="glob matches no files"):
     load_documents(str(tmp_path / "*.jsonl"))
-  with pytest.raises(DataError, match="holds no .txt or .jsonl files"):
+  with pytest.raises(DataError, match="directory holds no .txt"):
     load_documents(str(tmp_path))
+  with pytest.raises(DataError, match="missing.txt: no such file or directory.*bad_records='fail'"):
+    load_documents(str(tmp_path / "missing.txt"), bad_records="fail")
   assert issubclass(DataError, ValueError)
+
+
+def test_skip_log_keeps_a_few_examples_per_reason(caplog):
+  skips = SkipLog()
+  for i in range(10):
+    skips.bad("invalid_json", f"f.jsonl:{i}", "not valid JSON")
+  assert skips.counts["invalid_json"] == 10 and len(skips.examples["invalid_json"]) == 3
+  assert len([r for r in caplog.records if "invalid_json" in r.getMessage()]) == 3
+  assert "invalid_json: 10  (e.g. f.jsonl:0: not valid JSON.)" in skips.summary()
+
+
+def test_loaded_sources_are_cached_until_a_file_changes(tmp_path, monkeypatch):
+  path = tmp_path / "a.jsonl"
+  path.write_text('{"text": "one"}\n')
+  first, _ = sources_module.cached_records(str(path))
+  assert sources_module.cached_records(str(path))[0] is first
+  path.write_text('{"text": "one"}\n{"text": "two"}\n')
+  os.utime(path, ns=(1, 1))  # a different mtime even on coarse clocks
+  assert [d.text for d in sources_module.cached_records(str(path))[0]] == ["one", "two"]
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -164,7 +349,7 @@ def test_split_is_deterministic_and_disjoint():
   assert split_documents(docs[:1], 0.5, seed=0) == (docs[:1], [])  # never all
 
 
-# --- tokenizer -----------------------------------------------------------------------
+# --- tokenizer -----------------------------------------------------------------------------
 
 
 def test_tokenizer_ids_and_round_trip(tok):
@@ -177,14 +362,33 @@ def test_tokenizer_ids_and_round_trip(tok):
   assert tok.decode(np.asarray(ids, np.int32)) == text
   assert tok.encode("") == []
   clone = pickle.loads(pickle.dumps(tok))  # what Grain worker processes receive
-  assert clone.encode(text) == ids and clone.path == tok.path
+  assert clone.encode(text) == ids and clone.path == tok.path and clone.sha256 == tok.sha256
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, tok):
   again = train_tokenizer(default_documents(), VOCAB, str(tmp_path / "again.model"))
   with open(tok.path, "rb") as a, open(again.path, "rb") as b:
     assert a.read() == b.read()
+  assert again.sha256 == tok.sha256
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # atomic write left nothing
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_special_tokens_are_single_pieces(tmp_path, model_type):
+  special = ["<|im_start|>", "<|im_end|>", "<tool>"]
+  tok = train_tokenizer(default_documents()[:30], 512, str(tmp_path / "s.model"), model_type,
+                        special_tokens=special)
+  assert tok.vocab_size == 512 and tok.special_tokens == special
+  assert [tok.token_id(t) for t in special] == [5, 6, 7]  # after pad/unk/bos/eos and newline
+  text = "<|im_start|>user\nhi 日本<tool><|im_end|>"
+  ids = tok.encode(text)
+  assert ids.count(5) == 1 and ids[-2:] == [7, 6]  # (a leading "▁" piece may come first)
+  assert tok.decode(ids) == text  # byte fallback: nothing is unknown
+  assert tok.processor.unk_id() not in ids
+  with pytest.raises(DataError, match="no piece"):
+    tok.token_id("<absent>")
+  with pytest.raises(DataError, match="duplicates"):
+    train_tokenizer(["a b"], 300, str(tmp_path / "d.model"), special_tokens=["<x>", "<x>"])
 
 
 def test_tokenizer_load_errors(tmp_path, tok):
@@ -199,7 +403,7 @@ def test_tokenizer_load_errors(tmp_path, tok):
 
 
 def test_get_tokenizer_caches_by_content(tmp_path, monkeypatch, tiny_source, tok):
-  cfg = _cfg(tiny_source, tokenizer_cache=str(tmp_path / "cache"))
+  cfg = data_cfg(tiny_source, tokenizer_cache=str(tmp_path / "cache"))
   first = get_tokenizer(cfg.data, 320)
   assert first.vocab_size == 320 and first.path.startswith(str(tmp_path / "cache"))
   mtime = os.stat(first.path).st_mtime_ns
@@ -223,133 +427,26 @@ def test_get_tokenizer_caches_by_content(tmp_path, monkeypatch, tiny_source, tok
   assert get_tokenizer(cfg.data, 512).vocab_size == VOCAB
 
 
-# --- pipeline ------------------------------------------------------------------------
+def test_config_choices_match_the_data_modules():
+  from lmjax import config
+  from lmjax.data import packing, readers, sources
+  assert config.TXT_SPLITS == readers.TXT_SPLITS
+  assert config.BAD_RECORD_POLICIES == sources.BAD_RECORD_POLICIES
+  assert config.LONG_DOCUMENT_POLICIES == packing.LONG_DOCUMENT_POLICIES
 
 
-def _check_rows(batch, tok: Tokenizer) -> None:
-  """Packing invariants of every row of a batch."""
-  for inp, tgt, seg, pos in zip(*(batch[k] for k in BATCH_KEYS)):
-    pad = seg == 0
-    assert not (inp[pad].any() or tgt[pad].any() or pos[pad].any())
-    n = int((~pad).sum())
-    assert not pad[:n].any()  # padding only at the end
-    assert np.all(np.diff(seg[:n]) >= 0) and (n == 0 or seg[0] == 1)
-    for i in range(n):
-      new_segment = i == 0 or seg[i] != seg[i - 1]
-      assert pos[i] == (0 if new_segment else pos[i - 1] + 1)
-      if i + 1 < n and seg[i + 1] == seg[i]:
-        assert tgt[i] == inp[i + 1]
-      if inp[i] == tok.bos_id:
-        assert pos[i] == 0  # documents start at position 0
-
-
-def test_train_batches_shapes_and_packing(tok):
-  it = make_train_iterator(_cfg(seq_len=64, global_batch_size=8), tok)
-  batches = _take(it, 6)
-  it.close()
-  for batch in batches:
-    assert sorted(batch) == sorted(BATCH_KEYS)
-    for key in BATCH_KEYS:
-      assert batch[key].shape == (8, 64) and batch[key].dtype == np.int32, key
-    _check_rows(batch, tok)
-  assert (batches[0]["segment_ids"] > 0).mean() > 0.99  # concat-then-split barely pads
-
-
-def test_every_document_once_per_epoch_in_a_new_order(tok, tiny_source):
-  cfg = _cfg(tiny_source, eval_fraction=0.0, num_epochs=2, global_batch_size=1, seq_len=16)
-  batches = list(make_train_iterator(cfg, tok))  # finite: two epochs
-  for batch in batches:
-    _check_rows(batch, tok)
-  docs = _docs_in(_stream(batches), tok)
-  assert len(docs) == 2 * len(TINY_DOCS)
-  epoch0, epoch1 = docs[:len(TINY_DOCS)], docs[len(TINY_DOCS):]
-  assert sorted(epoch0) == sorted(epoch1) == sorted(TINY_DOCS)
-  assert epoch0 != epoch1 and epoch0 != TINY_DOCS
-
-
-def test_seed_determines_the_order(tok):
-  def first(seed: int):
-    cfg = _cfg()
-    cfg.seed = seed
-    it = make_train_iterator(cfg, tok)
-    out = _take(it, 3)
-    it.close()
-    return out
-
-  _assert_batches_equal(first(0), first(0))
-  with pytest.raises(AssertionError):
-    _assert_batches_equal(first(0), first(1))
-
-
-def test_process_shards_are_disjoint(tok, tiny_source):
-  cfg = _cfg(tiny_source, eval_fraction=0.0, num_epochs=1, global_batch_size=2, seq_len=16)
-  shards = []
-  for index in range(2):
-    batches = list(make_train_iterator(cfg, tok, process_index=index, process_count=2))
-    assert all(b["inputs"].shape == (1, 16) for b in batches)  # half the rows each
-    shards.append(_docs_in(_stream(batches), tok))
-  assert set(shards[0]).isdisjoint(shards[1])
-  assert sorted(shards[0] + shards[1]) == sorted(TINY_DOCS)
-  with pytest.raises(DataError, match="divisible by the process count"):
-    make_train_iterator(_cfg(global_batch_size=3), tok, process_count=2)
-
-
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_resume_continues_exactly_across_epochs(tok, tiny_source, prefetch):
-  cfg = _cfg(tiny_source, eval_fraction=0.0, global_batch_size=2, seq_len=16, prefetch=prefetch)
-  epoch_tokens = sum(len(tok.encode(d)) + 1 for d in TINY_DOCS)
-  rows_per_epoch = epoch_tokens / 16
-  total = 12
-  assert total * 2 > 2 * rows_per_epoch  # the run spans more than two epochs
-  it = make_train_iterator(cfg, tok)
-  reference = _take(it, total)
-  it.close()
-  for k in range(total - 2):  # every resume point: the start, remainders, epoch boundaries
-    it = make_train_iterator(cfg, tok)
-    _assert_batches_equal(_take(it, k), reference[:k])
-    state = json.loads(json.dumps(it.get_state()))
-    it.close()
-    resumed = make_train_iterator(cfg, tok)
-    resumed.set_state(state)
-    _assert_batches_equal(_take(resumed, 3), reference[k:k + 3])
-    resumed.close()
-
-
-def test_resume_with_worker_processes(tok, tiny_source):
-  cfg = _cfg(tiny_source, eval_fraction=0.0, global_batch_size=2, seq_len=16, worker_count=2)
-  it = make_train_iterator(cfg, tok)
-  head = _take(it, 5)
-  state = json.loads(json.dumps(it.get_state()))
-  tail = _take(it, 4)
-  it.close()
-  for batch in head + tail:
-    _check_rows(batch, tok)
-  resumed = make_train_iterator(cfg, tok)
-  resumed.set_state(state)
-  _assert_batches_equal(_take(resumed, 4), tail)
-  resumed.close()
-
-
-def test_eval_is_finite_deterministic_and_padded(tok, tiny_source):
-  cfg = _cfg(tiny_source, eval_fraction=0.4, global_batch_size=3, seq_len=16)
-  _, eval_docs = split_documents(TINY_DOCS, 0.4, seed=0)
-  batches = list(make_eval_iterator(cfg, tok))
-  _assert_batches_equal(batches, list(make_eval_iterator(cfg, tok)))
-  assert batches and all(b["inputs"].shape == (3, 16) for b in batches)
-  for batch in batches:
-    _check_rows(batch, tok)
-  assert _docs_in(_stream(batches), tok) == eval_docs  # held-out docs, in order, once
-  rows = np.concatenate([b["segment_ids"] for b in batches])
-  used = int((rows.sum(axis=1) > 0).sum())
-  assert used < len(rows) and not rows[used:].any()  # the last batch ends in padding rows
-  train_docs = _docs_in(_stream(list(make_train_iterator(_cfg(
-      tiny_source, eval_fraction=0.4, num_epochs=1, global_batch_size=1, seq_len=16), tok))), tok)
-  assert set(train_docs).isdisjoint(eval_docs)
-  assert list(make_eval_iterator(_cfg(tiny_source, eval_fraction=0.0), tok)) == []
-
-
-def test_empty_documents_are_skipped(tmp_path, tok):
-  path = tmp_path / "gaps.jsonl"
-  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one", "", "two", "", "three"]))
-  cfg = _cfg(str(path), eval_fraction=0.0, num_epochs=1, shuffle=False, global_batch_size=1)
-  assert _docs_in(_stream(make_train_iterator(cfg, tok)), tok) == ["one", "two", "three"]
+@pytest.mark.parametrize("key, value, needle", [
+    ("txt_split", "lines", "config.data.txt_split: must be one of"),
+    ("bad_records", "ignore", "config.data.bad_records: must be one of"),
+    ("long_documents", "chop", "config.data.long_documents: must be one of"),
+    ("mixture", (("a.jsonl", 0.7), ("b.jsonl", 0)), r"config.data.mixture\[1\]: must be \(source, weight > 0\)"),
+    ("mixture", (("a.jsonl",),), r"config.data.mixture\[0\]"),
+    ("num_epochs", 0, "config.data.num_epochs: must be positive or -1"),
+    ("prefetch", -1, "config.data.prefetch: must be >= 0"),
+])
+def test_config_rejects_bad_data_fields(key, value, needle):
+  from lmjax.config import ConfigError, validate
+  cfg = default_config()
+  cfg.data[key] = value
+  with pytest.raises(ConfigError, match=needle):
+    validate(cfg)

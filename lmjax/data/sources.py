@@ -1,119 +1,232 @@
-"""Reading documents from ``data.source`` and holding some of them out for evaluation.
+"""Documents from ``data.source``, the bad-record policy, and the held-out split.
 
-A source is ``"default"`` (the embedded corpus, see :mod:`lmjax.data.corpus`), a file,
-a directory (every ``.txt`` / ``.jsonl`` file directly in it) or a glob. A ``.txt`` file
-is one document; a ``.jsonl`` file holds one document per line in the field
-``data.text_field``. Anything unreadable raises :class:`DataError` naming the file and,
-for JSONL, the line.
+A source is ``"default"`` (the embedded corpus, see :mod:`lmjax.data.corpus`), a file, a
+directory (every supported file directly in it) or a glob (``**`` recurses). Supported
+files are ``.txt``, ``.jsonl`` / ``.json`` (JSON lines; all three also gzipped),
+``.parquet`` and ``.arrayrecord`` (see :mod:`lmjax.data.readers`). A directory written by
+``tools/prepare_data.py`` is a *prepared* source, read by :mod:`lmjax.data.prepared`.
+
+Bad input — a missing path, an empty file or document, invalid UTF-8, a line that is not
+JSON or lacks the text field — goes to a :class:`SkipLog`. With ``data.bad_records="skip"``
+(the default) it is counted by reason, the first few of each reason are logged as
+warnings naming the file and line/row/record, and the counts reach the training metrics;
+with ``"fail"`` the first one raises :class:`DataError` with the same message. A source
+with no usable document at all is always an error.
+
+Example::
+
+  skips = SkipLog("skip")
+  docs = load_records("data/*.jsonl", text_field="body", skips=skips)
+  skips.counts  # {"invalid_json": 2, "empty_document": 1}
 """
 
 from __future__ import annotations
 
+import collections
 import glob
-import json
+import logging
 import os
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-EXTENSIONS = (".txt", ".jsonl")
+from lmjax.data import readers
+from lmjax.data.readers import EXTENSIONS, TXT_SPLITS, Document
+
+log = logging.getLogger("lmjax.data")
+
+BAD_RECORD_POLICIES = ("skip", "fail")
+PREPARED_METADATA = "lmjax_data.json"  # marks a directory written by tools/prepare_data.py
+# Why a record was skipped; keys of SkipLog.counts and of the data_skipped/* metrics.
+REASONS = {
+    "missing_path": "path or glob matches no file",
+    "unreadable": "file could not be opened or is damaged",
+    "unsupported_file": "file extension not supported",
+    "empty_file": "file holds no records",
+    "empty_document": "document text is empty or blank",
+    "invalid_utf8": "bytes are not UTF-8",
+    "invalid_json": "line is not a JSON object",
+    "invalid_record": "record is not in the file's format",
+    "missing_field": "record lacks data.text_field",
+    "invalid_field": "data.text_field is not a string",
+    "long_document": "document longer than data.seq_len (data.long_documents='skip')",
+}
 _GLOB_CHARS = frozenset("*?[")
+_EXAMPLES_PER_REASON = 3  # messages kept (and logged) per reason; the rest are only counted
 
 
 class DataError(ValueError):
   """A data source, tokenizer or pipeline setting is unusable; the message says where."""
 
 
-def _resolve_paths(source: str) -> list[str]:
-  """The files a source names, sorted."""
+class SkipLog:
+  """Counts bad records by reason under a policy: ``"skip"`` counts, ``"fail"`` raises."""
+
+  def __init__(self, policy: str = "skip", *, quiet: bool = False):
+    if policy not in BAD_RECORD_POLICIES:
+      raise DataError(f"data.bad_records must be one of {BAD_RECORD_POLICIES}, got {policy!r}.")
+    self.policy = policy
+    self.quiet = quiet  # count without logging
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+  def bad(self, reason: str, where: str, message: str) -> None:
+    """Records (or, under "fail", raises) one bad record at ``where``."""
+    if self.policy == "fail":
+      raise DataError(f"{where}: {message}. (data.bad_records='fail'; set it to 'skip' to skip "
+                      "and count such records)")
+    self.count(reason, where, message)
+
+  def count(self, reason: str, where: str, message: str) -> None:
+    """Counts one skipped record whatever the policy; logs the first few of each reason."""
+    text = f"{where}: {message}."
+    self.counts[reason] += 1
+    if len(self.examples[reason]) < _EXAMPLES_PER_REASON:
+      self.examples[reason].append(text)
+      if not self.quiet:
+        more = " (further ones are counted, not logged)" if len(self.examples[reason]) == _EXAMPLES_PER_REASON else ""
+        log.warning("skipped %s: %s%s", reason, text, more)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def merge(self, other: SkipLog) -> None:
+    self.counts.update(other.counts)
+    for reason, texts in other.examples.items():
+      room = _EXAMPLES_PER_REASON - len(self.examples[reason])
+      self.examples[reason].extend(texts[:max(0, room)])
+
+  def summary(self) -> str:
+    """Multi-line: one line per reason with its count and first example."""
+    lines = []
+    for reason, n in sorted(self.counts.items()):
+      example = self.examples[reason][0] if self.examples.get(reason) else ""
+      lines.append(f"  {reason}: {n}  (e.g. {example})")
+    return "\n".join(lines)
+
+
+def _is_prepared(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, PREPARED_METADATA))
+
+
+def resolve_paths(source: str, skips: SkipLog) -> list[str]:
+  """The files a source names, sorted; a path or glob naming nothing goes to ``skips``."""
   path = os.path.expanduser(source)
   if _GLOB_CHARS & set(path):
     matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     if not matches:
-      raise DataError(f"data.source={source!r}: the glob matches no files.")
+      skips.bad("missing_path", source, "the glob matches no files")
     return matches
   if os.path.isdir(path):
-    files = sorted(
-        os.path.join(path, name) for name in os.listdir(path)
-        if name.endswith(EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
+    if _is_prepared(path):
+      raise DataError(f"{source}: a prepared dataset (tools/prepare_data.py) is not a source of "
+                      "raw documents; use it as data.source for training.")
+    files = sorted(os.path.join(path, name) for name in os.listdir(path)
+                   if name.endswith(EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
     if not files:
-      raise DataError(f"data.source={source!r}: the directory holds no {' or '.join(EXTENSIONS)} files.")
+      skips.bad("missing_path", source, f"the directory holds no {', '.join(EXTENSIONS)} files")
     return files
   if os.path.isfile(path):
     return [path]
-  raise DataError(f"data.source={source!r}: no such file or directory; give \"default\", a file, "
-                  "a directory or a glob of .txt / .jsonl files.")
+  skips.bad("missing_path", source, "no such file or directory; give \"default\", a file, a "
+                                    "directory or a glob")
+  return []
 
 
-def _read_text(path: str) -> str:
-  """The file decoded as UTF-8 (a leading BOM dropped); DataError on bad bytes."""
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data.count(b"\n", 0, e.start) + 1
-    raise DataError(f"{path}:{line}: invalid UTF-8 at byte offset {e.start} ({e.reason}); "
-                    "re-encode the file as UTF-8.") from None
-  return text.removeprefix("\ufeff")
-
-
-def _read_txt(path: str) -> list[str]:
-  text = _read_text(path).strip()
-  if not text:
-    raise DataError(f"{path}: the file is empty; remove it or give it text.")
-  return [text]
-
-
-def _read_jsonl(path: str, text_field: str) -> list[str]:
-  docs = []
-  for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-    if not line.strip():
-      continue  # blank lines (e.g. a trailing newline) are not records
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
-    if not isinstance(record, dict):
-      raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}.")
-    if text_field not in record:
-      fields = ", ".join(sorted(map(str, record))) or "none"
-      raise DataError(f"{path}:{lineno}: no field {text_field!r} (fields: {fields}); "
-                      "set data.text_field to the field holding the text.")
-    text = record[text_field]
-    if not isinstance(text, str):
-      raise DataError(f"{path}:{lineno}: field {text_field!r} must be a string, "
-                      f"got {type(text).__name__}.")
-    docs.append(text)
-  if not docs:
-    raise DataError(f"{path}: the file is empty (no JSON lines); remove it or give it records.")
-  return docs
-
-
-def load_documents(source: str, text_field: str = "text") -> list[str]:
-  """All documents of ``source`` in a deterministic order (files sorted, lines in order).
-
-  Raises:
-    DataError: a missing path, a glob matching nothing, an empty file, bytes that are
-      not UTF-8, a JSONL line that is not a JSON object with a string ``text_field``,
-      or a file that is neither ``.txt`` nor ``.jsonl``.
-  """
+def iter_documents(source: str, *, text_field: str = "text", txt_split: str = "file",
+                   skips: SkipLog | None = None) -> Iterator[Document]:
+  """The documents of ``source`` one at a time, files in sorted order."""
+  if txt_split not in TXT_SPLITS:
+    raise DataError(f"data.txt_split must be one of {TXT_SPLITS}, got {txt_split!r}.")
+  skips = SkipLog() if skips is None else skips
   if source == "default":
     from lmjax.data.corpus import default_documents  # pylint: disable=import-outside-toplevel
-    return default_documents()
-  docs = []
-  for path in _resolve_paths(source):
-    if path.endswith(".txt"):
-      docs.extend(_read_txt(path))
-    elif path.endswith(".jsonl"):
-      docs.extend(_read_jsonl(path, text_field))
-    else:
-      raise DataError(f"{path}: unknown extension; data sources are {' or '.join(EXTENSIONS)} files.")
+    for i, text in enumerate(default_documents(), 1):
+      yield Document(text, "<default corpus>", i, "record")
+    return
+  for path in resolve_paths(source, skips):
+    try:
+      if path.endswith(readers.TEXT_EXTENSIONS):
+        yield from readers.read_txt(path, txt_split, skips)
+      elif path.endswith(readers.JSON_EXTENSIONS):
+        yield from readers.read_jsonl(path, text_field, skips)
+      elif path.endswith(readers.PARQUET_EXTENSIONS):
+        yield from readers.read_parquet(path, text_field, skips)
+      elif path.endswith(readers.ARRAY_RECORD_EXTENSIONS):
+        yield from readers.read_array_record(path, text_field, skips)
+      else:
+        skips.bad("unsupported_file", path, f"unknown extension; data sources are "
+                                            f"{', '.join(EXTENSIONS)} files")
+    except (OSError, EOFError, zlib.error) as e:  # permissions, a file vanishing, a damaged .gz
+      skips.bad("unreadable", path, f"could not be read ({e})")
+
+
+def load_records(source: str, *, text_field: str = "text", txt_split: str = "file",
+                 skips: SkipLog | None = None) -> list[Document]:
+  """All documents of ``source`` with their origin; DataError if none is usable."""
+  skips = SkipLog() if skips is None else skips
+  docs = list(iter_documents(source, text_field=text_field, txt_split=txt_split, skips=skips))
+  if not docs:
+    detail = f"; skipped:\n{skips.summary()}" if skips.total else ""
+    raise DataError(f"data.source={source!r}: no usable documents{detail}")
   return docs
 
 
-def split_documents(docs: Sequence[str], eval_fraction: float,
-                    seed: int) -> tuple[list[str], list[str]]:
+def load_documents(source: str, text_field: str = "text", *, txt_split: str = "file",
+                   bad_records: str = "skip", skips: SkipLog | None = None) -> list[str]:
+  """The texts of all documents of ``source`` in a deterministic order.
+
+  Raises:
+    DataError: no usable document, or (``bad_records="fail"``) the first bad record.
+  """
+  skips = SkipLog(bad_records) if skips is None else skips
+  return [d.text for d in load_records(source, text_field=text_field, txt_split=txt_split,
+                                       skips=skips)]
+
+
+def sources_of(data_cfg) -> list[tuple[str, float]]:
+  """``[(source, weight), ...]``: ``data.mixture`` if set, else ``[(data.source, 1.0)]``."""
+  if len(data_cfg.mixture) == 0:
+    return [(data_cfg.source, 1.0)]
+  out = []
+  for i, entry in enumerate(data_cfg.mixture):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], (int, float)) and entry[1] > 0):
+      raise DataError(f"data.mixture[{i}] must be (source, weight > 0), got {entry!r}.")
+    out.append((entry[0], float(entry[1])))
+  return out
+
+
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 8  # sources kept loaded (a mixture's components, the tokenizer's corpus)
+
+
+def cached_records(source: str, *, text_field: str = "text", txt_split: str = "file",
+                   bad_records: str = "skip") -> tuple[list[Document], SkipLog]:
+  """:func:`load_records` and its SkipLog, reused while the files are unchanged.
+
+  Training loads a source for the tokenizer, the training split and every evaluation;
+  the files are read (and their bad records logged) once. The key holds each file's
+  path, size and modification time.
+  """
+  probe = SkipLog(quiet=True)
+  files = resolve_paths(source, probe) if source != "default" else []
+  stats = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)
+  key = (source, text_field, txt_split, bad_records, stats)
+  if key in _CACHE:
+    _CACHE.move_to_end(key)
+    return _CACHE[key]
+  skips = SkipLog(bad_records)
+  docs = load_records(source, text_field=text_field, txt_split=txt_split, skips=skips)
+  _CACHE[key] = (docs, skips)
+  while len(_CACHE) > _CACHE_SIZE:
+    _CACHE.popitem(last=False)
+  return docs, skips
+
+
+def split_documents(docs: Sequence, eval_fraction: float, seed: int) -> tuple[list, list]:
   """Splits ``docs`` into (train, eval) by document; both keep the input order.
 
   ``round(len(docs) * eval_fraction)`` documents are held out, at least one when
@@ -126,7 +239,8 @@ def split_documents(docs: Sequence[str], eval_fraction: float,
   n_eval = 0
   if eval_fraction > 0 and n >= 2:
     n_eval = min(max(1, round(n * eval_fraction)), n - 1)
-  held_out = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
-  train = [doc for i, doc in enumerate(docs) if i not in held_out]
-  evals = [doc for i, doc in enumerate(docs) if i in held_out]
+  held_out = np.zeros(n, bool)
+  held_out[np.random.default_rng(seed).permutation(n)[:n_eval]] = True
+  train = [doc for doc, h in zip(docs, held_out) if not h]
+  evals = [doc for doc, h in zip(docs, held_out) if h]
   return train, evals

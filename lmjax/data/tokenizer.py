@@ -6,7 +6,8 @@ byte fallback (no text is ever unknown) and identity normalisation, so
 
 Example::
 
-  tok = train_tokenizer(load_documents("default"), 1024, "/tmp/tok.model")
+  tok = train_tokenizer(load_documents("default"), 1024, "/tmp/tok.model",
+                        special_tokens=["<|user|>"])
   tok.decode(tok.encode("x = 1\\n")) == "x = 1\\n"
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from lmjax.data.sources import DataError, load_documents
+from lmjax.data.sources import DataError, cached_records, sources_of
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -91,6 +92,27 @@ class Tokenizer:
     return self._path
 
   @property
+  def sha256(self) -> str:
+    """Hex digest of the serialised model: the tokenizer's identity."""
+    return hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+
+  @property
+  def special_tokens(self) -> list[str]:
+    """The user-defined pieces other than newline (see ``train_tokenizer``)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=import-outside-toplevel
+    model = pb.ModelProto()
+    model.ParseFromString(self._sp.serialized_model_proto())
+    user = pb.ModelProto.SentencePiece.USER_DEFINED
+    return [p.piece for p in model.pieces if p.type == user and p.piece != "\n"]
+
+  def token_id(self, piece: str) -> int:
+    """The id of ``piece`` (e.g. a special token); DataError if it is not in the vocabulary."""
+    i = self._sp.piece_to_id(piece)
+    if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i):
+      raise DataError(f"tokenizer {self._path}: no piece {piece!r}.")
+    return i
+
+  @property
   def processor(self) -> spm.SentencePieceProcessor:
     """The wrapped sentencepiece processor (pieces, scores, sampling)."""
     return self._sp
@@ -150,20 +172,30 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
-                    model_type: str = "bpe") -> Tokenizer:
+                    model_type: str = "bpe", special_tokens: Sequence[str] = ()) -> Tokenizer:
   """Trains a sentencepiece model on ``documents`` and writes it atomically to ``model_path``.
 
-  Training is single-threaded with a fixed seed: the same documents and arguments give
-  the same ``.model`` bytes.
+  ``special_tokens`` (e.g. ``["<|im_start|>", "<|im_end|>"]``) become user-defined pieces:
+  each gets its own id right after the four control ids and is always one token when it
+  appears in text. Training is single-threaded with a fixed seed: the same documents and
+  arguments give the same ``.model`` bytes.
   """
   if model_type not in MODEL_TYPES:
     raise DataError(f"tokenizer model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
+  special = list(special_tokens)
+  for token in special:
+    if not isinstance(token, str) or not token or token != token.strip() or token == "\n":
+      raise DataError(f"special token {token!r}: must be a non-empty string without surrounding "
+                      "whitespace (newline is already a piece).")
+  if len(set(special)) != len(special):
+    raise DataError(f"special tokens {special} hold duplicates.")
+  options = dict(_TRAINER_OPTIONS, user_defined_symbols=_TRAINER_OPTIONS["user_defined_symbols"] + special)
   writer = io.BytesIO()
   spm.set_random_generator_seed(_TRAINER_SEED)
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_lines(documents), model_writer=writer,
-        vocab_size=vocab_size, model_type=model_type, **_TRAINER_OPTIONS)
+        vocab_size=vocab_size, model_type=model_type, **options)
   except RuntimeError as e:
     raise DataError(f"training a {model_type} tokenizer with vocab_size={vocab_size} failed: {str(e).rstrip('.')}. "
                     "A small corpus supports only a small vocabulary: lower model.vocab_size "
@@ -193,26 +225,32 @@ def _cache_key(documents: Sequence[str], vocab_size: int, model_type: str) -> st
 
 
 def get_tokenizer(data_cfg: Any, vocab_size: int, model_type: str = "bpe") -> Tokenizer:
-  """The tokenizer for a ``cfg.data``: ``data.tokenizer`` if set, else a cached trained one.
+  """The tokenizer for a ``cfg.data``.
 
-  Without ``data.tokenizer`` the documents of ``data.source`` are hashed together with
-  ``vocab_size`` and the training settings; a model under that key in the cache
-  directory is reused, otherwise one with ``vocab_size`` pieces is trained and stored
-  there. A ``data.tokenizer`` is returned as it is: comparing its size with
-  ``model.vocab_size`` is the caller's check (``lmjax.train`` makes it).
+  * A prepared source (``tools/prepare_data.py``): the tokenizer stored with it; a
+    ``data.tokenizer`` that differs from it is an error.
+  * ``data.tokenizer`` set: that model, as it is (comparing its size with
+    ``model.vocab_size`` is the caller's check; ``lmjax.train`` makes it).
+  * Otherwise the documents of ``data.source`` (or of every ``data.mixture`` component)
+    are hashed together with ``vocab_size`` and the training settings; a model under that
+    key in the cache directory is reused, else one with ``vocab_size`` pieces is trained
+    and stored there.
   """
+  from lmjax.data import prepared  # pylint: disable=import-outside-toplevel
+  if prepared.uses_prepared(data_cfg):
+    return prepared.dataset_tokenizer(data_cfg)
   if data_cfg.tokenizer:
-    tok = Tokenizer.load(data_cfg.tokenizer)
-  else:
-    docs = load_documents(data_cfg.source, data_cfg.text_field)
-    key = _cache_key(docs, vocab_size, model_type)
-    path = os.path.join(cache_dir(data_cfg), f"tokenizer-{model_type}-{vocab_size}-{key}.model")
-    tok = None
-    if os.path.isfile(path):
-      try:
-        tok = Tokenizer.load(path)
-      except DataError:
-        tok = None  # a damaged cache entry is retrained and replaced
-    if tok is None:
-      tok = train_tokenizer(docs, vocab_size, path, model_type)
-  return tok
+    return Tokenizer.load(data_cfg.tokenizer)
+  docs = []
+  for source, _ in sources_of(data_cfg):
+    records, _ = cached_records(source, text_field=data_cfg.text_field,
+                                txt_split=data_cfg.txt_split, bad_records=data_cfg.bad_records)
+    docs.extend(d.text for d in records)
+  key = _cache_key(docs, vocab_size, model_type)
+  path = os.path.join(cache_dir(data_cfg), f"tokenizer-{model_type}-{vocab_size}-{key}.model")
+  if os.path.isfile(path):
+    try:
+      return Tokenizer.load(path)
+    except DataError:
+      pass  # a damaged cache entry is retrained and replaced
+  return train_tokenizer(docs, vocab_size, path, model_type)
