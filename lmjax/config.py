@@ -16,6 +16,9 @@ MESH_AXES = ("data", "stage", "fsdp", "tensor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
+TXT_SPLITS = ("file", "blank_line")  # as lmjax.data.readers.TXT_SPLITS
+BAD_RECORD_POLICIES = ("skip", "fail")  # as lmjax.data.sources.BAD_RECORD_POLICIES
+LONG_DOCUMENT_POLICIES = ("split", "truncate", "skip", "fail")  # as lmjax.data.packing
 
 
 class ConfigError(ValueError):
@@ -49,15 +52,19 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # normal init std of embeddings and projections
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "default"  # "default" (embedded corpus) or a path/glob of .txt / .jsonl files
-  d.text_field = "text"  # JSONL field holding the document text
-  d.eval_fraction = 0.05  # fraction of documents held out for evaluation
+  d.source = "default"  # "default", a file/dir/glob of .txt .jsonl .json .parquet .arrayrecord files, or a tools/prepare_data.py directory
+  d.mixture = ()  # ((source, weight), ...): rows drawn from each source in proportion; replaces source when set
+  d.text_field = "text"  # JSONL / Parquet / ArrayRecord field holding the document text
+  d.txt_split = "file"  # .txt documents: "file" (one per file) or "blank_line" (one per blank-line-separated block)
+  d.bad_records = "skip"  # empty/undecodable/malformed records, missing paths: "skip" (counted in metrics) or "fail"
+  d.long_documents = "split"  # documents over seq_len tokens: "split" over rows, "truncate", "skip" (counted) or "fail"
+  d.eval_fraction = 0.05  # fraction of documents held out for evaluation (raw sources)
   d.seq_len = 128  # tokens per packed row
   d.global_batch_size = 16  # rows per step across all processes
-  d.shuffle = True  # shuffle documents, differently each epoch
+  d.shuffle = True  # shuffle documents (raw) or rows (prepared), differently each epoch
   d.num_epochs = -1  # -1 repeats forever (training stops at train.steps)
-  d.tokenizer = ""  # path to a sentencepiece .model; "" trains/caches one for the source
-  d.tokenizer_cache = ""  # directory for generated tokenizers; "" = ~/.cache/lmjax
+  d.tokenizer = ""  # path to a sentencepiece .model; "" trains/caches one for the source (or uses a prepared source's)
+  d.tokenizer_cache = ""  # directory for generated tokenizers; "" = $LMJAX_CACHE or ~/.cache/lmjax
   d.worker_count = 0  # Grain worker processes (0 = in the main process)
   d.prefetch = 2  # batches prefetched ahead of the step
 
@@ -182,6 +189,19 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("data.global_batch_size", f"must be positive, got {d.global_batch_size}.")
   if d.worker_count < 0:
     _fail("data.worker_count", f"must be >= 0, got {d.worker_count}.")
+  if d.prefetch < 0:
+    _fail("data.prefetch", f"must be >= 0, got {d.prefetch}.")
+  if d.num_epochs == 0 or d.num_epochs < -1:
+    _fail("data.num_epochs", f"must be positive or -1 (forever), got {d.num_epochs}.")
+  for key, allowed in (("txt_split", TXT_SPLITS), ("bad_records", BAD_RECORD_POLICIES),
+                       ("long_documents", LONG_DOCUMENT_POLICIES)):
+    if d[key] not in allowed:
+      _fail(f"data.{key}", f"must be one of {allowed}, got {d[key]!r}.")
+  for i, entry in enumerate(d.mixture):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+            and entry[0] and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
+            and entry[1] > 0):
+      _fail(f"data.mixture[{i}]", f"must be (source, weight > 0), got {entry!r}.")
   if o.learning_rate <= 0:
     _fail("optim.learning_rate", f"must be positive, got {o.learning_rate}.")
   if o.warmup_steps < 0:
