@@ -33,6 +33,7 @@ from tests.test_data import (  # noqa: F401 - fixtures
     tok,
     write_corpus,
 )
+from tools import prepare_data
 
 SEQ = 16
 
@@ -121,6 +122,32 @@ def test_prepare_writes_a_described_directory(prepared, tok):
     prepare([prepared], prepared, tok, seq_len=SEQ)
   with pytest.raises(DataError, match="a prepared dataset .* is not a source of raw documents"):
     prepare([prepared], prepared + "-again", tok, seq_len=SEQ)
+
+
+def test_prepare_tool_prints_a_summary(tmp_path, tok, corpus, capsys):
+  (tmp_path / "empty.txt").write_text("")
+  out = tmp_path / "ds"
+  shards = 5 * SEQ * (2 + 2 + 2) / 2**20  # five rows (uint16 inputs, targets, segments)
+  argv = ["--source", corpus, "--source", str(tmp_path / "*.txt"), "--source", str(tmp_path / "nope"),
+          "--tokenizer", tok.path, "--seq_len", str(SEQ), "--eval_fraction", "0.2",
+          "--output", str(out), "--no_progress", "--shard_mb", str(shards * 1.0001)]
+  assert prepare_data.main(argv) == 0
+  text = capsys.readouterr().out
+  meta = read_metadata(str(out))
+  tr, ev = meta["splits"]["train"], meta["splits"]["eval"]
+  assert f"documents   30 (train {tr['documents']}, eval {ev['documents']})" in text
+  assert f"tokens      {tr['tokens'] + ev['tokens']:,}" in text
+  assert "skipped     3 records:" in text
+  for reason in ("invalid_json", "empty_file", "missing_path"):
+    assert reason in text and meta["skipped"][reason] == 1
+  assert "docs.jsonl:11: not valid JSON" in text and "empty.txt: the file is empty" in text
+  assert len(tr["files"]) == -(-tr["rows"] // 5) > 1  # rows spread over 5-row shards
+  assert f"--config.data.source={out} --config.data.seq_len={SEQ}" in text
+  assert prepare_data.main(argv) == 1 and "pass --overwrite" in capsys.readouterr().err
+  assert prepare_data.main(argv + ["--overwrite", "--bad_records", "fail"]) == 1
+  assert "docs.jsonl:11: not valid JSON" in capsys.readouterr().err
+  assert read_metadata(str(out)) == meta  # a failed run leaves the old dataset as it was
+  assert not os.path.exists(str(out) + ".partial")
 
 
 def test_held_out_split_is_by_content(tmp_path, tok):

@@ -2,11 +2,16 @@
 
   python tools/train_tokenizer.py --source default --vocab_size 1024 --output /tmp/tok.model
   python tools/train_tokenizer.py --source 'data/*.jsonl' --text_field body \\
-      --vocab_size 32000 --model_type unigram --output tok32k.model
+      --vocab_size 32000 --model_type unigram --special_tokens '<|im_start|>,<|im_end|>' \\
+      --output tok32k.model
 
-Point ``data.tokenizer`` at the output and set ``model.vocab_size`` to the printed size.
-Coverage is the fraction of characters encoded by vocabulary pieces rather than by
-byte fallback; tokens/char is the compression (lower means shorter sequences).
+Point ``data.tokenizer`` at the output (or pass it to ``tools/prepare_data.py``) and set
+``model.vocab_size`` to the printed size. ``--source`` takes what ``data.source`` takes
+and may repeat. Special tokens become user-defined pieces with ids right after the four
+control ids (0 pad, 1 unk, 2 bos, 3 eos; newline is 4) and are always one token in text.
+Byte fallback is on: no text is ever unknown. Coverage is the fraction of characters
+encoded by vocabulary pieces rather than by byte fallback; tokens/char is the compression
+(lower means shorter sequences).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lmjax.data import DataError, Tokenizer, load_documents, train_tokenizer  # noqa: E402
+from lmjax.data import DataError, SkipLog, Tokenizer, load_documents, train_tokenizer  # noqa: E402
+from lmjax.data.readers import TXT_SPLITS  # noqa: E402
+from lmjax.data.sources import BAD_RECORD_POLICIES  # noqa: E402
 from lmjax.data.tokenizer import MODEL_TYPES  # noqa: E402
 
 
@@ -39,18 +46,27 @@ def fit_stats(tok: Tokenizer, documents: list[str]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--source", default="default",
-                      help='"default", a .txt/.jsonl file, a directory or a glob')
-  parser.add_argument("--text_field", default="text", help="JSONL field holding the text")
+  parser.add_argument("--source", action="append",
+                      help='"default", a file, a directory or a glob of .txt/.jsonl/.parquet/'
+                           '.arrayrecord files; may repeat (default: "default")')
+  parser.add_argument("--text_field", default="text", help="JSONL/Parquet/ArrayRecord text field")
+  parser.add_argument("--txt_split", choices=TXT_SPLITS, default="file",
+                      help="a .txt file is one document, or one per blank-line-separated block")
+  parser.add_argument("--bad_records", choices=BAD_RECORD_POLICIES, default="skip")
   parser.add_argument("--vocab_size", type=int, default=1024)
   parser.add_argument("--model_type", choices=MODEL_TYPES, default="bpe")
+  parser.add_argument("--special_tokens", default="",
+                      help="comma-separated user-defined tokens, e.g. '<|im_start|>,<|im_end|>'")
   parser.add_argument("--output", required=True, help="path of the .model file to write")
   args = parser.parse_args(argv)
+  special = [t for t in args.special_tokens.split(",") if t]
 
+  skips = SkipLog(args.bad_records)
   try:
-    docs = load_documents(args.source, args.text_field)
+    docs = [doc for source in (args.source or ["default"])
+            for doc in load_documents(source, args.text_field, txt_split=args.txt_split, skips=skips)]
     start = time.perf_counter()
-    tok = train_tokenizer(docs, args.vocab_size, args.output, args.model_type)
+    tok = train_tokenizer(docs, args.vocab_size, args.output, args.model_type, special_tokens=special)
     seconds = time.perf_counter() - start
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -58,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
   coverage, tokens_per_char = fit_stats(tok, docs)
   print(f"wrote {args.output} ({args.model_type}) in {seconds:.2f}s from {len(docs)} documents, "
         f"{sum(map(len, docs)):,} characters")
+  if skips.total:
+    print(f"skipped {skips.total} records:\n{skips.summary()}")
   print(f"vocab size:      {tok.vocab_size}")
+  if special:
+    print("special tokens:  " + ", ".join(f"{t} = {tok.token_id(t)}" for t in special))
   print(f"coverage:        {coverage:.4%} of characters by vocabulary pieces (rest: byte fallback)")
   print(f"tokens per char: {tokens_per_char:.4f} ({1 / max(tokens_per_char, 1e-12):.2f} chars per token)")
   return 0

@@ -1,0 +1,131 @@
+"""Tokenizes documents once into packed ArrayRecord rows that training reads directly.
+
+  python tools/prepare_data.py --source 'data/*.jsonl' --tokenizer tok32k.model \\
+      --seq_len 1024 --eval_fraction 0.005 --output data/owt-1024
+  lmjax train --config configs/gpt2_small.py --config.data.source=data/owt-1024 --workdir runs/g
+
+Sources are what ``data.source`` accepts (``.txt``, ``.jsonl``/``.json`` (also ``.gz``),
+``.parquet``, ``.arrayrecord``; files, directories, globs); ``--source`` may repeat.
+Without ``--tokenizer`` one is trained on the sources with ``--vocab_size`` pieces (the
+documents are then held in memory once). The output directory holds the rows, the
+tokenizer and ``lmjax_data.json``; set ``data.seq_len`` to the same ``--seq_len``.
+Training from it needs no tokenizing, and its data order survives a change of process
+count or mesh (see ``lmjax/data/prepared.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lmjax.data import DataError, Tokenizer, load_documents, prepare, train_tokenizer  # noqa: E402
+from lmjax.data.packing import LONG_DOCUMENT_POLICIES  # noqa: E402
+from lmjax.data.readers import TXT_SPLITS  # noqa: E402
+from lmjax.data.sources import BAD_RECORD_POLICIES, REASONS  # noqa: E402
+
+
+def _mib(n: float) -> str:
+  return f"{n / 2**20:,.1f} MiB"
+
+
+def summary(meta: dict, output: str, seconds: float) -> str:
+  """The report printed after preparing: documents, tokens, rows, bytes, skips."""
+  tr, ev = meta["splits"]["train"], meta["splits"]["eval"]
+  out_bytes = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+  tokens = tr["tokens"] + ev["tokens"]
+  lines = [
+      f"wrote {output} in {seconds:.1f}s ({_mib(out_bytes)}; {len(tr['files'])} train and "
+      f"{len(ev['files'])} eval shard(s))",
+      f"  documents   {tr['documents'] + ev['documents']:,} (train {tr['documents']:,}, eval {ev['documents']:,})",
+      f"  tokens      {tokens:,} (train {tr['tokens']:,}, eval {ev['tokens']:,}; bos/eos included)",
+      f"  rows        {tr['rows']:,} train + {ev['rows']:,} eval of {meta['seq_len']} positions; "
+      f"padding {tr['padding'] / max(1, tr['rows'] * meta['seq_len']):.2%}",
+      f"  input       {_mib(meta['input_bytes'])} of UTF-8 text, "
+      f"{tokens / max(seconds, 1e-9):,.0f} tokens/s",
+      f"  tokenizer   {meta['tokenizer']['vocab_size']} pieces, sha256 {meta['tokenizer']['sha256'][:12]}",
+  ]
+  truncated = tr["truncated"] + ev["truncated"]
+  if truncated:
+    lines.append(f"  truncated   {truncated:,} documents longer than {meta['seq_len']} tokens")
+  skipped = meta["skipped"]
+  if skipped:
+    lines.append(f"  skipped     {sum(skipped.values()):,} records:")
+    for reason, n in skipped.items():
+      example = meta["skipped_examples"].get(reason, [""])[0]
+      lines.append(f"    {reason:15s} {n:>8,}  {REASONS.get(reason, '')}; e.g. {example}")
+  else:
+    lines.append("  skipped     nothing")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--source", action="append", required=True,
+                      help='"default", a file, a directory or a glob; may repeat')
+  parser.add_argument("--output", required=True, help="directory to write (must not exist)")
+  parser.add_argument("--tokenizer", default="", help="sentencepiece .model to encode with")
+  parser.add_argument("--vocab_size", type=int, default=0,
+                      help="without --tokenizer: train one with this many pieces on the sources")
+  parser.add_argument("--seq_len", type=int, default=128, help="positions per packed row")
+  parser.add_argument("--text_field", default="text", help="JSONL/Parquet/ArrayRecord text field")
+  parser.add_argument("--txt_split", choices=TXT_SPLITS, default="file")
+  parser.add_argument("--eval_fraction", type=float, default=0.0,
+                      help="share of documents held out (chosen by a hash of their text)")
+  parser.add_argument("--split_seed", type=int, default=0, help="key of the held-out hash")
+  parser.add_argument("--long_documents", choices=LONG_DOCUMENT_POLICIES, default="split")
+  parser.add_argument("--bad_records", choices=BAD_RECORD_POLICIES, default="skip")
+  parser.add_argument("--shard_mb", type=float, default=256.0, help="target size of each shard")
+  parser.add_argument("--threads", type=int, default=0, help="sentencepiece encode threads (0: all cores)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  args = parser.parse_args(argv)
+
+  from tqdm import tqdm
+
+  try:
+    if args.tokenizer:
+      tok = Tokenizer.load(args.tokenizer)
+    elif args.vocab_size > 0:
+      docs = [doc for s in args.source for doc in load_documents(
+          s, args.text_field, txt_split=args.txt_split, bad_records=args.bad_records)]
+      path = os.path.abspath(args.output) + ".tokenizer.model"
+      tok = train_tokenizer(docs, args.vocab_size, path)
+      del docs
+      print(f"trained a {tok.vocab_size}-piece tokenizer: {path}")
+    else:
+      raise DataError("give --tokenizer PATH, or --vocab_size N to train one on the sources.")
+    start = time.perf_counter()
+    bar = tqdm(desc="prepare", unit="B", unit_scale=True, dynamic_ncols=True,
+               disable=args.no_progress)
+    totals = {"docs": 0, "tokens": 0}
+
+    def progress(documents: int, nbytes: int, tokens: int) -> None:
+      totals["docs"] += documents
+      totals["tokens"] += tokens
+      bar.update(nbytes)
+      bar.set_postfix(docs=f"{totals['docs']:,}", tokens=f"{totals['tokens']:,}", refresh=False)
+
+    try:
+      meta = prepare(args.source, args.output, tok, seq_len=args.seq_len,
+                     text_field=args.text_field, txt_split=args.txt_split,
+                     eval_fraction=args.eval_fraction, split_seed=args.split_seed,
+                     long_documents=args.long_documents, bad_records=args.bad_records,
+                     shard_mb=args.shard_mb, encode_threads=args.threads,
+                     overwrite=args.overwrite, progress=progress)
+    finally:
+      bar.close()
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(summary(meta, os.path.abspath(os.path.expanduser(args.output)), time.perf_counter() - start))
+  print(f"train with: --config.data.source={args.output} --config.data.seq_len={args.seq_len} "
+        f"--config.model.vocab_size={tok.vocab_size}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
