@@ -330,6 +330,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
       bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_sec', 0):.0f}")
 
   pending: list[tuple[int, dict[str, jax.Array]]] = []
+  # CPU collectives across processes (gloo) can deadlock when many steps are queued
+  # asynchronously; there, each step completes before the next is dispatched.
+  sync_every_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
   blocked = 0.0
   try:
     with _StopRequest() as stop:
@@ -337,6 +340,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
         batch = host_to_global(next(train_iter), setup.mesh, setup.batch_sharding)
         with jax.transfer_guard("disallow"):
           state, metrics = step_fn(state, batch)
+        if sync_every_step:
+          jax.block_until_ready(metrics)
         pending.append((step, metrics))
         if step == start + 1:  # compile time stays out of the throughput
           log(step, jax.device_get(pending), {})
