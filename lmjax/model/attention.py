@@ -11,12 +11,16 @@ same packed document (equal ``segment_ids``; padding, id 0, attends within itsel
 
 The two kernels run per device under ``jax.shard_map``, over the mesh axes that the
 rules give ``act_batch`` and ``act_heads``.
+
+Generation (:meth:`Attention.decode`) keeps a :class:`KVCache` and always uses the XLA
+einsums, whatever the backend: a prompt chunk or one new token attends over the cache.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +67,35 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))
   same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # (b, t, s)
   return (causal[None] & same_doc)[:, None, None]
+
+
+class KVCache(NamedTuple):
+  """Keys and values of the tokens seen so far, for every layer (stacked, so the cache
+  scans with the blocks), in the compute dtype.
+
+  Prompts are left-padded: all rows write slot ``index`` at once, and row b's real tokens
+  start at slot ``start[b]`` (its position 0); slots before ``start`` are padding, never
+  attended to. Positions are ``slot - start``.
+  """
+  k: jax.Array  # (l, b, s, k, h)
+  v: jax.Array  # (l, b, s, k, h)
+  index: jax.Array  # () int32: the next slot to write (tokens written so far, padding included)
+  start: jax.Array  # (b,) int32: each row's first real slot
+
+
+# Logical axes of one layer's cache keys/values (b, s, k, h), and of the stacked (l, ...) ones.
+CACHE_AXES = ("act_batch", None, "act_kv_heads", None)
+STACKED_CACHE_AXES = (None, *CACHE_AXES)
+
+
+def cache_mask(start: jax.Array, index: jax.Array, t: int, s: int) -> jax.Array:
+  """(b, 1, 1, t, s) boolean for t queries at slots index..index+t-1 over s cache slots:
+  causal and past each row's left padding (a padding query sees only itself)."""
+  q_slot = index + jnp.arange(t, dtype=jnp.int32)[:, None]  # (t, 1)
+  k_slot = jnp.arange(s, dtype=jnp.int32)[None, :]  # (1, s)
+  real = k_slot[None] >= start[:, None, None]  # (b, 1, s)
+  mask = (k_slot <= q_slot)[None] & (real | (k_slot == q_slot)[None])  # (b, t, s)
+  return mask[:, None, None]
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -209,6 +242,28 @@ class Attention(nnx.Module):
     self.backend = backend
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    q, k, v = self._qkv(x, positions)
+    out = dot_product_attention(q, k, v, segment_ids, backend=self.backend)  # (b, t, n, h)
+    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(x.dtype))
+
+  def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+             index: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention of t new tokens over one layer's cache, with XLA einsums for every backend.
+
+    x (b, t, d) at ``positions`` (b, t) fills cache slots index..index+t-1 of k_cache/v_cache
+    (b, s, k, h); ``start`` (b,) is each row's first real slot (see :class:`KVCache`).
+    Returns the output (b, t, d) and the updated k_cache, v_cache.
+    """
+    q, k, v = self._qkv(x, positions)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+    k_cache, v_cache = constrain(k_cache, CACHE_AXES), constrain(v_cache, CACHE_AXES)
+    mask = cache_mask(start, index, x.shape[1], k_cache.shape[1])  # (b, 1, 1, t, s)
+    out = xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)  # (b, t, n, h)
+    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(x.dtype)), k_cache, v_cache
+
+  def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projections with RoPE: x (b, t, d) -> q (b, t, n, h), k and v (b, t, k, h)."""
     dt = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))  # (b, t, n, h)
     k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))  # (b, t, k, h)
@@ -216,5 +271,4 @@ class Attention(nnx.Module):
     q = constrain(rope(q, positions, self.rope_theta), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(rope(k, positions, self.rope_theta), ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
-    out = dot_product_attention(q, k, v, segment_ids, backend=self.backend)  # (b, t, n, h)
-    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+    return q, k, v

@@ -10,7 +10,7 @@ from flax import nnx
 import ml_collections
 
 from lmjax.mesh import constrain
-from lmjax.model.attention import Attention
+from lmjax.model.attention import STACKED_CACHE_AXES, Attention, KVCache
 from lmjax.model.layers import MLP, Embed, RMSNorm
 from lmjax.model.pipeline import run_pipeline
 
@@ -41,12 +41,27 @@ class Block(nnx.Module):
     x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, _ACT)
 
+  def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+             index: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The block on t new tokens attending over this layer's cache (b, s, k, h)."""
+    h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache, index,
+                                           start)
+    x = constrain(x + h, _ACT)
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, _ACT), k_cache, v_cache
+
 
 class Transformer(nnx.Module):
   """Llama-style decoder LM. ``cfg`` is ``config.model``.
 
   >>> model = Transformer(default_config().model, rngs=nnx.Rngs(0))
   >>> logits = model(tokens)  # tokens (b, t) int32 -> (b, t, v) float32
+
+  Generation with a KV cache (``num_stages == 1``), prompts left-padded:
+
+  >>> cache = model.init_cache(batch=2, max_len=32, start=jnp.array([0, 3]))
+  >>> logits, cache = model.decode(prompts, cache)  # prefill: prompts (2, t)
+  >>> logits, cache = model.decode(next_tokens, cache)  # one step: next_tokens (2, 1)
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, num_stages: int = 1):
@@ -108,6 +123,63 @@ class Transformer(nnx.Module):
     micro = cfg.pipeline_microbatches if cfg.pipeline_microbatches > 0 else self.num_stages
     return run_pipeline(layers, stacked, x, positions, segment_ids, num_stages=self.num_stages,
                         num_microbatches=micro, repeats=cfg.pipeline_repeats)
+
+  def init_cache(self, batch: int, max_len: int, start: jax.Array | None = None) -> KVCache:
+    """An empty :class:`KVCache` of ``max_len`` slots per row, in the compute dtype.
+
+    ``start`` (b,) gives each row's left padding: its first real slot (default 0).
+    """
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # (l, b, s, k, h)
+    zeros = lambda: constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), STACKED_CACHE_AXES)
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    return KVCache(k=zeros(), v=zeros(), index=jnp.zeros((), jnp.int32), start=start)
+
+  def decode(self, tokens: jax.Array, cache: KVCache, *,
+             last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """tokens (b, t) written at cache slots index..index+t-1 -> logits (b, t, v) in float32
+    (``last_only``: (b, 1, v) of the last token) and the cache advanced by t.
+
+    A prefill is a call with the (left-padded) prompts, a decode step one with t = 1; both
+    give the logits of the full forward pass. Attention uses the XLA einsums for every
+    ``config.model.attention`` backend. Needs ``num_stages == 1`` (checkpoints restore onto
+    a mesh with ``mesh.stage = 1``).
+    """
+    if self.num_stages != 1:
+      raise ValueError(f"decoding with a KV cache needs num_stages == 1, got {self.num_stages}; "
+                       "build the model on a mesh with mesh.stage=1 (checkpoints restore onto "
+                       "any mesh).")
+    cfg = self.cfg
+    t = tokens.shape[1]
+    slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # (t,)
+    positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # (b, t); padding at 0
+    x = constrain(self.embed(tokens, jnp.dtype(cfg.compute_dtype)), _ACT)  # (b, t, d)
+    graphdef, stacked = nnx.split(self.blocks)
+
+    # The stacked cache rides in the carry and layer i's slice is written back in place,
+    # so the cache is never held twice (as it would be as a scan input and output).
+    def block(carry, layer):  # carry: x (b, t, d), k and v (l, b, s, k, h)
+      x, k, v = carry
+      params, i = layer
+      x, k_i, v_i = nnx.merge(graphdef, params).decode(x, positions, k[i], v[i], cache.index,
+                                                       cache.start)  # k_i, v_i (b, s, k, h)
+      k = constrain(jax.lax.dynamic_update_index_in_dim(k, k_i, i, 0), STACKED_CACHE_AXES)
+      v = constrain(jax.lax.dynamic_update_index_in_dim(v, v_i, i, 0), STACKED_CACHE_AXES)
+      return (x, k, v), None
+
+    carry = (x, cache.k, cache.v)
+    if cfg.scan_layers:
+      carry = jax.lax.scan(block, carry, (stacked, jnp.arange(cfg.num_layers)))[0]
+    else:
+      for i in range(cfg.num_layers):
+        carry = block(carry, (jax.tree.map(lambda p: p[i], stacked), i))[0]
+    x, k, v = carry
+    if last_only:
+      x = x[:, -1:]
+    x = self.final_norm(x)
+    head = self.embed if cfg.tie_embeddings else self.lm_head
+    logits = constrain(head.attend(x).astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+    return logits, KVCache(k=k, v=v, index=cache.index + t, start=cache.start)
 
 
 def logical_axes(abstract_model: nnx.Module) -> dict[str, Any]:
