@@ -50,7 +50,7 @@ def _args(dataset, workdir, steps):
           "--config.train.progress_bar=False"]
 
 
-def _launch(dataset, workdir, steps, processes, *, kill_process_at_step=None, timeout=300):
+def _launch(dataset, workdir, steps, processes, *, kill_process_at_step=None, timeout=300, extra=()):
   """Runs `lmjax train` as ``processes`` processes with 8/processes devices each."""
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -59,7 +59,7 @@ def _launch(dataset, workdir, steps, processes, *, kill_process_at_step=None, ti
                     [f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}",
                      f"--process_id={i}", "--heartbeat_timeout=10"])
   procs = [subprocess.Popen([sys.executable, "-m", "lmjax.cli", "train",
-                             *_args(dataset, workdir, steps), *dist(i)],
+                             *_args(dataset, workdir, steps), *dist(i), *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(processes)]
   if kill_process_at_step is not None:
@@ -90,7 +90,9 @@ def single(dataset, tmp_path_factory):
 
 
 def test_two_processes_then_four_equal_one_process(dataset, single, tmp_path):
-  _launch(dataset, tmp_path, STEPS // 2, 2)  # steps 1-4 on 2 processes x 4 devices
+  # Steps 1-4 on 2 processes x 4 devices, as a hybrid mesh: data across the processes
+  # (the "nodes"), fsdp inside each.
+  _launch(dataset, tmp_path, STEPS // 2, 2, extra=["--config.mesh.dcn_data=2"])
   _launch(dataset, tmp_path, STEPS, 4)  # resumed on 4 processes x 2 devices: steps 5-8
   # The same global mesh (data=2, fsdp=4) and the same global batches (prepared data are
   # read by global row, whatever the process count). Collectives now run through gloo in

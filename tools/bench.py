@@ -3,6 +3,7 @@
   python tools/bench.py layouts          # every layout of one fixed model on 8 devices
   python tools/bench.py pipeline         # bubble fraction vs (S-1)/(M*R+S-1)
   python tools/bench.py checkpoint       # save/restore throughput against dd
+  python tools/bench.py processes        # 1 process x 8 devices vs 2 x 4 over gloo
   python tools/bench.py --quick layouts  # fewer steps, a smaller model
 
 On a CPU the script fakes 8 devices (XLA_FLAGS) before importing JAX. Fake CPU devices
@@ -196,9 +197,46 @@ def checkpoint(quick: bool) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def processes(quick: bool, steps: int) -> None:
+  """The same model and global mesh (data=2, fsdp=4) as 1 process x 8 devices and as 2
+  processes x 4 devices over loopback gloo: the cost of crossing processes."""
+  import socket
+  import subprocess
+  import tempfile
+  from lmjax import data as data_lib
+  from lmjax.data import prepared
+  from lmjax.metrics import read_metrics
+  root = Path(tempfile.mkdtemp(prefix="lmjax-bench-mp-"))
+  tok = data_lib.get_tokenizer(default_config().data, 1024)
+  prepared.prepare(["default"], str(root / "data"), tok, seq_len=128)
+  n_steps = 10 if quick else 40
+  args = ["--config", "configs/tiny.py", f"--config.data.source={root / 'data'}",
+          "--config.mesh.data=2", "--config.mesh.fsdp=4", f"--config.train.steps={n_steps}",
+          "--config.train.log_every=5", "--config.train.eval_every=0",
+          "--config.train.checkpoint_every=0", "--config.train.progress_bar=False"]
+  print("| processes x devices | median tokens/s | median step (s) |")
+  print("| --- | --- | --- |")
+  for n in (1, 2):
+    with socket.socket() as sock:
+      sock.bind(("127.0.0.1", 0))
+      port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // n}"}
+    workdir = root / f"run{n}"
+    dist = lambda i: [] if n == 1 else [f"--coordinator=127.0.0.1:{port}", f"--num_processes={n}",
+                                         f"--process_id={i}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "lmjax.cli", "train", *args, "--workdir",
+                               str(workdir), *dist(i)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for i in range(n)]
+    for p in procs:
+      p.wait()
+    rates = [r["tokens_per_sec"] for r in read_metrics(workdir)[1:] if "tokens_per_sec" in r]
+    tps = statistics.median(rates)
+    print(f"| {n} x {8 // n} | {tps:.0f} | {16 * 128 / tps:.3f} |")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("section", choices=["layouts", "pipeline", "checkpoint", "all"], nargs="?",
+  parser.add_argument("section", choices=["layouts", "pipeline", "checkpoint", "processes", "all"], nargs="?",
                       default="all")
   parser.add_argument("--quick", action="store_true", help="smaller model, fewer steps")
   parser.add_argument("--steps", type=int, default=0, help="timed steps per layout")
@@ -212,6 +250,9 @@ def main() -> None:
     print()
   if args.section in ("checkpoint", "all"):
     checkpoint(args.quick)
+    print()
+  if args.section in ("processes", "all"):
+    processes(args.quick, steps)
 
 
 if __name__ == "__main__":
