@@ -163,6 +163,14 @@ class Checkpointer:
       items["data"] = DataRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of ``step``, shaped and sharded like ``abstract_params`` (the
+    optimizer state is not read): the start of a fine-tuning run."""
+    item = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
   def restore_latest(self, cfg: ml_collections.ConfigDict, abstract_state: Any,
                      make_iterator: Callable[[], Any] | None = None,
                      warn: Callable[[str], None] = print) -> tuple[int | None, Any, Any]:

@@ -55,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.source = "default"  # "default", a file/dir/glob of .txt .jsonl .json .parquet .arrayrecord files, or a tools/prepare_data.py directory
   d.mixture = ()  # ((source, weight), ...): rows drawn from each source in proportion; replaces source when set
   d.text_field = "text"  # JSONL / Parquet / ArrayRecord field holding the document text
+  d.format = "text"  # "text" (documents) or "prompt_response" (JSONL pairs; loss on the response)
+  d.prompt_field = "prompt"  # prompt_response: JSONL field of the prompt
+  d.response_field = "response"  # prompt_response: JSONL field of the response
   d.txt_split = "file"  # .txt documents: "file" (one per file) or "blank_line" (one per blank-line-separated block)
   d.bad_records = "skip"  # empty/undecodable/malformed records, missing paths: "skip" (counted in metrics) or "fail"
   d.long_documents = "split"  # documents over seq_len tokens: "split" over rows, "truncate", "skip" (counted) or "fail"
@@ -96,6 +99,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.skip_spikes = False  # skip updates whose loss exceeds mean + spike_threshold * std
   t.spike_window = 32  # steps in the rolling loss mean/std for spike detection
   t.spike_threshold = 6.0  # spike threshold in standard deviations
+  t.init_from = ""  # fine-tuning: a run directory whose newest checkpoint's parameters start this run
+  t.init_step = -1  # the step of init_from to use; -1 = newest usable
   t.debug_nan_at_step = 0  # fault injection for tests: that step's loss and grads are NaN
 
   c.mesh = ms = ml_collections.ConfigDict()
@@ -224,6 +229,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("train.spike_window", f"must be at least 2, got {t.spike_window}.")
   if t.spike_threshold <= 0:
     _fail("train.spike_threshold", f"must be positive, got {t.spike_threshold}.")
+  if d.format not in ("text", "prompt_response"):
+    _fail("data.format", f"must be 'text' or 'prompt_response', got {d.format!r}.")
   if t.keep_every < 0:
     _fail("train.keep_every", f"must be >= 0, got {t.keep_every}.")
   if t.keep_checkpoints <= 0:

@@ -42,7 +42,10 @@ class TrainedRun:
     """Loss, perplexity and bits per byte on the run's held-out split, or on every document
     of ``source`` (a file, directory or glob)."""
     from lmjax import evaluate as ev
-    if source is None:
+    if source is None and self.cfg.data.format == "prompt_response":
+      from lmjax.data import finetune
+      batches = finetune.make_iterator(self.cfg, self.tokenizer, split="eval")
+    elif source is None:
       batches = data_lib.make_eval_iterator(self.cfg, self.tokenizer)
     else:
       docs = data_lib.load_documents(source, self.cfg.data.text_field)
@@ -69,6 +72,14 @@ def run_config(workdir: str | Path, step: int | None = None) -> ml_collections.C
   if (workdir / "config.json").exists():
     return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   raise FileNotFoundError(f"{workdir} holds no checkpoint and no config.json: not an lmjax run")
+
+
+def run_tokenizer(cfg: ml_collections.ConfigDict):
+  """The tokenizer a run uses: ``data.tokenizer``, else a fine-tuning run's pre-trained
+  run's, else the one generated for its data source."""
+  if cfg.train.init_from and not cfg.data.tokenizer:
+    return run_tokenizer(run_config(cfg.train.init_from))
+  return data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
 
 
 def load(workdir: str | Path, step: int | None = None, *, devices: list[jax.Device] | None = None,
@@ -99,6 +110,6 @@ def load(workdir: str | Path, step: int | None = None, *, devices: list[jax.Devi
     ckpt.check_compatible(step, cfg)
     state = ckpt.restore(step, setup.abstract_state)
   ckpt.manager.close()
-  tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
+  tokenizer = run_tokenizer(cfg)
   return TrainedRun(workdir=workdir, step=step, cfg=cfg, setup=setup, params=state["params"],
                     tokenizer=tokenizer)

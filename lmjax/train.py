@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lmjax import config as config_lib
 from lmjax import data as data_lib
+from lmjax.data import finetune as finetune_data
 from lmjax.checkpoint import Checkpointer, abstract_with_shardings
 from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, rules_from_config, tree_shardings, use_rules
 from lmjax.metrics import MetricsWriter, Throughput
@@ -235,6 +236,25 @@ def _say(message: str) -> None:
     tqdm.write(f"lmjax: {message}")
 
 
+def _initial_params(cfg: ml_collections.ConfigDict, setup: Setup) -> Any:
+  """The parameters of ``train.init_from``'s checkpoint, on this run's mesh."""
+  source = Path(cfg.train.init_from)
+  directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+  ckpt = Checkpointer(directory, cfg)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise config_lib.ConfigError(f"config.train.init_from: no checkpoint in {directory}.")
+  step = cfg.train.init_step if cfg.train.init_step >= 0 else steps[-1]
+  if step not in steps:
+    raise config_lib.ConfigError(f"config.train.init_step: {step} is not among {steps} in {directory}.")
+  ckpt.verify(step)
+  ckpt.check_compatible(step, cfg)
+  params = ckpt.restore_params(step, setup.abstract_state["params"])
+  ckpt.manager.close()
+  _say(f"parameters from {directory / str(step)}; optimizer state starts fresh")
+  return params
+
+
 class TrainingHalted(RuntimeError):
   """Training stopped on a non-finite loss or gradient (``train.nan_policy='halt'``)."""
 
@@ -280,7 +300,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
   workdir = Path(workdir)
   setup = build(cfg, devices)
   is_main = jax.process_index() == 0
-  tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
+  from lmjax.load import run_tokenizer  # fine-tuning speaks the pre-trained run's tokenizer
+  tokenizer = run_tokenizer(cfg)
   if tokenizer.vocab_size != cfg.model.vocab_size:
     raise config_lib.ConfigError(
         f"config.model.vocab_size: {cfg.model.vocab_size} differs from the tokenizer's "
@@ -290,7 +311,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     (workdir / "config.json").write_text(cfg.to_json(indent=2))
 
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  make_iterator = lambda: data_lib.make_train_iterator(cfg, tokenizer, **proc)
+  if finetune_data.is_finetune(cfg.data):
+    make_iterator = lambda: finetune_data.make_iterator(cfg, tokenizer, **proc)
+    make_eval_iterator = lambda: finetune_data.make_iterator(cfg, tokenizer, split="eval", **proc)
+  else:
+    make_iterator = lambda: data_lib.make_train_iterator(cfg, tokenizer, **proc)
+    make_eval_iterator = lambda: data_lib.make_eval_iterator(cfg, tokenizer, **proc)
   checkpointer = Checkpointer(workdir / "checkpoints", cfg)
   latest, state, train_iter = checkpointer.restore_latest(
       cfg, setup.abstract_state, make_iterator, warn=lambda m: _say(f"warning: {m}"))
@@ -298,6 +324,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     _say(f"resuming from {checkpointer.directory / str(latest)} (step {latest})")
   else:
     state, train_iter = init_state(setup), make_iterator()
+    if cfg.train.init_from:
+      state["params"] = _initial_params(cfg, setup)
   start = int(jax.device_get(state["step"]))
 
   step_fn, eval_fn = compile_steps(setup)
@@ -355,7 +383,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
           extra["checkpoint_blocked_sec"] = blocked
           if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             extra.update(evaluate(setup, eval_fn, state["params"],
-                                  data_lib.make_eval_iterator(cfg, tokenizer, **proc), t.eval_batches))
+                                  make_eval_iterator(), t.eval_batches))
           log(step, fetched, extra)
           pending, blocked = [], 0.0
         if bar is not None:
