@@ -149,19 +149,17 @@ def _cfg(**mesh):
 
 
 class _Iterator:
-  """A stand-in data iterator (Grain's handler takes any object with a bytes state)."""
+  """A stand-in data iterator: the checkpoint's data item takes any object with a
+  JSON-serialisable get_state/set_state."""
 
   def __init__(self, position=0):
     self.position = position
 
-  def get_state(self) -> bytes:
-    return json.dumps({"position": self.position}).encode()
+  def get_state(self) -> dict:
+    return {"position": self.position}
 
-  def set_state(self, state: bytes):
-    self.position = json.loads(state)["position"]
-
-  def start_prefetch(self):
-    pass
+  def set_state(self, state: dict):
+    self.position = state["position"]
 
 
 def _save_steps(directory, cfg, steps=(1, 2, 3)):
@@ -297,7 +295,7 @@ def test_inspect_checkpoint_tool(tmp_path):
                         "--config"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "2 checkpoint(s)" in out.stdout
-  assert "step 1:" in out.stdout and "verified" in out.stdout and '{"position": 10}' in out.stdout
+  assert "step 1:" in out.stdout and "verified" in out.stdout and '"position": 10' in out.stdout
   assert "step 2:" in out.stdout and "CORRUPT" in out.stdout
   assert "['params']['blocks']['mlp']['gate']: (4, 32, 64) float32 spec=(None, 'fsdp', None)" in out.stdout
   assert '"embed_dim": 32' in out.stdout

@@ -48,10 +48,10 @@ def describe(run_dir: str | Path, step: int | None = None, show_config: bool = F
     lines.append(f"  incomplete (interrupted) saves, ignored: {', '.join(leftovers)}")
   for s in steps:
     size = sum(p.stat().st_size for p in (directory / str(s)).rglob("*") if p.is_file())
-    data = sorted((directory / str(s) / "data").glob("process_*.json"))
+    data = sorted((directory / str(s) / "data").glob("*.json"))
     position = data[0].read_text().strip().replace("\n", " ") if data else "none"
     lines.append(f"  step {s}: {size / 2**20:.2f} MiB, {_integrity(ckpt, s)}; "
-                 f"data position ({len(data)} process file(s)): {position[:200]}")
+                 f"data position ({len(data)} file(s)): {position[:200]}")
   if step is not None:
     if step not in steps:
       raise SystemExit(f"error: no checkpoint for step {step} in {directory}; steps: {steps}")
