@@ -14,6 +14,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file defining get_config(); override fields with --config.a.b=v.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+_PRINT_COMMANDS = flags.DEFINE_bool(
+    "print_commands", False, "sweep: print one `lmjax train` command per run instead of running them.")
+_SEARCH = flags.DEFINE_bool("search", False, "sweep: run the file's search() even if it defines sweep().")
+_PLOT = flags.DEFINE_string("plot", None, "runs: also draw the loss and eval-loss curves into this image.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (eval, generate); default newest.")
 _EVAL_SOURCE = flags.DEFINE_string("eval_source", None, "eval: text/JSONL file, dir or glob to "
                                    "score instead of the run's held-out split.")
@@ -28,6 +32,9 @@ commands:
   train      train (or resume) the config in --workdir
   validate   check the config and print it, without touching devices
   eval       held-out loss, perplexity, bits per byte (and --choices accuracy) of --workdir
+  sweep      lmjax sweep experiments/x/sweep.py --workdir DIR [--print_commands] [--search]:
+             train each run of the file's sweep() (or its search()) in DIR/<run name>
+  runs       lmjax runs DIR [--plot curves.png]: the runs under DIR with their final metrics
 """
 
 
@@ -70,7 +77,51 @@ def _validate(argv) -> None:
   print(_CONFIG.value)
 
 
-COMMANDS = {"train": _train, "validate": _validate, "eval": _eval}
+def _sweep(argv) -> None:
+  from lmjax import sweep
+  from lmjax.runs import format_table
+  if _CONFIG.value is None or len(argv) > 1:
+    raise app.UsageError("usage: lmjax sweep experiments/x/sweep.py[:arg] --workdir DIR "
+                         "[--config.KEY=VALUE ...] [--print_commands] [--search]")
+  if not _WORKDIR.value:
+    raise app.UsageError("sweep needs --workdir, the directory that holds one run per subdirectory")
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  path, arg = sweep.split_path_arg(spec)
+  module = sweep.load_sweep_file(path)
+  if _SEARCH.value or not hasattr(module, "sweep"):
+    if not hasattr(module, "search"):
+      raise app.UsageError(f"{path} defines neither sweep() nor search()")
+    if _PRINT_COMMANDS.value:
+      raise app.UsageError("a search picks each rung's runs from the previous rung's results, so "
+                           "it has no fixed list of commands; run it without --print_commands")
+    result = sweep.search_from_file(path, arg).run(_CONFIG.value, _WORKDIR.value)
+    print(format_table(result.rows))
+    print(f"best: {_WORKDIR.value}/{result.best}; results in {_WORKDIR.value}/results.md")
+    return
+  runs = sweep.sweep_from_file(path, arg)
+  if _PRINT_COMMANDS.value:
+    base = config_flags.get_override_values(flags.FLAGS["config"])  # --config.* given here
+    for name, overrides in zip(sweep.run_names(runs), runs):
+      print(sweep.train_command(spec, {**base, **overrides}, f"{_WORKDIR.value}/{name}"))
+    return
+  rows = sweep.run_sweep(_CONFIG.value, runs, _WORKDIR.value)
+  print(format_table(rows))
+  print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/results.md")
+
+
+def _runs(argv) -> None:
+  from lmjax import runs
+  dirs = argv[1:] or ([_WORKDIR.value] if _WORKDIR.value else [])
+  if len(dirs) != 1:
+    raise app.UsageError("usage: lmjax runs DIR [--plot curves.png]")
+  found = runs.list_runs(dirs[0])
+  print(runs.format_table(runs.runs_table(found)))
+  if _PLOT.value:
+    runs.plot_runs(found, _PLOT.value)
+    print(f"curves: {_PLOT.value}")
+
+
+COMMANDS = {"train": _train, "validate": _validate, "eval": _eval, "sweep": _sweep, "runs": _runs}
 NEEDS_CONFIG = {"train", "validate"}  # the others read the run's own config
 
 
@@ -79,6 +130,9 @@ def main() -> None:
     sys.stderr.write(USAGE)
     sys.exit(2)
   command = COMMANDS[sys.argv[1]]
+  args = sys.argv[2:]
+  if sys.argv[1] == "sweep" and args and not args[0].startswith("-"):
+    args = [f"--config={args[0]}"] + args[1:]  # the sweep file is also the base config
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain are chatty at INFO
 
   def run(argv):
@@ -91,7 +145,7 @@ def main() -> None:
       sys.stderr.write(f"error: {e}\n")
       sys.exit(2)
 
-  app.run(run, argv=[f"lmjax {sys.argv[1]}"] + sys.argv[2:])
+  app.run(run, argv=[f"lmjax {sys.argv[1]}"] + args)
 
 
 if __name__ == "__main__":

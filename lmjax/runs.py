@@ -1,0 +1,239 @@
+"""Finding runs under a directory, their final metrics as a table, and their curves.
+
+A run is any directory holding ``metrics.jsonl`` or ``config.json`` (what
+:func:`lmjax.train` writes); a sweep adds ``overrides.json`` with the fields it changed.
+``lmjax runs DIR [--plot out.png]`` prints :func:`runs_table` and draws :func:`plot_runs`;
+in a notebook::
+
+  from lmjax import runs
+  found = runs.list_runs("runs/gqa_vs_mha")
+  print(runs.format_table(runs.runs_table(found)))
+  runs.plot_runs(found)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmjax.metrics import read_metrics
+
+OVERRIDES_FILE = "overrides.json"
+# Summary columns in table order; override columns come between "run" and these.
+SUMMARY_COLUMNS = ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_sec", "mfu",
+                   "params", "steps", "status")
+
+
+@dataclasses.dataclass
+class Run:
+  """One run directory: its saved config, the overrides a sweep gave it, its metric records."""
+  name: str  # path relative to the directory searched ("." for that directory itself)
+  path: Path
+  config: dict[str, Any] | None
+  overrides: dict[str, Any]
+  metrics: list[dict[str, float]]
+
+  def curve(self, key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of every record that has ``key``."""
+    points = [(int(r["step"]), r[key]) for r in self.metrics if key in r]
+    return [s for s, _ in points], [v for _, v in points]
+
+  def last(self, key: str) -> float | None:
+    """The newest value of ``key``, or None if no record has it."""
+    for r in reversed(self.metrics):
+      if key in r:
+        return r[key]
+    return None
+
+  def summary(self) -> dict[str, Any]:
+    """Final metrics: the last train loss and eval loss/perplexity, the mean tokens/s (and
+    MFU) over the logged windows, the parameter count, the last step and whether the run
+    reached its configured ``train.steps``."""
+    steps = int(self.metrics[-1]["step"]) if self.metrics else 0
+    target = (self.config or {}).get("train", {}).get("steps")
+    out: dict[str, Any] = {
+        "train_loss": self.last("loss"),
+        "eval_loss": self.last("eval_loss"),
+        "eval_perplexity": self.last("eval_perplexity"),
+        "tokens_per_sec": _mean(self.curve("tokens_per_sec")[1]),
+        "mfu": _mean(self.curve("mfu")[1]),
+        "params": count_parameters(self.config) if self.config else None,
+        "steps": steps,
+        "status": "done" if target is not None and steps >= target else
+                  (f"{steps}/{target}" if target is not None else "?"),
+    }
+    return out
+
+
+def _mean(values: Sequence[float]) -> float | None:
+  finite = [v for v in values if math.isfinite(v)]
+  return sum(finite) / len(finite) if finite else None
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+  """Reads one run directory."""
+  path = Path(path)
+  config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+  overrides = {}
+  if (path / OVERRIDES_FILE).exists():
+    overrides = json.loads((path / OVERRIDES_FILE).read_text()).get("overrides", {})
+  return Run(name=name or path.name, path=path, config=config, overrides=overrides,
+             metrics=read_metrics(path))
+
+
+def is_run_dir(path: str | Path) -> bool:
+  path = Path(path)
+  return (path / "metrics.jsonl").exists() or (path / "config.json").exists()
+
+
+def list_runs(root: str | Path) -> list[Run]:
+  """Every run under ``root`` (``root`` itself included), sorted by path; the search does
+  not descend into a run's own subdirectories (checkpoints, TensorBoard)."""
+  root = Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{root}: no such directory")
+  found = []
+  for dirpath, dirnames, _ in os.walk(root):
+    if is_run_dir(dirpath):
+      dirnames[:] = []
+      rel = os.path.relpath(dirpath, root)
+      found.append(load_run(dirpath, name=rel))
+    else:
+      dirnames.sort()
+  return sorted(found, key=lambda r: _natural_key(r.name))
+
+
+def _natural_key(name: str) -> list[Any]:
+  """Sorts "lr=3e-4" runs and "run10" after "run9" the way people read them."""
+  import re
+  return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+@functools.lru_cache(maxsize=64)
+def _count_parameters(model_json: str) -> int:
+  import jax
+  import ml_collections
+  from flax import nnx
+
+  from lmjax.model import Transformer, count_params
+  model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  return count_params(jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def count_parameters(config: dict[str, Any] | Any) -> int | None:
+  """Parameters of the model a config (a dict from ``config.json`` or a ConfigDict)
+  describes, from the model's abstract shapes; nothing is allocated."""
+  model = config["model"]
+  model = model.to_dict() if hasattr(model, "to_dict") else model
+  try:
+    return _count_parameters(json.dumps(model, sort_keys=True))
+  except Exception:  # noqa: BLE001 - a config from another lmjax version: leave it blank
+    return None
+
+
+def runs_table(runs: Sequence[Run], override_keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """One row per run: ``run``, the override keys (default: every key any run's sweep
+  overrode, in first-seen order), then :data:`SUMMARY_COLUMNS`. Columns no run has
+  (e.g. ``mfu`` on CPU) are left out."""
+  if override_keys is None:
+    override_keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+  rows = []
+  for r in runs:
+    row = {"run": r.name}
+    row.update({k: r.overrides.get(k) for k in override_keys})
+    row.update(r.summary())
+    rows.append(row)
+  empty = [c for c in SUMMARY_COLUMNS if all(row[c] is None for row in rows)]
+  return [{k: v for k, v in row.items() if k not in empty} for row in rows]
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    if not math.isfinite(value):
+      return str(value)
+    return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+  if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1e4:
+    return f"{value:,}"
+  return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], style: str = "text") -> str:
+  """``rows`` as aligned plain text (``style="text"``) or a Markdown table (``"markdown"``)."""
+  if not rows:
+    return "(no runs)"
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+  if style == "markdown":
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
+    return "\n".join(lines)
+  if style != "text":
+    raise ValueError(f"style must be 'text' or 'markdown', got {style!r}")
+  widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+  fmt = lambda line: "  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip()
+  return "\n".join([fmt(columns), fmt(["-" * w for w in widths])] + [fmt(line) for line in cells])
+
+
+def write_table(rows: Sequence[dict[str, Any]], csv_path: str | Path, md_path: str | Path | None = None) -> None:
+  """Writes ``rows`` as CSV (full precision, so values equal those in ``metrics.jsonl``)
+  and, optionally, as a Markdown table."""
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with open(csv_path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: "" if row.get(k) is None else _csv_value(row[k]) for k in columns})
+  if md_path is not None:
+    Path(md_path).write_text(format_table(rows, "markdown") + "\n")
+
+
+def _csv_value(value: Any) -> Any:
+  if isinstance(value, (list, tuple, dict)):
+    return json.dumps(value)
+  return repr(value) if isinstance(value, float) else value
+
+
+def plot_runs(runs: Sequence[Run], path: str | Path | None = None,
+              metrics: Sequence[str] = ("loss", "eval_loss"), logy: bool = False) -> Any:
+  """Draws each metric's curves, one panel per metric side by side, one line per run.
+
+  With ``path`` the figure is written there (PNG, PDF, SVG by suffix) without touching
+  pyplot's global state or backend; without it, the figure comes from pyplot, so that a
+  notebook shows it inline. Returns the matplotlib Figure.
+  """
+  metrics = [m for m in metrics if any(r.curve(m)[0] for r in runs)] or list(metrics[:1])
+  size = (5.0 * len(metrics), 3.6)
+  if path is None:
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=size)
+  else:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=size)
+  axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+  titles = {"loss": "train loss", "eval_loss": "eval loss"}
+  for ax, metric in zip(axes, metrics):
+    for r in runs:
+      steps, values = r.curve(metric)
+      if steps:
+        ax.plot(steps, values, label=r.name, marker="o" if len(steps) < 4 else None)
+    ax.set_title(titles.get(metric, metric))
+    ax.set_xlabel("step")
+    if logy:
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  if handles:
+    axes[-1].legend(handles, labels, fontsize="small")
+  fig.tight_layout()
+  if path is not None:
+    fig.savefig(path, dpi=100)
+  return fig
