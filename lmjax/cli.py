@@ -26,6 +26,17 @@ _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "eval: batches of hel
 _CHOICES = flags.DEFINE_string("choices", None, "eval: multiple-choice JSONL "
                                '({"context", "choices", "label"} per line) to score for accuracy.')
 
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "generate: a prompt to continue; repeat "
+                                    "for a batch.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: new tokens per prompt, "
+                                       "at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "generate: sampling temperature; 0 is "
+                                  "greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: draw from the k most likely tokens; 0 = all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: draw from the fewest most likely tokens that "
+                            "hold this probability; 1 = all.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: seed of the random draws.")
+
 USAGE = """usage: lmjax <command> [--config configs/tiny.py] [--config.KEY=VALUE ...] [flags]
 
 commands:
@@ -35,6 +46,8 @@ commands:
   sweep      lmjax sweep experiments/x/sweep.py --workdir DIR [--print_commands] [--search]:
              train each run of the file's sweep() (or its search()) in DIR/<run name>
   runs       lmjax runs DIR [--plot curves.png]: the runs under DIR with their final metrics
+  generate   continue each --prompt with the model in --workdir (the run's config, or --config):
+             [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--seed S] [--step N]
 """
 
 
@@ -121,7 +134,36 @@ def _runs(argv) -> None:
     print(f"curves: {_PLOT.value}")
 
 
-COMMANDS = {"train": _train, "validate": _validate, "eval": _eval, "sweep": _sweep, "runs": _runs}
+def _generate(argv) -> None:
+  del argv
+  from lmjax.checkpoint import CheckpointError
+  from lmjax.config import ConfigError
+  from lmjax.generate import generate, load_run
+  if not _WORKDIR.value:
+    raise app.UsageError("generate needs --workdir (a trained run)")
+  if not _PROMPT.value:
+    raise app.UsageError("generate needs at least one --prompt")
+  try:
+    run = load_run(_WORKDIR.value, _CONFIG.value, _STEP.value)
+    if run.tokenizer.vocab_size != run.cfg.model.vocab_size:
+      raise ConfigError(f"config.model.vocab_size: {run.cfg.model.vocab_size} differs from the "
+                        f"tokenizer's vocabulary size {run.tokenizer.vocab_size} "
+                        f"({run.tokenizer.path}).")
+    texts = generate(run.setup, run.params, run.tokenizer, _PROMPT.value,
+                     max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                     top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  except (FileNotFoundError, CheckpointError, ValueError) as e:  # ConfigError is a ValueError
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+  print(f"# {_WORKDIR.value} step {run.step}: temperature {_TEMPERATURE.value}, top_k "
+        f"{_TOP_K.value}, top_p {_TOP_P.value}, seed {_SEED.value}")
+  for i, (prompt, text) in enumerate(zip(_PROMPT.value, texts)):
+    print(f"--- {i + 1}/{len(texts)}")
+    print(prompt + text)
+
+
+COMMANDS = {"train": _train, "validate": _validate, "eval": _eval, "sweep": _sweep, "runs": _runs,
+            "generate": _generate}
 NEEDS_CONFIG = {"train", "validate"}  # the others read the run's own config
 
 
