@@ -37,7 +37,7 @@ from flax import nnx
 from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax.checkpoint import Checkpointer, CheckpointError
-from lmjax.load import TrainedRun, load
+from lmjax.load import TrainedRun, run_config
 from lmjax.mesh import RULES, use_rules
 from lmjax.model import Transformer
 from lmjax.model.attention import KVCache
@@ -270,7 +270,7 @@ def generate(model: Model, params: Any, tokenizer: Any, prompts: Sequence[str], 
 
 
 # Generation needs no pipeline stages and the training layout may not fit this machine: a
-# run's parameters are loaded with FSDP over all devices unless a config says otherwise.
+# run's own config is used with FSDP over all devices.
 GENERATION_MESH = {"data": 1, "stage": 1, "fsdp": -1, "tensor": 1}
 
 
@@ -278,14 +278,16 @@ def load_run(workdir: str | Path, cfg: ml_collections.ConfigDict | None = None,
              step: int | None = None, devices: list[jax.Device] | None = None) -> TrainedRun:
   """A training run's checkpoint (default: the newest usable one), for generation.
 
-  Without ``cfg``: :func:`lmjax.load` with the run's own config on :data:`GENERATION_MESH`.
-  With ``cfg`` (e.g. ``--config``), that config as it is; its ``mesh.stage`` must be 1.
+  ``cfg`` defaults to the run's own (:func:`lmjax.load.run_config`) on today's defaults,
+  so keys added since the run keep their defaults, with the mesh :data:`GENERATION_MESH`.
+  A given ``cfg`` (e.g. ``--config``) is used as it is; its ``mesh.stage`` must be 1.
   """
+  workdir = Path(workdir)
   if cfg is None:
-    return load(workdir, step, devices=devices, mesh=GENERATION_MESH)
+    cfg = _on_defaults(run_config(workdir, step).to_dict())
+    cfg.mesh.update(GENERATION_MESH)
   if cfg.mesh.stage != 1:
     raise config_lib.ConfigError(f"config.mesh.stage: generation needs 1, got {cfg.mesh.stage}.")
-  workdir = Path(workdir)
   setup = build(cfg, devices)
   checkpointer = Checkpointer(workdir / "checkpoints", cfg)
   try:
@@ -302,3 +304,21 @@ def load_run(workdir: str | Path, cfg: ml_collections.ConfigDict | None = None,
   tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
   return TrainedRun(workdir=workdir, step=step, cfg=cfg, setup=setup, params=state["params"],
                     tokenizer=tokenizer)
+
+
+def _on_defaults(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """``lmjax.config.default_config()`` updated with a saved config's values."""
+  cfg = config_lib.default_config()
+
+  def update(node: ml_collections.ConfigDict, values: dict[str, Any], prefix: str) -> None:
+    for key, value in values.items():
+      if key not in node:
+        raise config_lib.ConfigError(f"config.{prefix}{key}: in the run's saved config but not "
+                                     "in this lmjax's; give the config explicitly.")
+      if isinstance(node[key], ml_collections.ConfigDict):
+        update(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = value
+
+  update(cfg, saved, "")
+  return cfg

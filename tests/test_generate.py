@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lmjax.config import default_config
+from lmjax import generate as generate_lib
+from lmjax.config import ConfigError, default_config
 from lmjax.generate import generate, generate_ids, load_run, sample_logits
 from lmjax.mesh import use_rules
 from lmjax.model import Transformer
@@ -194,6 +195,17 @@ def test_bad_arguments_are_refused_before_compiling():
     gen([[97]], max_new_tokens=2)
   with pytest.raises(ValueError, match="past model.max_seq_len=32"):
     gen([[1] * 30], max_new_tokens=4)
+
+
+def test_a_saved_config_missing_newer_keys_loads_on_the_defaults():
+  saved = default_config().to_dict()
+  del saved["data"]["format"]  # e.g. a run trained before data.format existed
+  saved["model"]["num_layers"] = 3
+  cfg = generate_lib._on_defaults(saved)
+  assert cfg.model.num_layers == 3 and cfg.data.format == default_config().data.format
+  saved["model"]["dropout"] = 0.1
+  with pytest.raises(ConfigError, match="config.model.dropout: in the run's saved config"):
+    generate_lib._on_defaults(saved)
 
 
 def _run_cfg(steps):
