@@ -127,7 +127,10 @@ def _runs(argv) -> None:
   dirs = argv[1:] or ([_WORKDIR.value] if _WORKDIR.value else [])
   if len(dirs) != 1:
     raise app.UsageError("usage: lmjax runs DIR [--plot curves.png]")
-  found = runs.list_runs(dirs[0])
+  try:
+    found = runs.list_runs(dirs[0])
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
   print(runs.format_table(runs.runs_table(found)))
   if _PLOT.value:
     runs.plot_runs(found, _PLOT.value)

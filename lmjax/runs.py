@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -109,10 +110,12 @@ def list_runs(root: str | Path) -> list[Run]:
   return sorted(found, key=lambda r: _natural_key(r.name))
 
 
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+
+
 def _natural_key(name: str) -> list[Any]:
-  """Sorts "lr=3e-4" runs and "run10" after "run9" the way people read them."""
-  import re
-  return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+  """Sorts the way people read: "run9" before "run10", "lr=0.0003" before "lr=0.001"."""
+  return [float(p) if i % 2 else p for i, p in enumerate(_NUMBER.split(name))]
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,29 +214,32 @@ def plot_runs(runs: Sequence[Run], path: str | Path | None = None,
   notebook shows it inline. Returns the matplotlib Figure.
   """
   metrics = [m for m in metrics if any(r.curve(m)[0] for r in runs)] or list(metrics[:1])
-  size = (5.0 * len(metrics), 3.6)
+  ncol = 2 if any(len(r.name) > 30 for r in runs) else 3
+  rows = math.ceil(len(runs) / ncol)
+  size = (5.0 * len(metrics), 3.4 + 0.22 * rows)
   if path is None:
     import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=size)
+    fig = plt.figure(figsize=size, layout="constrained")
   else:
     from matplotlib.figure import Figure
-    fig = Figure(figsize=size)
+    fig = Figure(figsize=size, layout="constrained")
+  from matplotlib.ticker import MaxNLocator
   axes = fig.subplots(1, len(metrics), squeeze=False)[0]
   titles = {"loss": "train loss", "eval_loss": "eval loss"}
+  colors = [f"C{i % 10}" for i in range(len(runs))]
   for ax, metric in zip(axes, metrics):
-    for r in runs:
+    for r, color in zip(runs, colors):
       steps, values = r.curve(metric)
-      if steps:
-        ax.plot(steps, values, label=r.name, marker="o" if len(steps) < 4 else None)
+      ax.plot(steps, values, label=r.name, color=color, marker="o" if len(steps) < 4 else None)
     ax.set_title(titles.get(metric, metric))
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if logy:
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
-  handles, labels = axes[0].get_legend_handles_labels()
-  if handles:
-    axes[-1].legend(handles, labels, fontsize="small")
-  fig.tight_layout()
+  if runs:  # below the panels, so that it hides no curve
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=ncol,
+               fontsize="small", frameon=False)
   if path is not None:
     fig.savefig(path, dpi=100)
   return fig

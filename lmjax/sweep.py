@@ -324,15 +324,17 @@ def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sequence[Overrides], w
               train_fn: TrainFn | None = None, log: Callable[[str], None] = print,
               compile_cache: bool = True) -> list[dict[str, Any]]:
   """Trains each entry of ``sweep`` in ``workdir/<run name>``, one after another on the
-  local devices; finished runs are skipped and partial ones resumed. Writes and returns
-  the results table (``workdir/results.csv`` and ``results.md``). ``compile_cache``:
-  :func:`use_compilation_cache` in ``workdir/compile_cache``."""
+  local devices; finished runs are skipped and partial ones resumed. A run halted by a
+  non-finite loss (``train.nan_policy="halt"``) is reported in the ``error`` column and the
+  sweep goes on. Writes and returns the results table (``workdir/results.csv`` and
+  ``results.md``). ``compile_cache``: :func:`use_compilation_cache` in ``workdir/compile_cache``."""
   workdir = Path(workdir)
   names = run_names(sweep)
   cfgs = [apply_overrides(base_cfg, o) for o in sweep]  # every override checked up front
   if compile_cache:
     use_compilation_cache(workdir / "compile_cache")
   train_fn = _train_fn(train_fn)
+  errors = {}
   for i, (name, overrides, cfg) in enumerate(zip(names, sweep, cfgs)):
     run_dir = workdir / name
     if is_finished(run_dir, cfg.train.steps):
@@ -340,8 +342,21 @@ def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sequence[Overrides], w
       continue
     log(f"[{i + 1}/{len(sweep)}] {name}: training in {run_dir}")
     _write_overrides(run_dir, name, overrides)
+    error = _train_or_halt(train_fn, cfg, run_dir)
+    if error:
+      log(f"[{i + 1}/{len(sweep)}] {name}: halted: {error}")
+      errors[name] = {"error": error if len(error) < 80 else error[:77] + "..."}
+  return write_results(workdir, names, sweep, extra=errors)
+
+
+def _train_or_halt(train_fn: TrainFn, cfg: ml_collections.ConfigDict, run_dir: Path) -> str | None:
+  """Trains; returns the message if the run was halted by a non-finite loss, else None."""
+  from lmjax.train import TrainingHalted
+  try:
     train_fn(cfg, run_dir)
-  return write_results(workdir, names, sweep)
+  except TrainingHalted as e:
+    return str(e)
+  return None
 
 
 def write_results(workdir: str | Path, names: Sequence[str], sweep: Sequence[Overrides],
@@ -434,7 +449,9 @@ class SuccessiveHalving:
         run_dir = workdir / name
         if not is_finished(run_dir, steps):
           _write_overrides(run_dir, name, by_name[name])
-          train_fn(cfg, run_dir)
+          error = _train_or_halt(train_fn, cfg, run_dir)  # its score is then +inf
+          if error:
+            log(f"  {name}: halted: {error}")
         reached[name] = r
       scores = {name: _score(workdir / name, steps, self.metric) for name in alive}
       keep = schedule[r + 1][0] if r + 1 < len(schedule) else 1

@@ -59,7 +59,7 @@ def sweep(arg=None):
 
 def search():
   return sw.SuccessiveHalving(
-      trials=[{"optim.learning_rate": lr} for lr in (1e-5, 1e-2, 1e-3)], min_steps=2, eta=3)
+      trials=[{"optim.learning_rate": lr} for lr in (1e-5, 1e-2)], min_steps=2, eta=2)
 '''
 
 
@@ -270,6 +270,47 @@ def test_lmjax_runs_prints_the_table_and_plots(swept):
   assert len(fig.axes[0].lines) == 2
 
 
+def test_list_runs_finds_nested_runs_in_reading_order(tmp_path):
+  for name, steps, target in (("b/lr=0.001", 4, 4), ("b/lr=0.0003", 2, 10), ("a/run10", 1, 1),
+                              ("a/run9", 1, 1)):
+    run = tmp_path / name
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    cfg = default_config()
+    cfg.train.steps = target
+    (run / "config.json").write_text(cfg.to_json())
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 7.0 - s, "tokens_per_sec": 100.0 * s}) + "\n"
+        for s in range(1, steps + 1)))
+  (tmp_path / "b" / "lr=0.001" / "checkpoints" / "4" / "config.json").write_text("{}")  # not a run
+  found = runs_lib.list_runs(tmp_path)
+  assert [r.name for r in found] == ["a/run9", "a/run10", "b/lr=0.0003", "b/lr=0.001"]
+  table = runs_lib.runs_table(found)
+  assert "eval_loss" not in table[0] and "mfu" not in table[0]  # no run has them
+  assert table[2]["status"] == "2/10" and table[3]["status"] == "done"
+  assert table[3]["train_loss"] == 3.0 and table[3]["tokens_per_sec"] == 250.0
+  assert table[3]["params"] == 524_928  # the default model
+  text = runs_lib.format_table(table)
+  assert text.splitlines()[0].split() == ["run", "train_loss", "tokens_per_sec", "params", "steps",
+                                          "status"]
+
+
+def test_a_halted_run_is_reported_and_the_sweep_goes_on(tmp_path):
+  from lmjax.train import TrainingHalted
+
+  def train(cfg, workdir):
+    if cfg.optim.learning_rate > 1:
+      raise TrainingHalted("step 3: loss nan, grad norm nan (train.nan_policy='halt')")
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+
+  logged = []
+  rows = sw.run_sweep(default_config(), sw.grid({"optim.learning_rate": [10.0, 1e-3]}), tmp_path,
+                      train_fn=train, log=logged.append, compile_cache=False)
+  assert rows[0]["error"].startswith("step 3: loss nan") and rows[0]["train_loss"] is None
+  assert rows[1]["train_loss"] == 5.0 and "error" not in rows[1]
+  assert any("learning_rate=10.0: halted: step 3" in line for line in logged)
+  assert "error" in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
 # -- successive halving --------------------------------------------------------------------
 
 def _fake_train(calls):
@@ -331,12 +372,12 @@ def test_search_through_the_cli_continues_the_best_run(swept):
   assert first["scores"] == losses
   best = min(losses, key=losses.get)
   assert first["kept"] == [best] == [search["best"]]
-  # The best resumed from step 2 to 6 (3x); the others stopped at 2.
+  # The best resumed from step 2 to 4 (eta = 2 times longer); the other stopped at 2.
   for name in search["names"]:
     steps = [r["step"] for r in read_metrics(tmp / "search" / name)]
-    assert steps == ([1, 2, 3, 4, 5, 6] if name == best else [1, 2])
-  assert sorted(os.listdir(tmp / "search" / best / "checkpoints")) == ["2", "6"]
+    assert steps == ([1, 2, 3, 4] if name == best else [1, 2])
+  assert sorted(os.listdir(tmp / "search" / best / "checkpoints")) == ["2", "4"]
   with open(tmp / "search" / "results.csv") as f:
     rows = {r["run"]: r for r in csv.DictReader(f)}
-  assert rows[best]["rung"] == "1" and rows[best]["steps"] == "6"
+  assert rows[best]["rung"] == "1" and rows[best]["steps"] == "4"
   assert f"best: {tmp / 'search'}/{best}" in out

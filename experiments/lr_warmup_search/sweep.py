@@ -5,7 +5,7 @@
 
 Nine random configs (learning rate log-uniform in [3e-4, 3e-2], warmup 0, 10, 30 or 60
 steps) train for 40 steps; the best third by eval loss continue to 120 steps by resuming
-their workdirs, and the best of those to 360: 21 x 40 = 840 steps in all, about two
+their workdirs, and the best of those to 360: 21 x 40 = 840 steps in all, two to three
 minutes on a 2-core CPU. ``runs/lr_warmup_search/search.json`` records every rung's eval losses;
 ``results.md`` the runs. Every candidate's cosine schedule spans the final 360 steps, so a
 continued run follows the schedule it started with.
