@@ -80,7 +80,8 @@ def _mean(values: Sequence[float]) -> float | None:
 def load_run(path: str | Path, name: str | None = None) -> Run:
   """Reads one run directory."""
   path = Path(path)
-  config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+  config_file = path / "config.json"
+  config = json.loads(config_file.read_text()) if config_file.exists() else None
   overrides = {}
   if (path / OVERRIDES_FILE).exists():
     overrides = json.loads((path / OVERRIDES_FILE).read_text()).get("overrides", {})
@@ -141,7 +142,8 @@ def count_parameters(config: dict[str, Any] | Any) -> int | None:
     return None
 
 
-def runs_table(runs: Sequence[Run], override_keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def runs_table(runs: Sequence[Run],
+               override_keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """One row per run: ``run``, the override keys (default: every key any run's sweep
   overrode, in first-seen order), then :data:`SUMMARY_COLUMNS`. Columns no run has
   (e.g. ``mfu`` on CPU) are left out."""
@@ -186,7 +188,8 @@ def format_table(rows: Sequence[dict[str, Any]], style: str = "text") -> str:
   return "\n".join([fmt(columns), fmt(["-" * w for w in widths])] + [fmt(line) for line in cells])
 
 
-def write_table(rows: Sequence[dict[str, Any]], csv_path: str | Path, md_path: str | Path | None = None) -> None:
+def write_table(rows: Sequence[dict[str, Any]], csv_path: str | Path,
+                md_path: str | Path | None = None) -> None:
   """Writes ``rows`` as CSV (full precision, so values equal those in ``metrics.jsonl``)
   and, optionally, as a Markdown table."""
   columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -9,8 +9,10 @@ A sweep file lives with its experiment (``experiments/<name>/sweep.py``) and def
   def sweep():
     return sw.product(sw.grid({"model.num_kv_heads": [4, 2, 1]}), sw.seeds(2))
 
-A file may define ``search()`` returning a :class:`SuccessiveHalving` instead (or as
-well): an automated search that trains many configs briefly and continues the best.
+``sweep(arg)`` and ``get_config(arg)`` receive the ``arg`` of ``sweep.py:arg`` (e.g. a
+smoke-test size). A file may define ``search()`` returning a :class:`SuccessiveHalving`
+instead (or as well): an automated search that trains many configs briefly and continues
+the best ones.
 
   lmjax sweep experiments/gqa_vs_mha/sweep.py --workdir runs/gqa   # run here, resumable
   lmjax sweep experiments/gqa_vs_mha/sweep.py --workdir runs/gqa --print_commands
@@ -43,6 +45,8 @@ from lmjax.config import ConfigError
 
 Overrides = dict[str, Any]  # dotted config key -> value, e.g. {"optim.learning_rate": 1e-3}
 TrainFn = Callable[[ml_collections.ConfigDict, Path], Any]
+# Columns of results.csv after the run name and the overrides.
+RESULT_COLUMNS = ("train_loss", "eval_loss", "tokens_per_sec", "params", "steps")
 
 
 # -- search spaces -----------------------------------------------------------------------
@@ -165,7 +169,8 @@ def _merge(parts: Iterable[Overrides]) -> Overrides:
 
 # -- applying and naming -----------------------------------------------------------------
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
+def apply_overrides(cfg: ml_collections.ConfigDict,
+                    overrides: Overrides) -> ml_collections.ConfigDict:
   """A copy of ``cfg`` with the dotted keys set; an unknown key or a value of the wrong
   type raises ConfigError naming the key."""
   cfg = copy.deepcopy(cfg)
@@ -370,7 +375,7 @@ def write_results(workdir: str | Path, names: Sequence[str], sweep: Sequence[Ove
   for name, overrides in zip(names, sweep):
     summary = runs_lib.load_run(workdir / name, name=name).summary()
     row = {"run": name, **{k: overrides.get(k) for k in keys},
-           **{c: summary.get(c) for c in ("train_loss", "eval_loss", "tokens_per_sec", "params", "steps")},
+           **{c: summary.get(c) for c in RESULT_COLUMNS},
            **(extra or {}).get(name, {})}
     rows.append(row)
   runs_lib.write_table(rows, workdir / "results.csv", workdir / "results.md")
@@ -408,7 +413,8 @@ class SuccessiveHalving:
   def schedule(self, num: int | None = None) -> list[tuple[int, int]]:
     """``(configs, steps)`` per rung, e.g. n=9, eta=3: (9, m), (3, 3m), (1, 9m)."""
     if self.eta < 2 or self.min_steps < 1:
-      raise ValueError(f"SuccessiveHalving needs eta >= 2 and min_steps >= 1, got {self.eta}, {self.min_steps}")
+      raise ValueError(f"SuccessiveHalving needs eta >= 2 and min_steps >= 1, got eta={self.eta}, "
+                       f"min_steps={self.min_steps}")
     counts = [len(self.candidates()) if num is None else num]
     while counts[-1] > 1:
       counts.append(math.ceil(counts[-1] / self.eta))
@@ -466,7 +472,8 @@ class SuccessiveHalving:
     (workdir / "search.json").write_text(json.dumps(record, indent=2) + "\n")
     result.rows = write_results(workdir, names, trials,
                                 extra={n: {"rung": reached[n]} for n in names})
-    log(f"best: {best} ({self.metric} {rungs[-1]['scores'][best]:.4f} after {rungs[-1]['steps']} steps)")
+    last = rungs[-1]
+    log(f"best: {best} ({self.metric} {last['scores'][best]:.4f} after {last['steps']} steps)")
     return result
 
 
@@ -493,7 +500,9 @@ def _score(run_dir: Path, steps: int, metric: str) -> float:
 def successive_halving(base_cfg: ml_collections.ConfigDict, space: Mapping[str, Any], n: int,
                        min_steps: int, eta: int = 3, *, workdir: str | Path, seed: int = 0,
                        metric: str = "eval_loss", train_fn: TrainFn | None = None,
-                       log: Callable[[str], None] = print, compile_cache: bool = True) -> SearchResult:
+                       log: Callable[[str], None] = print,
+                       compile_cache: bool = True) -> SearchResult:
   """Runs :class:`SuccessiveHalving` over ``n`` random draws from ``space``."""
-  search = SuccessiveHalving(space=space, n=n, min_steps=min_steps, eta=eta, seed=seed, metric=metric)
+  search = SuccessiveHalving(space=space, n=n, min_steps=min_steps, eta=eta, seed=seed,
+                             metric=metric)
   return search.run(base_cfg, workdir, train_fn=train_fn, log=log, compile_cache=compile_cache)

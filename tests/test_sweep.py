@@ -54,7 +54,8 @@ def sweep(arg=None):
                           "model.remat": ["full", "dots"],
                           "model.tie_embeddings": [True, False]}, n=3, seed=1),
         [{"data.source": "/data/my corpus/*.jsonl", "mesh.rules": (("act_seq", "tensor"),)}])
-  return sw.zipped(sw.grid({"model.num_kv_heads": [4, 1]}), sw.grid({"optim.learning_rate": [1e-2, 3e-3]}))
+  return sw.zipped(sw.grid({"model.num_kv_heads": [4, 1]}),
+                   sw.grid({"optim.learning_rate": [1e-2, 3e-3]}))
 
 
 def search():
@@ -254,8 +255,10 @@ def test_lmjax_runs_prints_the_table_and_plots(swept):
   out = _lmjax("runs", tmp / "runs", "--plot", tmp / "curves.png")
   header, rule, *rows = out.splitlines()[:4]
   assert header.split() == ["run", "model.num_kv_heads", "optim.learning_rate", "train_loss",
-                            "eval_loss", "eval_perplexity", "tokens_per_sec", "params", "steps", "status"]
-  assert rows[0].split()[0] == "num_kv_heads=1,learning_rate=0.003" and rows[0].split()[-1] == "done"
+                            "eval_loss", "eval_perplexity", "tokens_per_sec", "params", "steps",
+                            "status"]
+  assert rows[0].split()[0] == "num_kv_heads=1,learning_rate=0.003"
+  assert rows[0].split()[-1] == "done"
   png = (tmp / "curves.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
   # The library functions notebooks use.
@@ -330,11 +333,13 @@ def _fake_train(calls):
 
 
 def test_successive_halving_keeps_the_best_by_eval_loss(tmp_path):
-  space = {"optim.learning_rate": sw.log_uniform(1e-4, 1.0), "optim.warmup_steps": sw.int_uniform(0, 10)}
+  space = {"optim.learning_rate": sw.log_uniform(1e-4, 1.0),
+           "optim.warmup_steps": sw.int_uniform(0, 10)}
   calls = []
   base = default_config()
   result = sw.successive_halving(base, space, n=9, min_steps=2, eta=3, workdir=tmp_path,
-                                 train_fn=_fake_train(calls), log=lambda _: None, compile_cache=False)
+                                 train_fn=_fake_train(calls), log=lambda _: None,
+                                 compile_cache=False)
   trials = sw.random_search(space, 9, seed=0)
   names = sw.run_names(trials)
   gap = lambda o: abs(math.log10(o["optim.learning_rate"]) + 2) + o["optim.warmup_steps"] / 1000

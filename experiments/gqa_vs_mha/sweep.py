@@ -40,4 +40,5 @@ def get_config(arg: str | None = None):
 def sweep(arg: str | None = None):
   # 4 KV heads = MHA, 2 = GQA (two query heads per KV head), 1 = MQA. Seeds change the
   # initialisation and the data order; the held-out documents stay the same.
-  return sw.product(sw.grid({"model.num_kv_heads": [4, 2, 1]}), sw.seeds(1 if arg == "smoke" else 2))
+  seeds = sw.seeds(1 if arg == "smoke" else 2)
+  return sw.product(sw.grid({"model.num_kv_heads": [4, 2, 1]}), seeds)
