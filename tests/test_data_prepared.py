@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -276,6 +277,17 @@ def test_prepared_errors(prepared, tok, tmp_path):
   it = make_train_iterator(data_cfg(prepared, seq_len=SEQ), tok)
   with pytest.raises(DataError, match="not written by a prepared-data iterator"):
     it.set_state({"next_index": 3})
+  damaged = tmp_path / "damaged"
+  shutil.copytree(prepared, damaged)
+  shard = damaged / "train-00000.arrayrecord"
+  data = shard.read_bytes()
+  shard.write_bytes(data[:1000] + bytes(64) + data[1064:])  # damaged records near the start
+  it = make_train_iterator(data_cfg(str(damaged), seq_len=SEQ, shuffle=False, num_epochs=1), tok)
+  with pytest.raises(DataError, match=r"damaged/train-00000\.arrayrecord record \d+: cannot be read"):
+    list(it)
+  shard.write_bytes(data[:len(data) - 64])  # a truncated file: its index is gone
+  with pytest.raises(DataError, match=r"damaged/train-00000\.arrayrecord: cannot be opened"):
+    make_train_iterator(data_cfg(str(damaged), seq_len=SEQ), tok)
   meta = json.loads(open(os.path.join(prepared, "lmjax_data.json")).read())
   broken = tmp_path / "broken"
   broken.mkdir()

@@ -305,6 +305,57 @@ def _write(sources: Sequence[str], directory: str, tokenizer: Tokenizer, *, seq_
 # --- reading -----------------------------------------------------------------------------
 
 
+class RowSource:
+  """The records of some ArrayRecord shards as one random-access source (Grain's), whose
+  read errors name the shard and record instead of only a byte offset."""
+
+  def __init__(self, files: Sequence[str]):
+    self._files = list(files)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self._files)
+    except Exception as e:  # noqa: BLE001 - name the shard that cannot be opened
+      from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
+      bad = next((f for f in self._files if not _opens(ArrayRecordReader, f)), self._files)
+      raise DataError(f"{bad}: cannot be opened ({e}); the prepared dataset is damaged: restore "
+                      "the file or prepare the data again.") from None
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> bytes:
+    try:
+      return self._source[index]
+    except Exception as e:  # noqa: BLE001 - any read failure is reported with its place
+      raise self._error(index, e) from None
+
+  def __getitems__(self, indices: Sequence[int]) -> Sequence[bytes]:
+    try:
+      return self._source.__getitems__(indices)
+    except Exception:  # noqa: BLE001 - find the record that fails and name it
+      return [self[i] for i in indices]
+
+  def _error(self, index: int, error: Exception) -> DataError:
+    from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
+    start = 0
+    for path in self._files:
+      n = ArrayRecordReader(path).num_records()
+      if index < start + n:
+        return DataError(f"{path} record {index - start + 1}: cannot be read ({error}); the prepared "
+                         "dataset is damaged: restore the file or prepare the data again.")
+      start += n
+    return DataError(f"row {index} of {self._files}: cannot be read ({error}).")
+
+  def __repr__(self) -> str:
+    return f"RowSource({len(self._files)} files)"
+
+
+def _opens(reader_cls: Any, path: str) -> bool:
+  try:
+    return reader_cls(path).ok()
+  except Exception:  # noqa: BLE001
+    return False
+
+
 class _Component:
   """One prepared directory as used by a config."""
 
@@ -363,7 +414,7 @@ def train_rows(cfg: ml_collections.ConfigDict) -> tuple[grain.MapDataset, RowDec
   comps = _components(cfg)
   parts = []
   for i, c in enumerate(comps):
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(c.files("train")))
+    ds = grain.MapDataset.source(RowSource(c.files("train")))
     if d.shuffle:
       ds = ds.shuffle(seed=_shuffle_seed(cfg.seed, i))  # index // rows is the epoch
     parts.append(ds.repeat(None if d.num_epochs == -1 else d.num_epochs))
@@ -471,7 +522,7 @@ def make_eval_iterator(cfg: ml_collections.ConfigDict, process_index: int = 0,
   files = [f for c in comps for f in c.files("eval") if c.rows("eval")]
   if not files:
     return iter(())
-  source = grain.sources.ArrayRecordDataSource(files)
+  source = RowSource(files)
   decoder = comps[0].decoder
   n = len(source)
 
