@@ -48,15 +48,20 @@ class Checkpointer:
   """Saves every ``train.checkpoint_every`` steps (asynchronously); keeps the newest
   ``train.keep_checkpoints`` plus every ``train.keep_every``-th step."""
 
-  def __init__(self, directory: str | Path, cfg: ml_collections.ConfigDict):
+  def __init__(self, directory: str | Path, cfg: ml_collections.ConfigDict | None = None,
+               read_only: bool = False):
+    """``read_only`` (loading, inspecting, fine-tuning from a run): never writes, deletes
+    or cleans up, so it is safe beside a run that is saving."""
     self.directory = Path(directory).absolute()
-    t = cfg.train
+    self.read_only = read_only
+    t = cfg.train if cfg is not None else None
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=t.keep_checkpoints,
-        keep_period=t.keep_every if t.keep_every > 0 else None,
-        enable_async_checkpointing=t.async_checkpointing,
-        create=True,
-        cleanup_tmp_directories=True,
+        max_to_keep=None if read_only else t.keep_checkpoints,
+        keep_period=None if read_only or t.keep_every <= 0 else t.keep_every,
+        enable_async_checkpointing=False if read_only else t.async_checkpointing,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
     )
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "config", "meta"))
@@ -99,7 +104,7 @@ class Checkpointer:
 
   def _write_manifests(self) -> None:
     """Adds a manifest to every committed step that lacks one (process 0 writes)."""
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 or self.read_only:
       return
     for step in self.all_steps():
       path = self._step_dir(step)

@@ -18,6 +18,12 @@ _PRINT_COMMANDS = flags.DEFINE_bool(
     "print_commands", False, "sweep: print one `lmjax train` command per run instead of running them.")
 _SEARCH = flags.DEFINE_bool("search", False, "sweep: run the file's search() even if it defines sweep().")
 _PLOT = flags.DEFINE_string("plot", None, "runs: also draw the loss and eval-loss curves into this image.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process "
+                                   "job (else detected: SLURM, Open MPI, TPU pods, torchrun env).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which a silent process "
+                                  "is taken for dead and the others stop with an error.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (eval, generate); default newest.")
 _EVAL_SOURCE = flags.DEFINE_string("eval_source", None, "eval: text/JSONL file, dir or glob to "
                                    "score instead of the run's held-out split.")
@@ -183,10 +189,14 @@ def main() -> None:
   def run(argv):
     if _CONFIG.value is None and sys.argv[1] in NEEDS_CONFIG:
       raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+    from lmjax import distributed
     from lmjax.config import ConfigError
+    from lmjax.data import DataError
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           heartbeat_timeout=_HEARTBEAT.value)
     try:
       command(argv)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
       sys.stderr.write(f"error: {e}\n")
       sys.exit(2)
 

@@ -300,6 +300,24 @@ def resolve_mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tupl
   return tuple(sizes)
 
 
+def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """``lmjax.config.default_config()`` updated with a saved config's values."""
+  cfg = default_config()
+
+  def update(node: ml_collections.ConfigDict, values: dict[str, Any], prefix: str) -> None:
+    for key, value in values.items():
+      if key not in node:
+        raise ConfigError(f"config.{prefix}{key}: in the run's saved config but not "
+                                     "in this lmjax's; give the config explicitly.")
+      if isinstance(node[key], ml_collections.ConfigDict):
+        update(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = value
+
+  update(cfg, saved, "")
+  return cfg
+
+
 def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks the structure so that a misspelt override fails instead of adding a field."""
   cfg.lock()

@@ -36,8 +36,7 @@ from flax import nnx
 
 from lmjax import config as config_lib
 from lmjax import data as data_lib
-from lmjax.checkpoint import Checkpointer, CheckpointError
-from lmjax.load import TrainedRun, run_config
+from lmjax.load import TrainedRun, load
 from lmjax.mesh import RULES, use_rules
 from lmjax.model import Transformer
 from lmjax.model.attention import KVCache
@@ -276,49 +275,11 @@ GENERATION_MESH = {"data": 1, "stage": 1, "fsdp": -1, "tensor": 1}
 
 def load_run(workdir: str | Path, cfg: ml_collections.ConfigDict | None = None,
              step: int | None = None, devices: list[jax.Device] | None = None) -> TrainedRun:
-  """A training run's checkpoint (default: the newest usable one), for generation.
-
-  ``cfg`` defaults to the run's own (:func:`lmjax.load.run_config`) on today's defaults,
-  so keys added since the run keep their defaults, with the mesh :data:`GENERATION_MESH`.
-  A given ``cfg`` (e.g. ``--config``) is used as it is; its ``mesh.stage`` must be 1.
-  """
-  workdir = Path(workdir)
-  if cfg is None:
-    cfg = _on_defaults(run_config(workdir, step).to_dict())
-    cfg.mesh.update(GENERATION_MESH)
-  if cfg.mesh.stage != 1:
+  """A training run's checkpoint (default: the newest usable one), for generation: the
+  run's own config on :data:`GENERATION_MESH`, or ``cfg`` as given (``mesh.stage`` 1)."""
+  if cfg is not None and cfg.mesh.stage != 1:
     raise config_lib.ConfigError(f"config.mesh.stage: generation needs 1, got {cfg.mesh.stage}.")
-  setup = build(cfg, devices)
-  checkpointer = Checkpointer(workdir / "checkpoints", cfg)
-  try:
-    if step is None:
-      step, state, _ = checkpointer.restore_latest(cfg, setup.abstract_state)
-      if step is None:
-        raise CheckpointError(f"{workdir / 'checkpoints'} holds no checkpoint")
-    else:
-      checkpointer.verify(step)
-      checkpointer.check_compatible(step, cfg)
-      state = checkpointer.restore(step, setup.abstract_state)
-  finally:
-    checkpointer.manager.close()
-  tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
-  return TrainedRun(workdir=workdir, step=step, cfg=cfg, setup=setup, params=state["params"],
-                    tokenizer=tokenizer)
+  return load(workdir, step, cfg=cfg, devices=devices,
+              mesh=GENERATION_MESH if cfg is None else None)
 
 
-def _on_defaults(saved: dict[str, Any]) -> ml_collections.ConfigDict:
-  """``lmjax.config.default_config()`` updated with a saved config's values."""
-  cfg = config_lib.default_config()
-
-  def update(node: ml_collections.ConfigDict, values: dict[str, Any], prefix: str) -> None:
-    for key, value in values.items():
-      if key not in node:
-        raise config_lib.ConfigError(f"config.{prefix}{key}: in the run's saved config but not "
-                                     "in this lmjax's; give the config explicitly.")
-      if isinstance(node[key], ml_collections.ConfigDict):
-        update(node[key], value, f"{prefix}{key}.")
-      else:
-        node[key] = value
-
-  update(cfg, saved, "")
-  return cfg

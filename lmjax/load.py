@@ -18,6 +18,7 @@ import ml_collections
 
 from lmjax import data as data_lib
 from lmjax.checkpoint import Checkpointer, CheckpointError
+from lmjax.config import from_saved
 from lmjax.metrics import read_metrics
 
 
@@ -63,14 +64,12 @@ def run_config(workdir: str | Path, step: int | None = None) -> ml_collections.C
   workdir = Path(workdir)
   ckpt_dir = workdir / "checkpoints"
   if ckpt_dir.is_dir():
-    probe = ml_collections.ConfigDict({"train": {"keep_checkpoints": 10**9, "keep_every": 0,
-                                                 "async_checkpointing": False}})
-    ckpt = Checkpointer(ckpt_dir, probe)
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
     steps = ckpt.all_steps()
-    if steps:
-      return ml_collections.ConfigDict(ckpt.saved_config(step if step is not None else steps[-1]))
+    if steps:  # on today's defaults: fields added since the run keep their defaults
+      return from_saved(ckpt.saved_config(step if step is not None else steps[-1]))
   if (workdir / "config.json").exists():
-    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    return from_saved(json.loads((workdir / "config.json").read_text()))
   raise FileNotFoundError(f"{workdir} holds no checkpoint and no config.json: not an lmjax run")
 
 
@@ -82,16 +81,18 @@ def run_tokenizer(cfg: ml_collections.ConfigDict):
   return data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
 
 
-def load(workdir: str | Path, step: int | None = None, *, devices: list[jax.Device] | None = None,
-         mesh: dict[str, int] | None = None) -> TrainedRun:
-  """Restores ``workdir``'s newest usable checkpoint (or ``step``) onto ``devices``.
+def load(workdir: str | Path, step: int | None = None, *, cfg: ml_collections.ConfigDict | None = None,
+         devices: list[jax.Device] | None = None, mesh: dict[str, int] | None = None) -> TrainedRun:
+  """Restores ``workdir``'s newest usable checkpoint (or ``step``) onto ``devices``, read-only
+  (safe while the run is still training).
 
-  ``mesh`` overrides the run's mesh sizes (e.g. ``{"fsdp": -1}`` for another device count);
-  by default a run whose mesh does not fit the devices is loaded with FSDP over all of them.
+  ``cfg`` defaults to the run's own config. ``mesh`` overrides its mesh sizes (e.g.
+  ``{"fsdp": -1}``); by default a run whose mesh does not fit the devices is loaded with FSDP
+  over all of them.
   """
   from lmjax.train import build
   workdir = Path(workdir)
-  cfg = run_config(workdir, step)
+  cfg = run_config(workdir, step) if cfg is None else cfg
   devices = jax.devices() if devices is None else list(devices)
   if mesh is None:
     sizes = [cfg.mesh[a] for a in ("data", "stage", "fsdp", "tensor")]
@@ -100,7 +101,7 @@ def load(workdir: str | Path, step: int | None = None, *, devices: list[jax.Devi
   for k, v in (mesh or {}).items():
     cfg.mesh[k] = v
   setup = build(cfg, devices)
-  ckpt = Checkpointer(workdir / "checkpoints", cfg)
+  ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
   if step is None:
     step, state, _ = ckpt.restore_latest(cfg, setup.abstract_state)
     if step is None:

@@ -240,7 +240,7 @@ def _initial_params(cfg: ml_collections.ConfigDict, setup: Setup) -> Any:
   """The parameters of ``train.init_from``'s checkpoint, on this run's mesh."""
   source = Path(cfg.train.init_from)
   directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-  ckpt = Checkpointer(directory, cfg)
+  ckpt = Checkpointer(directory, read_only=True)
   steps = ckpt.all_steps()
   if not steps:
     raise config_lib.ConfigError(f"config.train.init_from: no checkpoint in {directory}.")

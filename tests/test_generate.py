@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmjax import generate as generate_lib
 from lmjax.config import ConfigError, default_config
+from lmjax import config as config_lib
 from lmjax.generate import generate, generate_ids, load_run, sample_logits
 from lmjax.mesh import use_rules
 from lmjax.model import Transformer
@@ -201,11 +202,11 @@ def test_a_saved_config_missing_newer_keys_loads_on_the_defaults():
   saved = default_config().to_dict()
   del saved["data"]["format"]  # e.g. a run trained before data.format existed
   saved["model"]["num_layers"] = 3
-  cfg = generate_lib._on_defaults(saved)
+  cfg = config_lib.from_saved(saved)
   assert cfg.model.num_layers == 3 and cfg.data.format == default_config().data.format
   saved["model"]["dropout"] = 0.1
   with pytest.raises(ConfigError, match="config.model.dropout: in the run's saved config"):
-    generate_lib._on_defaults(saved)
+    config_lib.from_saved(saved)
 
 
 def _run_cfg(steps):

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 from lmjax.checkpoint import MANIFEST, Checkpointer, CheckpointError
@@ -38,9 +37,7 @@ def describe(run_dir: str | Path, step: int | None = None, show_config: bool = F
   directory = _checkpoints_dir(Path(run_dir))
   if not directory.is_dir():
     raise SystemExit(f"error: {directory} is not a directory")
-  cfg = ml_collections.ConfigDict({"train": {"keep_checkpoints": 10**9, "keep_every": 0,
-                                             "async_checkpointing": False}})
-  ckpt = Checkpointer(directory, cfg)
+  ckpt = Checkpointer(directory, read_only=True)
   steps = ckpt.all_steps()
   lines = [f"{directory}: {len(steps)} checkpoint(s)"]
   leftovers = sorted(p.name for p in directory.glob("*orbax-checkpoint-tmp*"))
