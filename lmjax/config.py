@@ -14,6 +14,10 @@ import ml_collections
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+POSITION_EMBEDDINGS = ("rope", "learned", "none")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 TXT_SPLITS = ("file", "blank_line")  # as lmjax.data.readers.TXT_SPLITS
@@ -40,7 +44,18 @@ def default_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 384  # f: SwiGLU hidden width
   m.max_seq_len = 128  # longest sequence the model is used with (RoPE table size)
   m.rope_theta = 10000.0  # RoPE base frequency
-  m.norm_eps = 1e-6  # RMSNorm epsilon
+  m.rope_scaling = "none"  # RoPE frequency scaling: none | linear (positions / factor) | llama3 (Llama 3.1+)
+  m.rope_scaling_factor = 8.0  # linear / llama3: how much longer the context becomes
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths over original_max_len / this are divided by the factor
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_max_len / this are kept
+  m.rope_original_max_len = 8192  # llama3: the context length the model was trained at
+  m.position_embedding = "rope"  # rope | learned (a max_seq_len x d table added to the input, GPT-2) | none
+  m.norm = "rmsnorm"  # rmsnorm (Llama) | layernorm (mean-centred, with a bias; GPT-2)
+  m.norm_eps = 1e-6  # epsilon of every norm
+  m.mlp = "swiglu"  # swiglu: down(silu(x gate) * x up) | gelu: down(gelu_tanh(x up)) (GPT-2)
+  m.attention_bias = False  # biases on the q, k, v and output projections (GPT-2)
+  m.mlp_bias = False  # biases on the MLP projections (GPT-2)
+  m.sliding_window = 0  # each token attends to at most this many latest tokens, itself included (Mistral); 0 = all
   m.tie_embeddings = True  # output projection shares the token embedding
   m.param_dtype = "float32"  # master weights
   m.compute_dtype = "float32"  # activations and matmuls ("bfloat16" on accelerators)
@@ -168,11 +183,26 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if m.num_heads % m.num_kv_heads:
     _fail("model.num_kv_heads",
           f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads}).")
-  if m.head_dim % 2:
+  if m.head_dim % 2 and m.position_embedding == "rope":
     _fail("model.head_dim", f"must be even for RoPE, got {m.head_dim}.")
   for key in ("param_dtype", "compute_dtype"):
     if m[key] not in DTYPES:
       _fail(f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}.")
+  for key, allowed in (("norm", NORMS), ("mlp", MLPS), ("position_embedding", POSITION_EMBEDDINGS),
+                       ("rope_scaling", ROPE_SCALINGS)):
+    if m[key] not in allowed:
+      _fail(f"model.{key}", f"must be one of {allowed}, got {m[key]!r}.")
+  if m.sliding_window < 0:
+    _fail("model.sliding_window", f"must be >= 0 (0 = attend to all earlier tokens), got {m.sliding_window}.")
+  if m.rope_scaling != "none" and m.rope_scaling_factor < 1:
+    _fail("model.rope_scaling_factor", f"must be >= 1, got {m.rope_scaling_factor}.")
+  if m.rope_scaling == "llama3":
+    if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+      _fail("model.rope_high_freq_factor",
+            f"llama3 RoPE scaling needs 0 < model.rope_low_freq_factor ({m.rope_low_freq_factor}) "
+            f"< model.rope_high_freq_factor ({m.rope_high_freq_factor}).")
+    if m.rope_original_max_len <= 0:
+      _fail("model.rope_original_max_len", f"must be positive, got {m.rope_original_max_len}.")
   if m.remat not in REMAT_POLICIES:
     _fail("model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}.")
   if m.attention not in ATTENTION_BACKENDS:

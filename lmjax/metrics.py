@@ -23,12 +23,15 @@ PEAK_FLOPS = (
 def flops_per_token(cfg: ml_collections.ConfigDict, num_params: int) -> float:
   """Training FLOPs per token: 6 * (matmul parameters) + 12 * l * n * h * t for attention.
 
-  The input embedding is a lookup, not a matmul, so it is left out unless it is tied to
-  the output projection. The attention term counts QK^T and AV without causal savings.
+  The input embedding (and a learned position table) is a lookup, not a matmul, so it is
+  left out unless it is tied to the output projection. The attention term counts QK^T and
+  AV without causal savings, over min(t, model.sliding_window) keys per query.
   """
   m = cfg.model
-  matmul_params = num_params - (0 if m.tie_embeddings else m.vocab_size * m.embed_dim)
-  return 6.0 * matmul_params + 12.0 * m.num_layers * m.num_heads * m.head_dim * cfg.data.seq_len
+  lookups = (0 if m.tie_embeddings else m.vocab_size * m.embed_dim) + (
+      m.max_seq_len * m.embed_dim if m.position_embedding == "learned" else 0)
+  keys = min(cfg.data.seq_len, m.sliding_window) if m.sliding_window > 0 else cfg.data.seq_len
+  return 6.0 * (num_params - lookups) + 12.0 * m.num_layers * m.num_heads * m.head_dim * keys
 
 
 def peak_flops_per_device(cfg: ml_collections.ConfigDict) -> float | None:

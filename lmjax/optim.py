@@ -1,5 +1,5 @@
 """The optimizer: Optax AdamW with warmup + cosine decay, global-norm clipping and a
-weight-decay mask that leaves norm scales and embeddings alone unless configured."""
+weight-decay mask that leaves norm scales, biases and embeddings alone unless configured."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def weight_decay_mask(params: Any, decay_norms_and_embeddings: bool = False) -> Any:
-  """True for parameters that get weight decay: matrices, not norm scales or embeddings."""
+  """True for parameters that get weight decay: matrices, not norm scales, biases or
+  (token and position) embeddings."""
 
   def decays(path, x) -> bool:
     names = [str(getattr(k, "key", k)) for k in path]
     if decay_norms_and_embeddings:
       return True
-    return not (names[-1] == "scale" or "embed" in names or "lm_head" in names)
+    return not (names[-1] in ("scale", "bias") or names[-1].endswith("_bias")
+                or {"embed", "pos_embed", "lm_head"} & set(names))
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -1,15 +1,45 @@
-"""An independent NumPy (float64) implementation of the lmjax decoder, for tests."""
+"""An independent NumPy (float64) implementation of the lmjax decoder, for tests.
+
+It follows ``config.model``: RMSNorm or LayerNorm, SwiGLU or GELU (tanh) MLP, RoPE (with
+linear or Llama 3 frequency scaling), learned or no position embeddings, projection
+biases and a sliding attention window.
+"""
+
+import math
 
 import numpy as np
 
 
-def _rms(x, scale, eps):
-  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+def _norm(x, p, cfg):
+  if cfg.norm == "layernorm":
+    c = x - x.mean(-1, keepdims=True)
+    return c / np.sqrt(np.mean(c * c, axis=-1, keepdims=True) + cfg.norm_eps) * p["scale"] + p["bias"]
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps) * p["scale"]
 
 
-def _rope(x, pos, theta):
+def _inv_freq(cfg):
+  h = cfg.head_dim
+  inv = cfg.rope_theta ** (-np.arange(0, h, 2) / h)
+  if cfg.rope_scaling == "linear":
+    return inv / cfg.rope_scaling_factor
+  if cfg.rope_scaling == "llama3":  # as Meta's apply_scaling for Llama 3.1
+    old = cfg.rope_original_max_len
+    out = []
+    for f in inv:
+      wavelen = 2 * math.pi / f
+      if wavelen < old / cfg.rope_high_freq_factor:
+        out.append(f)
+      elif wavelen > old / cfg.rope_low_freq_factor:
+        out.append(f / cfg.rope_scaling_factor)
+      else:
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        out.append((1 - smooth) * f / cfg.rope_scaling_factor + smooth * f)
+    return np.array(out)
+  return inv
+
+
+def _rope(x, pos, inv):
   h = x.shape[-1]
-  inv = theta ** (-np.arange(0, h, 2) / h)
   ang = pos[..., None] * inv  # (b, t, h/2)
   sin, cos = np.sin(ang)[:, :, None], np.cos(ang)[:, :, None]
   x1, x2 = x[..., : h // 2], x[..., h // 2:]
@@ -18,6 +48,10 @@ def _rope(x, pos, theta):
 
 def _silu(x):
   return x / (1 + np.exp(-x))
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def forward(params, cfg, tokens, positions=None, segment_ids=None):
@@ -31,16 +65,24 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None):
     segment_ids = np.ones((b, t), np.int64)
   table = f64(p["embed"]["table"])
   x = table[tokens]
+  if cfg.position_embedding == "learned":
+    x = x + f64(p["pos_embed"])[positions]
   blocks = p["blocks"]
   n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  mask = np.tril(np.ones((t, t), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  causal = (j <= i) & ((i - j < cfg.sliding_window) if cfg.sliding_window else True)
+  mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  inv = _inv_freq(cfg)
   for l in range(cfg.num_layers):
     get = lambda *path: f64(_dig(blocks, path)[l])
-    y = _rms(x, get("attn_norm", "scale"), cfg.norm_eps)
-    q = np.einsum("btd,dnh->btnh", y, get("attn", "q"))
-    kk = np.einsum("btd,dkh->btkh", y, get("attn", "k"))
-    v = np.einsum("btd,dkh->btkh", y, get("attn", "v"))
-    q, kk = _rope(q, positions, cfg.rope_theta), _rope(kk, positions, cfg.rope_theta)
+    layer = lambda name: {key: get(name, key) for key in _dig(blocks, (name,))}
+    bias = lambda name: get("attn", name) if cfg.attention_bias else 0.0
+    y = _norm(x, layer("attn_norm"), cfg)
+    q = np.einsum("btd,dnh->btnh", y, get("attn", "q")) + bias("q_bias")
+    kk = np.einsum("btd,dkh->btkh", y, get("attn", "k")) + bias("k_bias")
+    v = np.einsum("btd,dkh->btkh", y, get("attn", "v")) + bias("v_bias")
+    if cfg.position_embedding == "rope":
+      q, kk = _rope(q, positions, inv), _rope(kk, positions, inv)
     kk = np.repeat(kk, n // k, axis=2)
     v = np.repeat(v, n // k, axis=2)
     s = np.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(h)
@@ -48,11 +90,16 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None):
     s = np.exp(s - s.max(-1, keepdims=True))
     s = s / s.sum(-1, keepdims=True)
     o = np.einsum("bnts,bsnh->btnh", s, v)
-    x = x + np.einsum("btnh,nhd->btd", o, get("attn", "o"))
-    y = _rms(x, get("mlp_norm", "scale"), cfg.norm_eps)
-    hdn = _silu(y @ get("mlp", "gate")) * (y @ get("mlp", "up"))
-    x = x + hdn @ get("mlp", "down")
-  x = _rms(x, f64(p["final_norm"]["scale"]), cfg.norm_eps)
+    x = x + np.einsum("btnh,nhd->btd", o, get("attn", "o")) + bias("o_bias")
+    y = _norm(x, layer("mlp_norm"), cfg)
+    mb = lambda name: get("mlp", name) if cfg.mlp_bias else 0.0
+    up = y @ get("mlp", "up") + mb("up_bias")
+    if cfg.mlp == "gelu":
+      hdn = _gelu_tanh(up)
+    else:
+      hdn = _silu(y @ get("mlp", "gate") + mb("gate_bias")) * up
+    x = x + hdn @ get("mlp", "down") + mb("down_bias")
+  x = _norm(x, {key: f64(val) for key, val in p["final_norm"].items()}, cfg)
   head = table if cfg.tie_embeddings else f64(p["lm_head"]["table"])
   return x @ head.T
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from lmjax.config import default_config
@@ -86,3 +87,56 @@ def test_parameters_carry_logical_axes_and_counts():
   d, f, l, v, n, k, h = 32, 48, 3, 97, 4, 2, 8
   per_block = 2 * d + d * (n + 2 * k) * h + n * h * d + 3 * d * f
   assert count_params(params) == l * per_block + 2 * v * d + d
+
+
+GPT2_LIKE = dict(norm="layernorm", mlp="gelu", position_embedding="learned", attention_bias=True,
+                 mlp_bias=True, num_kv_heads=4, norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    GPT2_LIKE,
+    dict(sliding_window=4, tie_embeddings=False),  # Mistral-style local attention
+    dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=8, rope_theta=5e5),
+    dict(rope_scaling="linear", rope_scaling_factor=4.0, attention_bias=True),
+    dict(position_embedding="none", mlp_bias=True),
+], ids=["gpt2_like", "sliding_window", "llama3_rope", "linear_rope_qkv_bias", "nope_mlp_bias"])
+def test_architecture_options_match_numpy_reference(options):
+  cfg = _cfg(**options)
+  tokens, positions, segment_ids = _packed_batch(np.random.default_rng(4))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  params = state.to_pure_dict()
+  # Biases and norm offsets start at zero: give them values so the comparison sees them.
+  rng = np.random.default_rng(5)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32)
+      if "bias" in str(path[-1]) else x, params)
+  logits = np.asarray(jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))(
+      params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids)))
+  want = reference.forward(jax.device_get(params), cfg, tokens, positions, segment_ids)
+  real = segment_ids != 0
+  np.testing.assert_allclose(logits[real], want[real], rtol=2e-5, atol=2e-5)
+  assert np.std(want[real]) > 0.1
+
+
+def test_sliding_window_changes_only_tokens_past_the_window():
+  tokens, positions, segment_ids = _packed_batch(np.random.default_rng(6))
+  full, _ = _forward(_cfg(), tokens, positions, segment_ids)
+  local, _ = _forward(_cfg(sliding_window=4), tokens, positions, segment_ids)
+  # Within a document, positions 0..3 see at most 4 tokens: identical; later ones differ.
+  early = positions < 4
+  np.testing.assert_allclose(local[early], full[early], rtol=1e-5, atol=1e-5)
+  assert np.abs(local[~early] - full[~early]).max() > 1e-3
+
+
+def test_gpt2_like_parameters():
+  cfg = _cfg(**GPT2_LIKE)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  axes = logical_axes(abstract)
+  params = nnx.split(abstract)[1].to_pure_dict()
+  assert "gate" not in params["blocks"]["mlp"] and axes["pos_embed"] == (None, "embed")
+  assert axes["blocks"]["attn"]["q_bias"] == ("layers", "heads", "head_dim")
+  assert set(params["final_norm"]) == {"scale", "bias"}
+  d, f, l, v, n, h, s = 32, 48, 3, 97, 4, 8, 16
+  per_block = 4 * d + (d * 3 * n * h + 3 * n * h) + (n * h * d + d) + (2 * d * f + f + d)
+  assert count_params(params) == l * per_block + v * d + s * d + 2 * d

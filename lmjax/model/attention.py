@@ -1,7 +1,8 @@
 """Grouped-query self-attention with RoPE and a packed-sequence causal mask.
 
 Every backend computes the same function: token i attends to tokens j <= i of the
-same packed document (equal ``segment_ids``; padding, id 0, attends within itself).
+same packed document (equal ``segment_ids``; padding, id 0, attends within itself), and
+with a sliding window of w (``config.model.sliding_window``) only to j > i - w.
 ``config.model.attention`` picks the backend:
 
 * ``"xla"``: plain einsums with the softmax in float32; runs everywhere (the reference).
@@ -18,6 +19,7 @@ einsums, whatever the backend: a prompt chunk or one new token attends over the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -30,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from lmjax import mesh as mesh_lib
 from lmjax.config import ATTENTION_BACKENDS
 from lmjax.mesh import constrain
-from lmjax.model.layers import param, rope
+from lmjax.model.layers import Rope, param, rope
 
 _MASKED = -1e30  # large negative instead of -inf: a row is never fully masked (diagonal)
 
@@ -61,10 +63,19 @@ def check_backend(name: str, platform: str) -> None:
                      f"use 'xla'.")
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """(b, 1, 1, t, s) boolean: causal and within the same packed document."""
+def _window(t: int, s: int, window: int, offset: jax.Array | int = 0) -> jax.Array:
+  """(t, s) boolean: query i (at slot offset + i) sees key slot j if j <= i and, with a
+  window w > 0, j > i - w."""
+  q = offset + jnp.arange(t, dtype=jnp.int32)[:, None]
+  k = jnp.arange(s, dtype=jnp.int32)[None, :]
+  return (k <= q) & ((q - k < window) if window > 0 else True)
+
+
+def attention_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
+  """(b, 1, 1, t, s) boolean: causal, within the same packed document and, with
+  ``window`` > 0, within the ``window`` latest tokens."""
   t = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  causal = _window(t, t, window)
   same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # (b, t, s)
   return (causal[None] & same_doc)[:, None, None]
 
@@ -88,13 +99,14 @@ CACHE_AXES = ("act_batch", None, "act_kv_heads", None)
 STACKED_CACHE_AXES = (None, *CACHE_AXES)
 
 
-def cache_mask(start: jax.Array, index: jax.Array, t: int, s: int) -> jax.Array:
+def cache_mask(start: jax.Array, index: jax.Array, t: int, s: int, window: int = 0) -> jax.Array:
   """(b, 1, 1, t, s) boolean for t queries at slots index..index+t-1 over s cache slots:
-  causal and past each row's left padding (a padding query sees only itself)."""
+  causal (within ``window`` if > 0) and past each row's left padding (a padding query sees
+  only itself)."""
   q_slot = index + jnp.arange(t, dtype=jnp.int32)[:, None]  # (t, 1)
   k_slot = jnp.arange(s, dtype=jnp.int32)[None, :]  # (1, s)
   real = k_slot[None] >= start[:, None, None]  # (b, 1, s)
-  mask = (k_slot <= q_slot)[None] & (real | (k_slot == q_slot)[None])  # (b, t, s)
+  mask = _window(t, s, window, index)[None] & (real | (k_slot == q_slot)[None])  # (b, t, s)
   return mask[:, None, None]
 
 
@@ -115,17 +127,19 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                    implementation: str = "cudnn") -> jax.Array:
+                    window: int = 0, implementation: str = "cudnn") -> jax.Array:
   """``jax.nn.dot_product_attention`` with causal + same-document masking.
 
   q (b, t, n, h), k/v (b, s, k, h) with k dividing n (GQA is native, no repeat),
   segment_ids (b, t) -> (b, t, n, h). ``is_causal`` lets cuDNN skip the tiles above the
-  diagonal; the same-document mask is a (b, 1, t, s) boolean that cuDNN adds as a bias.
-  ``implementation="xla"`` runs the same call on any platform.
+  diagonal; the same-document mask is a (b, 1, t, s) boolean that cuDNN adds as a bias; a
+  sliding ``window`` is cuDNN's local window. ``implementation="xla"`` runs the same call
+  on any platform.
   """
   same_doc = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (b, 1, t, s)
+  local = (window - 1, 0) if window > 0 else None
   return jax.nn.dot_product_attention(q, k, v, mask=same_doc, is_causal=True,
-                                      implementation=implementation)
+                                      local_window_size=local, implementation=implementation)
 
 
 def _splash_block(t: int) -> int:
@@ -138,8 +152,9 @@ def _splash_block(t: int) -> int:
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                     interpret: bool = False) -> jax.Array:
-  """The Pallas TPU splash kernel: causal mask and ``SegmentIds``, vmapped over the batch.
+                     window: int = 0, interpret: bool = False) -> jax.Array:
+  """The Pallas TPU splash kernel: causal (or, with ``window``, local) mask and
+  ``SegmentIds``, vmapped over the batch.
 
   q (b, t, n, h), k/v (b, t, k, h) with k dividing n (GQA is native: the MHA kernel maps
   query head i to key/value head i // (n/k); k == 1 uses the MQA kernel),
@@ -154,7 +169,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                              use_fused_bwd_kernel=True)
-  mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * n)
+  causal = splash.LocalMask((t, t), (window - 1, 0), 0) if window > 0 else splash.CausalMask((t, t))
+  mask = splash.MultiHeadMask([causal] * n)
   make = splash.make_splash_mqa if kv == 1 else splash.make_splash_mha
   kernel = make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
   q = (q * (h ** -0.5)).astype(q.dtype).transpose(0, 2, 1, 3)  # (b, n, t, h), pre-scaled
@@ -202,26 +218,30 @@ def per_shard(fn: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                          backend: str = "xla") -> jax.Array:
-  """Causal attention within packed documents with the chosen backend.
+                          backend: str = "xla", window: int = 0) -> jax.Array:
+  """Causal attention within packed documents (and a sliding ``window`` if > 0) with the
+  chosen backend.
 
   q (b, t, n, h), k/v (b, t, k, h), segment_ids (b, t) -> (b, t, n, h).
 
   >>> out = dot_product_attention(q, k, v, segment_ids, backend="xla")
   """
   if backend == "xla":
-    return xla_attention(q, k, v, attention_mask(segment_ids))
+    return xla_attention(q, k, v, attention_mask(segment_ids, window))
   if backend == "cudnn":
-    return per_shard(cudnn_attention, q, k, v, segment_ids)
+    return per_shard(functools.partial(cudnn_attention, window=window), q, k, v, segment_ids)
   if backend == "splash":
-    return per_shard(splash_attention, q, k, v, segment_ids)
+    return per_shard(functools.partial(splash_attention, window=window), q, k, v, segment_ids)
   raise _unknown(backend)
 
 
 class Attention(nnx.Module):
   """GQA self-attention: n query heads share k key/value heads.
 
-  ``backend`` is one of ``config.ATTENTION_BACKENDS``; it changes no parameter.
+  ``backend`` is one of ``config.ATTENTION_BACKENDS``; it changes no parameter. ``rope_theta``
+  is RoPE's base frequency or a :class:`Rope` (scaled frequencies); ``use_rope=False``
+  leaves positions to the caller (learned position embeddings). ``bias`` adds biases to
+  the four projections; ``sliding_window`` > 0 limits each token to that many latest tokens.
 
   >>> attn = Attention(64, 4, 2, 16, rope_theta=1e4, rngs=nnx.Rngs(0), std=0.02,
   ...                  param_dtype=jnp.float32, backend="xla")
@@ -229,7 +249,9 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               rope_theta: float, rngs: nnx.Rngs, std: float, param_dtype, backend: str = "xla"):
+               rope_theta: float | Rope, rngs: nnx.Rngs, std: float, param_dtype,
+               backend: str = "xla", use_rope: bool = True, bias: bool = False,
+               sliding_window: int = 0):
     if backend not in ATTENTION_BACKENDS:
       raise _unknown(backend)
     self.q = param(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
@@ -238,13 +260,21 @@ class Attention(nnx.Module):
     self.v = param(rngs, (dim, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
                    param_dtype, std)
     self.o = param(rngs, (num_heads, head_dim, dim), ("heads", "head_dim", "embed"), param_dtype, std)
-    self.rope_theta = rope_theta
+    self.bias = bias
+    if bias:
+      self.q_bias = param(None, (num_heads, head_dim), ("heads", "head_dim"), param_dtype, fill=0.0)
+      self.k_bias = param(None, (num_kv_heads, head_dim), ("kv_heads", "head_dim"), param_dtype, fill=0.0)
+      self.v_bias = param(None, (num_kv_heads, head_dim), ("kv_heads", "head_dim"), param_dtype, fill=0.0)
+      self.o_bias = param(None, (dim,), ("norm",), param_dtype, fill=0.0)
+    self.rope = (rope_theta if isinstance(rope_theta, Rope) else Rope(theta=rope_theta)) if use_rope else None
     self.backend = backend
+    self.sliding_window = sliding_window
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._qkv(x, positions)
-    out = dot_product_attention(q, k, v, segment_ids, backend=self.backend)  # (b, t, n, h)
-    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(x.dtype))
+    out = dot_product_attention(q, k, v, segment_ids, backend=self.backend,
+                                window=self.sliding_window)  # (b, t, n, h)
+    return self._out(out, x.dtype)
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
              index: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -258,9 +288,9 @@ class Attention(nnx.Module):
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
     k_cache, v_cache = constrain(k_cache, CACHE_AXES), constrain(v_cache, CACHE_AXES)
-    mask = cache_mask(start, index, x.shape[1], k_cache.shape[1])  # (b, 1, 1, t, s)
+    mask = cache_mask(start, index, x.shape[1], k_cache.shape[1], self.sliding_window)  # (b, 1, 1, t, s)
     out = xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)  # (b, t, n, h)
-    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(x.dtype)), k_cache, v_cache
+    return self._out(out, x.dtype), k_cache, v_cache
 
   def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projections with RoPE: x (b, t, d) -> q (b, t, n, h), k and v (b, t, k, h)."""
@@ -268,7 +298,16 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))  # (b, t, n, h)
     k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))  # (b, t, k, h)
     v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
-    q = constrain(rope(q, positions, self.rope_theta), ("act_batch", "act_seq", "act_heads", None))
-    k = constrain(rope(k, positions, self.rope_theta), ("act_batch", "act_seq", "act_kv_heads", None))
+    if self.bias:
+      q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
+    if self.rope is not None:
+      q, k = rope(q, positions, self.rope), rope(k, positions, self.rope)
+    q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
+    k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
     return q, k, v
+
+  def _out(self, out: jax.Array, dt) -> jax.Array:
+    """The output projection: out (b, t, n, h) -> (b, t, d)."""
+    y = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+    return y + self.o_bias[...].astype(dt) if self.bias else y

@@ -1,5 +1,6 @@
-"""Building blocks of the decoder: parameters with logical axes, RMSNorm, embeddings,
-SwiGLU MLP and rotary position embeddings.
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm and LayerNorm,
+embeddings, the SwiGLU and GELU MLPs and rotary position embeddings (with Llama 3 and
+linear frequency scaling).
 
 Dimension letters in shape comments: b batch, t sequence, d model width, f MLP width,
 n query heads, k key/value heads, h head width, v vocabulary.
@@ -7,24 +8,28 @@ n query heads, k key/value heads, h head width, v vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmjax.mesh import constrain
 
 
-def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtype,
-          std: float | None = None) -> nnx.Param:
-  """A parameter carrying its logical axis names; normal(std) init, or ones when std is None.
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
+          std: float | None = None, fill: float = 1.0) -> nnx.Param:
+  """A parameter carrying its logical axis names; normal(std) init, or ``fill`` (ones;
+  zeros for biases) when std is None.
 
   >>> w = param(nnx.Rngs(0), (16, 64), ("embed", "mlp"), jnp.float32, std=0.02)
   """
   assert len(shape) == len(axes), (shape, axes)
   if std is None:
-    value = jnp.ones(shape, dtype)
+    value = jnp.full(shape, fill, dtype)
   else:
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
@@ -46,6 +51,29 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """Layer norm (mean-centred, biased variance) with a learned scale and bias, in float32.
+
+  >>> y = LayerNorm(16, eps=1e-5, param_dtype=jnp.float32)(jnp.ones((2, 3, 16)))
+  """
+
+  def __init__(self, dim: int, *, eps: float, param_dtype):
+    self.scale = param(None, (dim,), ("norm",), param_dtype)
+    self.bias = param(None, (dim,), ("norm",), param_dtype, fill=0.0)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def make_norm(kind: str, dim: int, *, eps: float, param_dtype) -> RMSNorm | LayerNorm:
+  """``config.model.norm``: "rmsnorm" or "layernorm"."""
+  return {"rmsnorm": RMSNorm, "layernorm": LayerNorm}[kind](dim, eps=eps, param_dtype=param_dtype)
+
+
 class Embed(nnx.Module):
   """Token embedding table; ``attend`` reuses it as the output projection (tied weights).
 
@@ -64,28 +92,89 @@ class Embed(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward: wo(silu(x wg) * (x wu)).
+  """Feed-forward block. ``kind="swiglu"``: down(silu(x gate) * (x up)) (Llama);
+  ``kind="gelu"``: down(gelu_tanh(x up)) (GPT-2). ``bias`` adds a bias to each projection.
 
   >>> mlp = MLP(16, 48, rngs=nnx.Rngs(0), std=0.02, param_dtype=jnp.float32)
   """
 
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float, param_dtype):
-    self.gate = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype, std=std)  # (d, f)
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float, param_dtype,
+               kind: str = "swiglu", bias: bool = False):
+    if kind not in ("swiglu", "gelu"):
+      raise ValueError(f"config.model.mlp={kind!r} is unknown; use 'swiglu' or 'gelu'.")
+    self.kind = kind
+    if kind == "swiglu":
+      self.gate = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype, std=std)  # (d, f)
     self.up = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype, std=std)  # (d, f)
     self.down = param(rngs, (hidden, dim), ("mlp", "embed"), param_dtype, std=std)  # (f, d)
+    self.bias = bias
+    if bias:
+      if kind == "swiglu":
+        self.gate_bias = param(None, (hidden,), ("mlp",), param_dtype, fill=0.0)
+      self.up_bias = param(None, (hidden,), ("mlp",), param_dtype, fill=0.0)
+      self.down_bias = param(None, (dim,), ("norm",), param_dtype, fill=0.0)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
-    g = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
-    u = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
-    h = constrain(jax.nn.silu(g) * u, ("act_batch", "act_seq", "act_mlp"))
-    return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+    project = lambda w, b: jnp.einsum("btd,df->btf", x, w[...].astype(dt)) + (
+        b[...].astype(dt) if self.bias else 0)
+    u = project(self.up, self.up_bias if self.bias else None)
+    if self.kind == "swiglu":
+      h = jax.nn.silu(project(self.gate, self.gate_bias if self.bias else None)) * u
+    else:
+      h = jax.nn.gelu(u, approximate=True)
+    h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
+    out = jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+    return out + self.down_bias[...].astype(dt) if self.bias else out
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (half-split layout) of x (b, t, n, h) at positions (b, t)."""
-  h = x.shape[-1]
-  freqs = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # (h/2,)
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary position embedding settings; :meth:`frequencies` gives the (h/2,) inverse
+  frequencies. ``scaling``: "none"; "linear" divides every frequency by ``factor``
+  (positions / factor); "llama3" divides the low frequencies (wavelength over
+  ``original_max_len / low_freq_factor``) by ``factor``, keeps the high ones (under
+  ``original_max_len / high_freq_factor``) and blends in between, as Llama 3.1+ do.
+
+  >>> Rope(theta=5e5, scaling="llama3", factor=32.0).frequencies(64)  # (32,)
+  """
+  theta: float = 10000.0
+  scaling: str = "none"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+  def frequencies(self, h: int) -> np.ndarray:
+    freqs = 1.0 / self.theta ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))
+    if self.scaling == "none":
+      return freqs.astype(np.float32)
+    if self.scaling == "linear":
+      return (freqs / self.factor).astype(np.float32)
+    if self.scaling != "llama3":
+      raise ValueError(f"config.model.rope_scaling={self.scaling!r} is unknown; use none, linear "
+                       "or llama3.")
+    wavelen = 2 * math.pi / freqs
+    low, high = self.original_max_len / self.low_freq_factor, self.original_max_len / self.high_freq_factor
+    smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (
+        self.high_freq_factor - self.low_freq_factor)
+    blended = (1 - smooth) * freqs / self.factor + smooth * freqs
+    out = np.where(wavelen > low, freqs / self.factor, np.where(wavelen < high, freqs, blended))
+    return out.astype(np.float32)
+
+  @classmethod
+  def from_config(cls, cfg) -> Rope:
+    """The settings of a ``config.model``."""
+    return cls(theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_scaling_factor,
+               low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+               original_max_len=cfg.rope_original_max_len)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float | Rope) -> jax.Array:
+  """Rotary position embedding (half-split layout) of x (b, t, n, h) at positions (b, t);
+  ``theta`` is the base frequency or a :class:`Rope`."""
+  spec = theta if isinstance(theta, Rope) else Rope(theta=theta)
+  freqs = jnp.asarray(spec.frequencies(x.shape[-1]))  # (h/2,)
   angles = positions.astype(jnp.float32)[..., None] * freqs  # (b, t, h/2)
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]

@@ -11,7 +11,7 @@ import ml_collections
 
 from lmjax.mesh import constrain
 from lmjax.model.attention import STACKED_CACHE_AXES, Attention, KVCache
-from lmjax.model.layers import MLP, Embed, RMSNorm
+from lmjax.model.layers import MLP, Embed, Rope, make_norm, param
 from lmjax.model.pipeline import run_pipeline
 
 REMAT_POLICIES = {
@@ -28,12 +28,15 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
-    self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    self.attn_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                          rope_theta=cfg.rope_theta, rngs=rngs, std=cfg.init_std, param_dtype=pdt,
-                          backend=cfg.attention)
-    self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
+                          rope_theta=Rope.from_config(cfg), rngs=rngs, std=cfg.init_std,
+                          param_dtype=pdt, backend=cfg.attention,
+                          use_rope=cfg.position_embedding == "rope", bias=cfg.attention_bias,
+                          sliding_window=cfg.sliding_window)
+    self.mlp_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt,
+                   kind=cfg.mlp, bias=cfg.mlp_bias)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
@@ -52,7 +55,9 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Llama-style decoder LM. ``cfg`` is ``config.model``.
+  """Llama-style decoder LM. ``cfg`` is ``config.model``; its ``norm``, ``mlp``,
+  ``position_embedding`` and bias options also make it GPT-2 (LayerNorm, GELU MLP, learned
+  positions, biases).
 
   >>> model = Transformer(default_config().model, rngs=nnx.Rngs(0))
   >>> logits = model(tokens)  # tokens (b, t) int32 -> (b, t, v) float32
@@ -69,13 +74,16 @@ class Transformer(nnx.Module):
     self.num_stages = num_stages  # pipeline stages the blocks are spread over (mesh "stage")
     pdt = jnp.dtype(cfg.param_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
+    if cfg.position_embedding == "learned":
+      self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.embed_dim), (None, "embed"), pdt,
+                             std=cfg.init_std)  # (max_seq_len, d)
 
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
       return Block(cfg, rngs=rngs)
 
     self.blocks = make_blocks(rngs.split(cfg.num_layers))  # params stacked (l, ...)
-    self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
+    self.final_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     if not cfg.tie_embeddings:
       self.lm_head = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs, std=cfg.init_std,
                            param_dtype=pdt)
@@ -93,12 +101,20 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
-    x = constrain(self.embed(tokens, jnp.dtype(cfg.compute_dtype)), _ACT)  # (b, t, d)
+    x = self._embed(tokens, positions)  # (b, t, d)
     x = self._run_blocks(x, positions, segment_ids)
     x = self.final_norm(x)
     head = self.embed if cfg.tie_embeddings else self.lm_head
     logits = head.attend(x).astype(jnp.float32)  # (b, t, v)
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+
+  def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token embeddings (plus learned position embeddings) in the compute dtype: (b, t, d)."""
+    dt = jnp.dtype(self.cfg.compute_dtype)
+    x = self.embed(tokens, dt)
+    if self.cfg.position_embedding == "learned":
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+    return constrain(x, _ACT)
 
   def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -153,7 +169,7 @@ class Transformer(nnx.Module):
     t = tokens.shape[1]
     slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # (t,)
     positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # (b, t); padding at 0
-    x = constrain(self.embed(tokens, jnp.dtype(cfg.compute_dtype)), _ACT)  # (b, t, d)
+    x = self._embed(tokens, positions)  # (b, t, d)
     graphdef, stacked = nnx.split(self.blocks)
 
     # The stacked cache rides in the carry and layer i's slice is written back in place,
