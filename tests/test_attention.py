@@ -146,3 +146,18 @@ def test_check_backend():
   with pytest.raises(ValueError, match="unknown"):
     attn.check_backend("flash", "cpu")
   assert set(ATTENTION_BACKENDS) == {"xla", "cudnn", "splash"}
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "splash"])
+def test_sliding_window_on_every_backend(backend):
+  """A window of w: token i sees j in (i - w, i] of its document, on each backend."""
+  t, window = (128, 40) if backend == "splash" else (16, 5)
+  q, k, v, seg = _inputs(2, t, 4, 2, 64 if backend == "splash" else 8, seed=3)
+  want = jax.jit(lambda *a: attn.xla_attention(*a[:3], attn.attention_mask(a[3], window)))(q, k, v, seg)
+  fn = cudnn_on_xla if backend == "cudnn" else splash_interpreted
+  got = jax.jit(functools.partial(fn, window=window))(q, k, v, seg)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(want) - np.asarray(_reference(q, k, v, seg))).max() > 1e-3
+  mask = np.asarray(attn.attention_mask(seg, window))[0, 0, 0]  # (t, s) of row 0
+  i, j = np.nonzero(mask)
+  assert (i - j).max() == window - 1 and (j <= i).all()
