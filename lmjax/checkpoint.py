@@ -9,8 +9,10 @@ on the next start):
              every process, so a resume may use another process count or mesh), else one
              ``process_<i>-of-<n>.json`` per process (raw text);
   ``config`` the resolved config as JSON;
-  ``meta``   the checkpoint format version.
-Once a step is committed, a manifest (``lmjax_manifest.json``: size and SHA-256 of every
+  ``meta``   the checkpoint format version (and, for imported weights, where they came from).
+A checkpoint of imported weights (``lmjax.hf``) holds only ``state.params``, ``config`` and
+``meta`` (``params_only``): runs load it, evaluate it and fine-tune from it
+(``train.init_from``), but it is no run to resume. Once a step is committed, a manifest (``lmjax_manifest.json``: size and SHA-256 of every
 file) is added beside them; a restore checks it, so a truncated or tampered checkpoint is
 reported and the previous good one used instead. Nothing is pickled.
 """
@@ -88,6 +90,19 @@ class Checkpointer:
     self._write_manifests()
     return time.perf_counter() - start
 
+  def save_params(self, step: int, params: Any, cfg: ml_collections.ConfigDict,
+                  source: str = "") -> None:
+    """Saves parameters alone (no optimizer state, no data position) at ``step`` and waits
+    for them to be committed: a checkpoint to load or fine-tune from, not to resume."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}),
+        config=ocp.args.JsonSave(json.loads(cfg.to_json())),
+        meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "step": step,
+                                "params_only": True, "source": source}),
+    )
+    self.manager.save(step, args=args, force=True)
+    self.wait()
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
     self._in_flight = None
@@ -142,12 +157,20 @@ class Checkpointer:
   def saved_config(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-  def check_compatible(self, step: int, cfg: ml_collections.ConfigDict) -> None:
-    """Raises CheckpointError if ``step`` was written by another format or model shape."""
+  def meta(self, step: int) -> dict[str, Any]:
+    """The step's ``meta`` item: format version, step, and ``params_only`` / ``source``
+    for imported weights."""
     try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - any unreadable item makes the step unusable
       raise CheckpointError(f"{self._step_dir(step)}: cannot read its format version ({e})") from None
+
+  def check_compatible(self, step: int, cfg: ml_collections.ConfigDict,
+                       params_only: bool = False) -> None:
+    """Raises CheckpointError if ``step`` was written by another format or model shape, or
+    holds parameters alone (imported weights) when a whole train state is needed
+    (``params_only=False``)."""
+    meta = self.meta(step)
     if meta.get("format_version") != FORMAT_VERSION:
       raise IncompatibleCheckpoint(
           f"{self._step_dir(step)} has checkpoint format {meta.get('format_version')}; this "
@@ -159,6 +182,12 @@ class Checkpointer:
       raise IncompatibleCheckpoint(
           f"{self._step_dir(step)} holds a different model ({'; '.join(diffs)}). Use the "
           f"checkpoint's config, or a new workdir to start afresh.")
+    if meta.get("params_only") and not params_only:
+      run = self.directory.parent if self.directory.name == "checkpoints" else self.directory
+      raise IncompatibleCheckpoint(
+          f"{self._step_dir(step)} holds parameters only (imported from "
+          f"{meta.get('source') or 'elsewhere'}), not a run to resume: train from it in a new "
+          f"--workdir with --config.train.init_from={run}.")
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
     """Restores ``state`` shaped and sharded like ``abstract_state`` and, if given,
@@ -178,15 +207,20 @@ class Checkpointer:
 
   def restore_latest(self, cfg: ml_collections.ConfigDict, abstract_state: Any,
                      make_iterator: Callable[[], Any] | None = None,
-                     warn: Callable[[str], None] = print) -> tuple[int | None, Any, Any]:
+                     warn: Callable[[str], None] = print,
+                     params_only: bool = False) -> tuple[int | None, Any, Any]:
     """The newest usable checkpoint: ``(step, state, data_iterator)``, or ``(None, None,
     None)`` if there is none. A step that fails its manifest or cannot be read is reported
-    with ``warn`` and the previous one tried; a different model shape or format raises."""
+    with ``warn`` and the previous one tried; a different model shape or format raises.
+    ``params_only``: the state is ``{"params": ...}`` alone (read from any checkpoint,
+    imported weights included; ``abstract_state`` may then hold just ``params``)."""
     problems = []
     for step in reversed(self.all_steps()):
       try:
         self.verify(step)
-        self.check_compatible(step, cfg)
+        self.check_compatible(step, cfg, params_only)
+        if params_only:
+          return step, {"params": self.restore_params(step, abstract_state["params"])}, None
         iterator = make_iterator() if make_iterator else None
         return step, self.restore(step, abstract_state, iterator), iterator
       except IncompatibleCheckpoint:

@@ -30,7 +30,7 @@ class TrainedRun:
   cfg: ml_collections.ConfigDict
   setup: Any  # lmjax.train.Setup
   params: Any
-  tokenizer: Any
+  tokenizer: Any  # None for imported weights that came without a sentencepiece tokenizer
 
   @property
   def history(self) -> list[dict[str, float]]:
@@ -39,10 +39,20 @@ class TrainedRun:
   def model(self):
     return self.setup.model(self.params)
 
+  def text_tokenizer(self):
+    """The tokenizer, or a DataError saying how to give one when the run has none."""
+    if self.tokenizer is None:
+      raise data_lib.DataError(
+          f"{self.workdir} holds imported weights without a sentencepiece tokenizer: pass a "
+          "config whose data.tokenizer names one (lmjax.load(workdir, cfg=...), or "
+          "--config.data.tokenizer=... on the command line), or work with token ids.")
+    return self.tokenizer
+
   def evaluate(self, source: str | None = None, max_batches: int | None = None) -> dict[str, float]:
     """Loss, perplexity and bits per byte on the run's held-out split, or on every document
     of ``source`` (a file, directory or glob)."""
     from lmjax import evaluate as ev
+    self.text_tokenizer()
     if source is None and self.cfg.data.format == "prompt_response":
       from lmjax.data import finetune
       batches = finetune.make_iterator(self.cfg, self.tokenizer, split="eval")
@@ -56,7 +66,7 @@ class TrainedRun:
 
   def multiple_choice(self, path: str) -> dict[str, float]:
     from lmjax import evaluate as ev
-    return ev.multiple_choice(self.setup, self.params, self.tokenizer, ev.read_choices(path))
+    return ev.multiple_choice(self.setup, self.params, self.text_tokenizer(), ev.read_choices(path))
 
 
 def run_config(workdir: str | Path, step: int | None = None) -> ml_collections.ConfigDict:
@@ -102,15 +112,18 @@ def load(workdir: str | Path, step: int | None = None, *, cfg: ml_collections.Co
     cfg.mesh[k] = v
   setup = build(cfg, devices)
   ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
-  if step is None:
-    step, state, _ = ckpt.restore_latest(cfg, setup.abstract_state)
+  if step is None:  # only the parameters are read, never the optimizer state
+    step, state, _ = ckpt.restore_latest(cfg, setup.abstract_state, params_only=True)
     if step is None:
       raise CheckpointError(f"{workdir / 'checkpoints'} holds no checkpoint")
+    params = state["params"]
   else:
     ckpt.verify(step)
-    ckpt.check_compatible(step, cfg)
-    state = ckpt.restore(step, setup.abstract_state)
+    ckpt.check_compatible(step, cfg, params_only=True)
+    params = ckpt.restore_params(step, setup.abstract_state["params"])
+  imported = ckpt.meta(step).get("params_only", False)
   ckpt.manager.close()
-  tokenizer = run_tokenizer(cfg)
-  return TrainedRun(workdir=workdir, step=step, cfg=cfg, setup=setup, params=state["params"],
+  # Imported weights whose tokenizer lmjax cannot read (not sentencepiece) come without one.
+  tokenizer = None if imported and not cfg.data.tokenizer else run_tokenizer(cfg)
+  return TrainedRun(workdir=workdir, step=step, cfg=cfg, setup=setup, params=params,
                     tokenizer=tokenizer)

@@ -248,7 +248,7 @@ def _initial_params(cfg: ml_collections.ConfigDict, setup: Setup) -> Any:
   if step not in steps:
     raise config_lib.ConfigError(f"config.train.init_step: {step} is not among {steps} in {directory}.")
   ckpt.verify(step)
-  ckpt.check_compatible(step, cfg)
+  ckpt.check_compatible(step, cfg, params_only=True)
   params = ckpt.restore_params(step, setup.abstract_state["params"])
   ckpt.manager.close()
   _say(f"parameters from {directory / str(step)}; optimizer state starts fresh")

@@ -47,8 +47,13 @@ def describe(run_dir: str | Path, step: int | None = None, show_config: bool = F
     size = sum(p.stat().st_size for p in (directory / str(s)).rglob("*") if p.is_file())
     data = sorted((directory / str(s) / "data").glob("*.json"))
     position = data[0].read_text().strip().replace("\n", " ") if data else "none"
-    lines.append(f"  step {s}: {size / 2**20:.2f} MiB, {_integrity(ckpt, s)}; "
-                 f"data position ({len(data)} file(s)): {position[:200]}")
+    try:
+      meta = ckpt.meta(s)
+    except CheckpointError:
+      meta = {}
+    origin = f"parameters only, imported from {meta.get('source')}" if meta.get("params_only") else (
+        f"data position ({len(data)} file(s)): {position[:200]}")
+    lines.append(f"  step {s}: {size / 2**20:.2f} MiB, {_integrity(ckpt, s)}; {origin}")
   if step is not None:
     if step not in steps:
       raise SystemExit(f"error: no checkpoint for step {step} in {directory}; steps: {steps}")

@@ -1,0 +1,262 @@
+"""Hugging Face checkpoints in and out, against ``transformers`` itself.
+
+Each test builds a small random model with ``transformers`` from a local config (nothing is
+downloaded), saves it with ``save_pretrained``, converts it, and compares logits in float32:
+Llama with GQA, untied embeddings, Llama 3 RoPE scaling, biases and sharded safetensors;
+Llama with tied embeddings and linear RoPE scaling; Mistral with a sliding window; GPT-2
+(LayerNorm, GELU, learned positions, fused q/k/v, tied embeddings). Then back: the exported
+directory loads in ``transformers`` with the same weights and logits.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import lmjax
+from lmjax import hf
+from lmjax.checkpoint import Checkpointer, IncompatibleCheckpoint
+from lmjax.config import default_config
+from lmjax.generate import generate_ids
+from lmjax.mesh import use_rules
+from lmjax.train import build, init_state, train
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 97  # vocabulary of the random models
+
+HF_MODELS = {
+    "llama_gqa_untied_llama3_bias": (transformers.LlamaConfig, dict(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        tie_word_embeddings=False, attention_bias=True, mlp_bias=True, rope_theta=5e5,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama_tied_mha_linear_rope": (transformers.LlamaConfig, dict(
+        vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral_sliding_window": (transformers.MistralConfig, dict(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        sliding_window=5)),
+    "gpt2": (transformers.GPT2Config, dict(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+        eos_token_id=2)),
+}
+
+
+def _hf_model(name, seed=0):
+  config_cls, kwargs = HF_MODELS[name]
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config_cls(**kwargs),
+                                                       attn_implementation="eager").eval()
+  with torch.no_grad():  # far from the zero biases and unit norms of a fresh init
+    for key, p in model.named_parameters():
+      p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in key or ".ln_" in key
+              else 0.1 * torch.randn_like(p))
+  return model
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+def _logits(run, tokens):
+  with jax.set_mesh(run.setup.mesh), use_rules(run.setup.rules):
+    fn = jax.jit(lambda p, t: run.setup.model(p)(t))
+    return np.asarray(fn(run.params, jnp.asarray(tokens)))
+
+
+TOKENS = np.random.default_rng(0).integers(0, V, (2, 24))  # longer than the sliding window
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """name -> (HF model, HF directory, lmjax run directory)."""
+  root = tmp_path_factory.mktemp("hf")
+  out = {}
+  for name in HF_MODELS:
+    model = _hf_model(name)
+    model.save_pretrained(root / name, max_shard_size="20KB" if name.startswith("llama_gqa") else "5GB")
+    hf.import_checkpoint(root / name, root / f"{name}-run", say=lambda m: None)
+    out[name] = (model, root / name, root / f"{name}-run")
+  return out
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_imported_logits_equal_transformers(converted, name):
+  model, hf_dir, workdir = converted[name]
+  if name.startswith("llama_gqa"):
+    assert (hf_dir / hf.INDEX).exists()  # sharded safetensors
+  run = lmjax.load(workdir, devices=jax.devices()[:1])
+  want = _hf_logits(model, TOKENS)
+  np.testing.assert_allclose(_logits(run, TOKENS), want, rtol=1e-5, atol=1e-5)
+  assert np.std(want) > 0.3
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_exported_checkpoint_loads_in_transformers_unchanged(converted, name, tmp_path):
+  model, _, workdir = converted[name]
+  hf.export_checkpoint(workdir, tmp_path / "out", max_shard_size="30KB", say=lambda m: None)
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                           attn_implementation="eager").eval()
+  assert type(back) is type(model)
+  want, got = model.state_dict(), back.state_dict()
+  assert set(got) == set(want)
+  for key in want:
+    torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)  # float32 both ways: exact
+  np.testing.assert_allclose(_hf_logits(back, TOKENS), _hf_logits(model, TOKENS), rtol=1e-6, atol=1e-6)
+
+
+def test_imported_weights_restore_onto_other_meshes(converted):
+  model, _, workdir = converted["llama_gqa_untied_llama3_bias"]
+  want = _hf_logits(model, TOKENS)
+  for mesh in ({"fsdp": 2, "tensor": 4}, {"data": 2, "fsdp": 4}):
+    run = lmjax.load(workdir, mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1, **mesh})
+    assert dict(run.setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "tensor": 1, **mesh}
+    q = run.params["blocks"]["attn"]["q"]
+    assert q.sharding.shard_shape(q.shape) != q.shape  # really sharded
+    np.testing.assert_allclose(_logits(run, TOKENS), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mistral_sliding_window", "gpt2"])
+def test_greedy_generation_equals_transformers(converted, name):
+  model, _, workdir = converted[name]
+  run = lmjax.load(workdir, devices=jax.devices()[:1])
+  prompt = TOKENS[0, :6].tolist()
+  out = generate_ids(run.setup, run.params, [prompt], max_new_tokens=12, temperature=0)
+  with torch.no_grad():
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].numpy()
+  np.testing.assert_array_equal(out.tokens[0], want)
+
+
+@pytest.mark.parametrize("options", [
+    {},  # Llama
+    dict(sliding_window=3, tie_embeddings=False, num_kv_heads=1),  # Mistral
+    dict(norm="layernorm", mlp="gelu", position_embedding="learned", attention_bias=True,
+         mlp_bias=True, num_kv_heads=4, head_dim=16, norm_eps=1e-5),  # GPT-2
+], ids=["llama", "mistral", "gpt2"])
+def test_lmjax_models_export_to_transformers(options, tmp_path):
+  cfg = default_config()
+  m = cfg.model
+  m.vocab_size, m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads = V, 2, 64, 4, 2
+  m.head_dim, m.mlp_dim, m.max_seq_len, m.init_std = 16, 96, 64, 0.1
+  cfg.data.seq_len = 64
+  for key, value in options.items():
+    m[key] = value
+  cfg.mesh.fsdp = 1
+  setup = build(cfg, jax.devices()[:1])
+  params = init_state(setup)["params"]
+  Checkpointer(tmp_path / "run" / "checkpoints", cfg).save_params(0, params, cfg)
+  config = hf.export_checkpoint(tmp_path / "run", tmp_path / "out", say=lambda m: None)
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                           attn_implementation="eager").eval()
+  assert config["architectures"] == [type(back).__name__]
+  with jax.set_mesh(setup.mesh), use_rules(setup.rules):
+    want = np.asarray(jax.jit(lambda p, t: setup.model(p)(t))(params, jnp.asarray(TOKENS)))
+  np.testing.assert_allclose(_hf_logits(back, TOKENS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sentencepiece_tokenizer_comes_along_and_fine_tuning_starts(tmp_path):
+  """A Llama checkpoint with its tokenizer.model (unk 0, bos 1, eos 2, as Llama's): the run
+  uses it as it is, evaluates text and fine-tunes from the imported weights."""
+  import sentencepiece as spm
+  docs = lmjax.data.default_documents()[:60]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(d for doc in docs for d in doc.splitlines() if d.strip()),
+                                 model_prefix=str(tmp_path / "sp"), vocab_size=400, unk_id=0,
+                                 bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, minloglevel=2)
+  config_cls, kwargs = HF_MODELS["llama_tied_mha_linear_rope"]
+  torch.manual_seed(1)
+  model = transformers.LlamaForCausalLM(config_cls(**{**kwargs, "vocab_size": 400}))
+  model.save_pretrained(tmp_path / "hf")
+  shutil.copyfile(tmp_path / "sp.model", tmp_path / "hf" / "tokenizer.model")
+  hf.import_checkpoint(tmp_path / "hf", tmp_path / "run", {"data.seq_len": "32"}, say=lambda m: None)
+
+  run = lmjax.load(tmp_path / "run", devices=jax.devices()[:1])
+  sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+  text = "def f(x):\n    return x + 1"
+  assert (run.tokenizer.bos_id, run.tokenizer.eos_id) == (1, 2)
+  assert run.tokenizer.encode(text) == sp.encode(text)
+  assert Path(run.cfg.data.tokenizer) == (tmp_path / "run" / "tokenizer.model").absolute()
+  (tmp_path / "doc.txt").write_text(docs[0])
+  result = run.evaluate(str(tmp_path / "doc.txt"))
+  assert 4.0 < result["loss"] < 8.0  # a random model over 400 pieces: near ln 400 = 6.0
+
+  # Resuming "training" in the import directory is refused with the way to fine-tune.
+  cfg = lmjax.load.__globals__["run_config"](tmp_path / "run")
+  cfg.train.steps, cfg.train.progress_bar, cfg.mesh.fsdp = 2, False, 1
+  with pytest.raises(IncompatibleCheckpoint, match="init_from="):
+    train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+  cfg.train.init_from, cfg.data.tokenizer, cfg.train.eval_every = str(tmp_path / "run"), "", 0
+  cfg.data.global_batch_size = 2
+  history = train(cfg, tmp_path / "tuned", devices=jax.devices()[:1])
+  assert len(history) == 2 and np.isfinite(history[-1]["loss"])
+  saved = json.loads((tmp_path / "tuned" / "config.json").read_text())
+  assert saved["train"]["init_from"] == str(tmp_path / "run")
+
+
+def test_bad_checkpoints_fail_with_the_file_and_reason(converted, tmp_path):
+  _, llama_dir, workdir = converted["llama_tied_mha_linear_rope"]
+  with pytest.raises(hf.ConversionError, match="config.json: no such file"):
+    hf.import_checkpoint(tmp_path, tmp_path / "a")
+  bad = tmp_path / "bad"
+  shutil.copytree(llama_dir, bad)
+  config = json.loads((bad / "config.json").read_text())
+  (bad / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
+  with pytest.raises(hf.ConversionError, match="model_type 'falcon' is not supported"):
+    hf.import_checkpoint(bad, tmp_path / "b")
+  (bad / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}))
+  with pytest.raises(hf.ConversionError, match="rope scaling 'yarn'"):
+    hf.import_checkpoint(bad, tmp_path / "c")
+  (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+  with pytest.raises(hf.ConversionError, match=r"gate_proj.weight gives lmjax blocks.mlp.gate the shape"):
+    hf.import_checkpoint(bad, tmp_path / "d")
+  (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+  with pytest.raises(hf.ConversionError, match="tensors lmjax would not use: model.layers.2"):
+    hf.import_checkpoint(bad, tmp_path / "e")
+  (bad / "config.json").write_text(json.dumps(config))
+  (bad / "model.safetensors").write_bytes(b"\0" * 100)
+  with pytest.raises(hf.ConversionError, match="model.safetensors"):
+    hf.import_checkpoint(bad, tmp_path / "f")
+  (bad / "model.safetensors").unlink()
+  (bad / "pytorch_model.bin").write_bytes(b"")
+  with pytest.raises(hf.ConversionError, match="found pytorch_model.bin.*safe_serialization"):
+    hf.import_checkpoint(bad, tmp_path / "g")
+  with pytest.raises(hf.ConversionError, match="already holds checkpoints"):
+    hf.import_checkpoint(llama_dir, workdir)
+  with pytest.raises(hf.ConversionError, match="change the model's shape.*model.embed_dim"):
+    hf.import_checkpoint(llama_dir, tmp_path / "h", {"model.embed_dim": "64"})
+  cfg = default_config()
+  cfg.model.norm = "layernorm"  # LayerNorm with RoPE and SwiGLU: no such HF architecture
+  with pytest.raises(hf.ConversionError, match="no Hugging Face architecture matches"):
+    hf.hf_config(cfg)
+
+
+def test_command_line_imports_and_exports(converted, tmp_path):
+  _, hf_dir, _ = converted["gpt2"]
+  tool = [sys.executable, str(ROOT / "tools" / "convert_hf.py")]
+  run = lambda *a: subprocess.run([*tool, *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = run("import", str(hf_dir), str(tmp_path / "run"), "--set", "model.compute_dtype=bfloat16")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "imported" in out.stdout and "no sentencepiece tokenizer.model" in out.stdout
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["compute_dtype"] == "bfloat16"
+  report = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+  assert "step 0:" in report and "verified; parameters only, imported from" in report
+  out = run("export", str(tmp_path / "run"), str(tmp_path / "out"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  out = run("import", str(tmp_path / "nothing"), str(tmp_path / "run2"))
+  assert out.returncode == 2 and out.stderr.startswith("error: ") and "config.json" in out.stderr
+  out = run("import", str(hf_dir), str(tmp_path / "run3"), "--set", "model.nope=1")
+  assert out.returncode == 2 and "model.nope: no such config field" in out.stderr
