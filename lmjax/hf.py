@@ -307,7 +307,7 @@ def _mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
 
 
 # Tensors a checkpoint may hold that carry no weights (buffers of older transformers).
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|(^|\.)attn\.masked_bias|(^|\.)attn\.bias)$")
 
 
 # -- reading -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from lmjax import hf
 from lmjax.checkpoint import Checkpointer, IncompatibleCheckpoint
 from lmjax.config import default_config
 from lmjax.generate import generate_ids
+from lmjax.load import run_config
 from lmjax.mesh import use_rules
 from lmjax.train import build, init_state, train
 
@@ -117,6 +118,21 @@ def test_exported_checkpoint_loads_in_transformers_unchanged(converted, name, tm
   np.testing.assert_allclose(_hf_logits(back, TOKENS), _hf_logits(model, TOKENS), rtol=1e-6, atol=1e-6)
 
 
+def test_gpt2_files_of_the_original_layout(converted, tmp_path):
+  """The original GPT-2 files name tensors without "transformer." and carry causal-mask
+  buffers (h.<i>.attn.bias); both import the same."""
+  from safetensors.numpy import load_file, save_file
+  model, hf_dir, _ = converted["gpt2"]
+  tensors = {k.removeprefix("transformer."): v for k, v in load_file(hf_dir / "model.safetensors").items()}
+  tensors.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)) for i in range(2)})
+  (tmp_path / "old").mkdir()
+  save_file(tensors, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+  shutil.copyfile(hf_dir / "config.json", tmp_path / "old" / "config.json")
+  hf.import_checkpoint(tmp_path / "old", tmp_path / "run", say=lambda m: None)
+  run = lmjax.load(tmp_path / "run", devices=jax.devices()[:1])
+  np.testing.assert_allclose(_logits(run, TOKENS), _hf_logits(model, TOKENS), rtol=1e-5, atol=1e-5)
+
+
 def test_imported_weights_restore_onto_other_meshes(converted):
   model, _, workdir = converted["llama_gqa_untied_llama3_bias"]
   want = _hf_logits(model, TOKENS)
@@ -193,7 +209,7 @@ def test_sentencepiece_tokenizer_comes_along_and_fine_tuning_starts(tmp_path):
   assert 4.0 < result["loss"] < 8.0  # a random model over 400 pieces: near ln 400 = 6.0
 
   # Resuming "training" in the import directory is refused with the way to fine-tune.
-  cfg = lmjax.load.__globals__["run_config"](tmp_path / "run")
+  cfg = run_config(tmp_path / "run")
   cfg.train.steps, cfg.train.progress_bar, cfg.mesh.fsdp = 2, False, 1
   with pytest.raises(IncompatibleCheckpoint, match="init_from="):
     train(cfg, tmp_path / "run", devices=jax.devices()[:1])
