@@ -28,6 +28,13 @@ def test_defaults_and_shipped_configs_validate():
     validate(_load(name), num_devices=8)
   validate(_load("tiny", "runlocal"), num_devices=1)
   validate(_load("gpt2_small", "runlocal"), num_devices=1)
+  validate(_load("gpt2_small", "gpt2,runlocal"), num_devices=1)
+
+
+def test_gpt2_architecture_has_gpt2_small_parameter_count():
+  cfg = _load("gpt2_small", "gpt2")
+  cfg.model.vocab_size = 50257  # GPT-2's own vocabulary
+  assert build(cfg, jax.devices()).num_params == 124_439_808  # GPT-2 small, tied embeddings
 
 
 def test_every_default_field_is_documented_where_defined():
