@@ -116,11 +116,14 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
-    project = lambda w, b: jnp.einsum("btd,df->btf", x, w[...].astype(dt)) + (
-        b[...].astype(dt) if self.bias else 0)
-    u = project(self.up, self.up_bias if self.bias else None)
+
+    def project(name: str) -> jax.Array:  # x (b, t, d) -> (b, t, f)
+      y = jnp.einsum("btd,df->btf", x, getattr(self, name)[...].astype(dt))
+      return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.bias else y
+
+    u = project("up")
     if self.kind == "swiglu":
-      h = jax.nn.silu(project(self.gate, self.gate_bias if self.bias else None)) * u
+      h = jax.nn.silu(project("gate")) * u
     else:
       h = jax.nn.gelu(u, approximate=True)
     h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
