@@ -18,7 +18,7 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 TXT_SPLITS = ("file", "blank_line")  # as lmjax.data.readers.TXT_SPLITS
 BAD_RECORD_POLICIES = ("skip", "fail")  # as lmjax.data.sources.BAD_RECORD_POLICIES
@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.scan_layers = True  # stack blocks and run them with lax.scan (flat compile time)
   m.pipeline_microbatches = -1  # microbatches per pipeline pass when mesh.stage > 1; -1 = stages
   m.pipeline_repeats = 1  # circular pipeline: layer chunks per stage (1 = GPipe)
-  m.attention = "xla"  # xla (any platform) | cudnn (NVIDIA GPU, bf16/fp16) | splash (TPU)
+  m.attention = "xla"  # xla | blockwise (any platform; memory-efficient) | cudnn (NVIDIA GPU, bf16/fp16) | splash (TPU)
   m.init_std = 0.02  # normal init std of embeddings and projections
 
   c.data = d = ml_collections.ConfigDict()

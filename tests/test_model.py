@@ -140,3 +140,10 @@ def test_gpt2_like_parameters():
   d, f, l, v, n, h, s = 32, 48, 3, 97, 4, 8, 16
   per_block = 4 * d + (d * 3 * n * h + 3 * n * h) + (n * h * d + d) + (2 * d * f + f + d)
   assert count_params(params) == l * per_block + v * d + s * d + 2 * d
+
+
+def test_blockwise_attention_backend_gives_the_same_logits():
+  tokens, positions, segment_ids = _packed_batch(np.random.default_rng(7))
+  want, _ = _forward(_cfg(sliding_window=6), tokens, positions, segment_ids)
+  got, _ = _forward(_cfg(sliding_window=6, attention="blockwise"), tokens, positions, segment_ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,10 @@ with a sliding window of w (``config.model.sliding_window``) only to j > i - w.
 ``config.model.attention`` picks the backend:
 
 * ``"xla"``: plain einsums with the softmax in float32; runs everywhere (the reference).
+  It materialises the (b, n, t, t) scores.
+* ``"blockwise"``: the same math 128 queries at a time with a flash-style backward that
+  recomputes the scores, in plain XLA ops: any platform, and the memory profile of the
+  kernels below (q, k, v, the output and a (b, n, t) log-sum-exp are all it keeps).
 * ``"cudnn"``: cuDNN flash attention through ``jax.nn.dot_product_attention`` on NVIDIA
   GPUs (bf16/fp16). Causal tiles are skipped; documents are masked with a boolean mask.
 * ``"splash"``: the Pallas TPU splash-attention kernel with a causal mask and segment ids.
@@ -39,6 +43,7 @@ _MASKED = -1e30  # large negative instead of -inf: a row is never fully masked (
 # backend -> (platforms it runs on, as jax.default_backend() names them; what it needs)
 _PLATFORMS = {
     "xla": (None, "any platform"),
+    "blockwise": (None, "any platform"),
     "cudnn": (("gpu", "cuda"), "an NVIDIA GPU"),
     "splash": (("tpu",), "a TPU"),
 }
@@ -142,6 +147,92 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
                                       local_window_size=local, implementation=implementation)
 
 
+BLOCK = 128  # queries per block of the blockwise backend
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+  """(b, t, ...) -> (t/c, b, c, ...): c-query blocks first, for lax.map / lax.scan."""
+  b, t = x.shape[:2]
+  return jnp.moveaxis(x.reshape(b, t // block, block, *x.shape[2:]), 1, 0)
+
+
+def _unblock(x: jax.Array) -> jax.Array:  # (t/c, b, c, ...) -> (b, t, ...)
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _grouped(x: jax.Array, kv: int) -> jax.Array:  # (b, t, n, h) -> (b, t, k, g, h)
+  b, t, n, h = x.shape
+  return x.reshape(b, t, kv, n // kv, h)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(5,))  # never save a block's mask or scores
+def _block_scores(i: jax.Array, qi: jax.Array, k: jax.Array, seg_i: jax.Array, seg: jax.Array,
+                  window: int) -> jax.Array:
+  """Masked float32 scores (b, k, g, c, s) of query block i: qi (b, c, k, g, h)."""
+  c, h = qi.shape[1], qi.shape[-1]
+  s = jnp.einsum("bckgh,bskh->bkgcs", qi, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+  mask = _window(c, k.shape[1], window, i * c)[None] & (seg_i[:, :, None] == seg[:, None, :])
+  return jnp.where(mask[:, None, None], s, _MASKED)  # mask (b, c, s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise(q, k, v, seg, window, block):
+  return _blockwise_fwd(q, k, v, seg, window, block)[0]
+
+
+def _blockwise_fwd(q, k, v, seg, window, block):
+  qb, sb = _blocks(_grouped(q, k.shape[2]), block), _blocks(seg, block)
+
+  def one(args):
+    i, qi, si = args
+    s = _block_scores(i, qi, k, si, seg, window)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgcs,bskh->bckgh", (p / l).astype(v.dtype), v)
+    return o, (m + jnp.log(l))[..., 0]  # log-sum-exp (b, k, g, c)
+
+  o, lse = jax.lax.map(one, (jnp.arange(qb.shape[0]), qb, sb))
+  out = _unblock(o).reshape(q.shape)
+  return out, (q, k, v, seg, out, lse)
+
+
+def _blockwise_bwd(window, block, res, dout):
+  q, k, v, seg, out, lse = res
+  kv = k.shape[2]
+  qb, ob, db = (_blocks(_grouped(x, kv), block) for x in (q, out, dout))
+
+  def one(carry, args):  # dk, dv accumulate over query blocks; dq is per block
+    dk, dv = carry
+    i, qi, oi, doi, lse_i, si = args
+    p = jnp.exp(_block_scores(i, qi, k, si, seg, window) - lse_i[..., None])  # (b, k, g, c, s)
+    dv = dv + jnp.einsum("bkgcs,bckgh->bskh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bckgh,bskh->bkgcs", doi, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("bckgh,bckgh->bkgc", doi.astype(jnp.float32), oi.astype(jnp.float32))
+    ds = (p * (dp - delta[..., None]) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+    dk = dk + jnp.einsum("bkgcs,bckgh->bskh", ds, qi, preferred_element_type=jnp.float32)
+    return (dk, dv), jnp.einsum("bkgcs,bskh->bckgh", ds, k)
+
+  zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  (dk, dv), dq = jax.lax.scan(one, zeros, (jnp.arange(qb.shape[0]), qb, ob, db, lse, _blocks(seg, block)))
+  return _unblock(dq).reshape(q.shape), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                        window: int = 0, block: int = BLOCK) -> jax.Array:
+  """:func:`xla_attention`'s function, ``block`` queries at a time (the gcd of t and
+  ``block``), with a backward that recomputes each block's scores from the saved
+  log-sum-exp: at most one block of (c, s) scores is alive, forward or backward.
+
+  q (b, t, n, h), k/v (b, t, k, h), segment_ids (b, t) -> (b, t, n, h).
+  """
+  return _blockwise(q, k, v, segment_ids, window, math.gcd(q.shape[1], block))
+
+
 def _splash_block(t: int) -> int:
   """The largest splash tile (512, 256 or 128) that divides sequence length t."""
   for block in (512, 256, 128):
@@ -228,6 +319,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
   """
   if backend == "xla":
     return xla_attention(q, k, v, attention_mask(segment_ids, window))
+  if backend == "blockwise":
+    return blockwise_attention(q, k, v, segment_ids, window=window)
   if backend == "cudnn":
     return per_shard(functools.partial(cudnn_attention, window=window), q, k, v, segment_ids)
   if backend == "splash":
