@@ -43,6 +43,15 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: draw from the fewest most l
                             "hold this probability; 1 = all.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: seed of the random draws.")
 
+_DEVICES = flags.DEFINE_integer("devices", None, "plan: devices of the target mesh (faked on the CPU).")
+_ACCELERATOR = flags.DEFINE_string("accelerator", "h100", "plan: h100, h200, a100-40gb, a100-80gb, "
+                                   "l4, tpu-v4, tpu-v5e, tpu-v5p or tpu-v6e (peak FLOP/s, memory).")
+_MEMORY = flags.DEFINE_string("memory", None, "plan: memory per device, e.g. 80GiB, 80GB, 16G; "
+                              "default: the accelerator's.")
+_MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "plan: the share of --memory the run "
+                                      "may use (set XLA_PYTHON_CLIENT_MEM_FRACTION to match on GPUs).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "plan: model FLOPs utilisation for the expected step time.")
+
 USAGE = """usage: lmjax <command> [--config configs/tiny.py] [--config.KEY=VALUE ...] [flags]
 
 commands:
@@ -54,6 +63,9 @@ commands:
   runs       lmjax runs DIR [--plot curves.png]: the runs under DIR with their final metrics
   generate   continue each --prompt with the model in --workdir (the run's config, or --config):
              [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--seed S] [--step N]
+  plan       per-device memory and step time on --devices N [--accelerator h100] [--memory 80GiB]
+             [--memory_fraction 0.9] [--mfu 0.4], compiled on fake CPU devices; if it does not
+             fit, the cheapest --config change that does
 """
 
 
@@ -154,6 +166,7 @@ def _generate(argv) -> None:
     raise app.UsageError("generate needs at least one --prompt")
   try:
     run = load_run(_WORKDIR.value, _CONFIG.value, _STEP.value)
+    run.text_tokenizer()
     if run.tokenizer.vocab_size != run.cfg.model.vocab_size:
       raise ConfigError(f"config.model.vocab_size: {run.cfg.model.vocab_size} differs from the "
                         f"tokenizer's vocabulary size {run.tokenizer.vocab_size} "
@@ -161,7 +174,7 @@ def _generate(argv) -> None:
     texts = generate(run.setup, run.params, run.tokenizer, _PROMPT.value,
                      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                      top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
-  except (FileNotFoundError, CheckpointError, ValueError) as e:  # ConfigError is a ValueError
+  except (FileNotFoundError, CheckpointError, ValueError) as e:  # ConfigError, DataError: ValueErrors
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
   print(f"# {_WORKDIR.value} step {run.step}: temperature {_TEMPERATURE.value}, top_k "
@@ -171,9 +184,29 @@ def _generate(argv) -> None:
     print(prompt + text)
 
 
+def _plan(argv) -> None:
+  del argv
+  import jax
+  if not _DEVICES.value or _DEVICES.value < 1:
+    raise app.UsageError("plan needs --devices N, the number of devices of the target mesh")
+  # N fake CPU devices; must happen before anything initialises a JAX backend.
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+  from lmjax.plan import format_plan, plan
+  try:
+    result = plan(_CONFIG.value, _DEVICES.value, memory_bytes=_MEMORY.value,
+                  accelerator=_ACCELERATOR.value, mfu=_MFU.value,
+                  memory_fraction=_MEMORY_FRACTION.value)
+  except ValueError as e:  # ConfigError is a ValueError
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+  print(format_plan(result))
+
+
 COMMANDS = {"train": _train, "validate": _validate, "eval": _eval, "sweep": _sweep, "runs": _runs,
-            "generate": _generate}
-NEEDS_CONFIG = {"train", "validate"}  # the others read the run's own config
+            "generate": _generate, "plan": _plan}
+NEEDS_CONFIG = {"train", "validate", "plan"}  # the others read the run's own config
+LOCAL_ONLY = {"plan"}  # one process, fake devices: no jax.distributed
 
 
 def main() -> None:
@@ -192,8 +225,9 @@ def main() -> None:
     from lmjax import distributed
     from lmjax.config import ConfigError
     from lmjax.data import DataError
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           heartbeat_timeout=_HEARTBEAT.value)
+    if sys.argv[1] not in LOCAL_ONLY:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             heartbeat_timeout=_HEARTBEAT.value)
     try:
       command(argv)
     except (ConfigError, DataError) as e:
