@@ -191,7 +191,7 @@ def _hf_kind(m: ml_collections.ConfigDict) -> str:
   """"llama", "mistral" or "gpt2": the Hugging Face architecture of model config ``m``."""
   llama = {"norm": "rmsnorm", "mlp": "swiglu", "position_embedding": "rope"}
   gpt2 = {"norm": "layernorm", "mlp": "gelu", "position_embedding": "learned",
-          "attention_bias": True, "mlp_bias": True, "sliding_window": 0, "rope_scaling": "none"}
+          "attention_bias": True, "mlp_bias": True, "sliding_window": 0}
   if all(m[k] == v for k, v in llama.items()):
     if m.sliding_window == 0:
       return "llama"
@@ -373,7 +373,8 @@ def params_from_hf(hf_dir: str | Path, cfg: ml_collections.ConfigDict,
   from lmjax.model import Transformer
   m = cfg.model
   weights = Weights(hf_dir)
-  rename = (lambda s: s.replace("transformer.", _gpt2_prefix(weights), 1)) if m.position_embedding == "learned" else (lambda s: s)
+  prefix = _gpt2_prefix(weights) if m.position_embedding == "learned" else "transformer."
+  rename = lambda name: name.replace("transformer.", prefix, 1)
   abstract = nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0)))
   want = nnx.split(abstract)[1].to_pure_dict()
   out_dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
@@ -581,14 +582,18 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   ``out_dir`` as a Hugging Face checkpoint: ``config.json``, safetensors (``dtype``, default
   bfloat16 for bf16-compute runs, else float32) and the run's ``tokenizer.model`` if it
   has a sentencepiece tokenizer. Returns the written ``config.json`` contents."""
-  from lmjax.load import load
-  cfg_only = _run_cfg(workdir, step)
-  _hf_kind(cfg_only.model)  # fail before restoring anything
-  run = load(workdir, step, devices=jax.local_devices()[:1], mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1})
+  from lmjax.load import load, run_config
+  cfg = run_config(workdir, step)
+  _hf_kind(cfg.model)  # fail before restoring anything
+  # Onto the host: the weights go to NumPy anyway, and no accelerator need hold them whole.
+  cfg.model.attention = "xla"  # any backend restores the same parameters; xla runs on the CPU
+  run = load(workdir, step, cfg=cfg, devices=jax.devices("cpu")[:1],
+             mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1})
   dtype = dtype or ("bfloat16" if run.cfg.model.compute_dtype == "bfloat16" else "float32")
   tok = run.tokenizer
   out_dir = Path(out_dir)
-  config = hf_config(run.cfg, dtype, bos_id=tok.bos_id if tok else None, eos_id=tok.eos_id if tok else None)
+  config = hf_config(run.cfg, dtype, bos_id=tok.bos_id if tok else None,
+                     eos_id=tok.eos_id if tok else None)
   params = jax.tree.map(np.asarray, jax.device_get(run.params))
   files = write_safetensors(params_to_hf(params, run.cfg, dtype), out_dir, max_shard_size)
   (out_dir / "config.json").write_text(json.dumps(config, indent=2))
@@ -598,9 +603,4 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   say(f"exported {workdir} step {run.step} ({config['architectures'][0]}, {dtype}) to {out_dir}: "
       f"{', '.join(['config.json'] + files)}")
   return config
-
-
-def _run_cfg(workdir: str | Path, step: int | None) -> ml_collections.ConfigDict:
-  from lmjax.load import run_config
-  return run_config(workdir, step)
 
