@@ -149,8 +149,6 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
     poison = jnp.where(state["step"] + 1 == t.debug_nan_at_step, jnp.nan, 1.0)
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
 
   # A non-finite loss or gradient (or, optionally, a loss spike) leaves parameters and
   # optimizer state untouched; the step still counts, so data and schedule move on.
@@ -162,11 +160,18 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   std = jnp.sqrt(jnp.sum(jnp.where(seen, (window - mean) ** 2, 0.0)) / jnp.maximum(n, 1))
   spike = (n == window.shape[0]) & (loss > mean + t.spike_threshold * std) if t.skip_spikes else jnp.array(False)
   apply = finite & ~spike
-  keep = lambda new, old: jnp.where(apply, new, old)
+
+  def update():
+    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
+    return optax.apply_updates(state["params"], updates), opt_state
+
+  # One conditional (as optax.apply_if_finite), not a select over every array: a select
+  # keeps the old optimizer moments alive beside the new ones and costs a copy of each.
+  params, opt_state = jax.lax.cond(apply, update, lambda: (state["params"], state["opt_state"]))
   new_state = {
       "step": state["step"] + 1,
-      "params": jax.tree.map(keep, params, state["params"]),
-      "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+      "params": params,
+      "opt_state": opt_state,
       "loss_window": jnp.where(apply, window.at[state["step"] % window.shape[0]].set(loss), window),
       "skipped": state["skipped"] + (~apply).astype(jnp.int32),
   }

@@ -1,39 +1,103 @@
-"""lmjax benchmarks: step time and per-device memory per mesh layout, pipeline bubble.
+"""lmjax benchmarks: MFU against the measured limit, compile time, memory, mesh layouts.
 
-  python tools/bench.py layouts          # every layout of one fixed model on 8 devices
+  python tools/bench.py --quick          # the MFU table in under a minute (default section: mfu)
+  python tools/bench.py mfu              # peak matmul FLOP/s; lmjax vs a hand-written step; MFU
+  python tools/bench.py mfu --gpu        # one GPU: gpt2_small and llama_1b, bf16, cuDNN attention
+  python tools/bench.py mfu --profile DIR  # also a jax.profiler trace of a few steps per config
+  python tools/bench.py compile          # compile time vs depth, scanned vs unrolled layers
+  python tools/bench.py memory           # per-device bytes per mesh layout, peak host RSS
+  python tools/bench.py layouts          # step time and memory of every layout on 8 devices
   python tools/bench.py pipeline         # bubble fraction vs (S-1)/(M*R+S-1)
   python tools/bench.py checkpoint       # save/restore throughput against dd
   python tools/bench.py processes        # 1 process x 8 devices vs 2 x 4 over gloo
-  python tools/bench.py --quick layouts  # fewer steps, a smaller model
+  python tools/bench.py all              # every section; --quick: smaller models, fewer steps
 
-On a CPU the script fakes 8 devices (XLA_FLAGS) before importing JAX. Fake CPU devices
-share the machine's cores, so step times measure *total work* across devices, not
-parallel speed-up: a layout that computes redundantly or idles (a pipeline bubble, which
-on CPU still runs the stage on garbage) is slower by exactly that extra work. Memory
-figures come from the compiled step's memory analysis and are per device.
-Results are printed as Markdown tables for docs/benchmarks.md.
+``mfu`` (the default) measures, in one process: the peak, as the median FLOP/s of a large
+square matmul in the configs' compute dtype (float32 on CPU, bfloat16 on GPU), best
+over a few sizes, measured before and after the rest (the larger counts); for a few fixed
+configs, lmjax's compiled train step (tokens/s, model FLOP/s from
+``lmjax.metrics.flops_per_token``, MFU = model FLOP/s / measured peak); and the same step
+written by hand in plain JAX (``tools/reference_step.py``, same shapes and math, checked to
+give the same loss): lmjax's framework overhead is its step time over the reference's.
+On CPU it also splits each step's thread time into matmuls, layout copies and the rest
+(``tools/step_profile.py``). On a GPU (found, or ``--gpu``) the XLA GPU flags that
+docs/scaling.md recommends are set before JAX is imported.
+
+The multi-device sections (layouts, pipeline, memory, checkpoint) fake 8 CPU devices
+(XLA_FLAGS) before importing JAX. Fake CPU devices share the machine's cores, so step times
+there measure *total work* across devices, not parallel speed-up: a layout that computes
+redundantly or idles (a pipeline bubble, which on CPU still runs the stage on garbage) is
+slower by exactly that extra work. Memory figures come from the compiled step's memory
+analysis and are per device. Results are printed as Markdown tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import resource
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
-if "jax" not in sys.modules and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tools.reference_step, tools.step_profile
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+SECTIONS = ("mfu", "compile", "memory", "layouts", "pipeline", "checkpoint", "processes", "all")
+_FAKE_DEVICES = {"memory", "layouts", "pipeline", "checkpoint", "all"}
+# docs/scaling.md ("XLA flags that matter"), as tools/launch/slurm.sbatch sets them.
+GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
+                 "--xla_gpu_enable_while_loop_double_buffering=true",
+                 "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+                 "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+                 "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728")
 
-from lmjax.config import default_config
-from lmjax.mesh import host_to_global
-from lmjax.model.pipeline import bubble_fraction
-from lmjax.train import build, compile_steps, init_state
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("section", choices=SECTIONS, nargs="?", default="mfu")
+  parser.add_argument("--quick", action="store_true", help="smaller models, fewer steps")
+  parser.add_argument("--steps", type=int, default=0, help="timed steps per layout / per config")
+  parser.add_argument("--gpu", action="store_true", help="expect a GPU: set the XLA GPU flags, "
+                      "benchmark configs/gpt2_small.py and configs/llama_1b.py")
+  parser.add_argument("--batch", type=int, default=0, help="mfu on GPU: global batch of every config "
+                      "(default: per config, see GPU_CONFIGS)")
+  parser.add_argument("--profile", default="", metavar="DIR",
+                      help="mfu: write a jax.profiler trace of a few steps per config to DIR")
+  return parser.parse_args(argv)
+
+
+def _gpu_visible() -> bool:
+  """An NVIDIA GPU on this machine (checked before JAX is imported)."""
+  return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def set_xla_flags(args: argparse.Namespace) -> None:
+  """XLA_FLAGS for the run; must happen before JAX is imported."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if args.section in _FAKE_DEVICES and not any("xla_force_host_platform_device_count" in f for f in flags):
+    flags.append("--xla_force_host_platform_device_count=8")
+  if args.gpu or _gpu_visible():
+    flags += [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in " ".join(flags)]
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+if __name__ == "__main__" and "jax" not in sys.modules:
+  set_xla_flags(parse_args())
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lmjax.config import default_config  # noqa: E402
+from lmjax.mesh import host_to_global  # noqa: E402
+from lmjax.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
+from lmjax.model.pipeline import bubble_fraction  # noqa: E402
+from lmjax.train import build, compile_steps, init_state  # noqa: E402
+from tools import reference_step, step_profile  # noqa: E402
 
 LAYOUTS = [
     ("data=8", dict(data=8), {}),
@@ -44,6 +108,276 @@ LAYOUTS = [
     ("stage=2,fsdp=2,tensor=2 (M=4)", dict(stage=2, fsdp=2, tensor=2), dict(pipeline_microbatches=4)),
 ]
 
+# mfu on CPU: name -> (model overrides, global batch, sequence length). Widths 256-512 and
+# sequences 256-512 keep the step mostly matmuls while a step takes about a second.
+_D256 = dict(num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,
+             vocab_size=4096)
+CPU_CONFIGS = {
+    "d256-l4-s256": (_D256, 8, 256),
+    "d512-l4-s512-untied": (dict(num_layers=4, embed_dim=512, num_heads=8, num_kv_heads=4, head_dim=64,
+                                 mlp_dim=1536, vocab_size=8192, tie_embeddings=False), 4, 512),
+}
+QUICK_CPU_CONFIGS = {
+    "d256-l2-s256": (dict(_D256, num_layers=2), 4, 256),
+}
+# mfu on one GPU: name -> (config file, global batch), with the configs' bf16 compute and
+# remat and cuDNN attention. Their own batches (256 x 1024, 512 x 2048) do not fit one
+# device; these should, with both train states held (llama_1b: ~30 GB of states + ~40 GB
+# for a step, estimated; on an 80 GB GPU that runs out, pass --batch 4).
+GPU_CONFIGS = {
+    "gpt2_small": ("configs/gpt2_small.py", 32),
+    "llama_1b": ("configs/llama_1b.py", 8),
+}
+
+
+def _devices(n: int) -> list[jax.Device]:
+  """``n`` of the multi-device sections' devices: the default ones if there are 8, else the
+  (fake) CPU devices, so that every layout of a table runs on the same kind."""
+  pool = jax.devices() if jax.device_count() >= 8 else jax.devices("cpu")
+  return pool[:n]
+
+
+def _random_batch(cfg) -> dict[str, np.ndarray]:
+  """One document per row, random tokens."""
+  rng = np.random.default_rng(0)
+  shape = (cfg.data.global_batch_size, cfg.data.seq_len)
+  return {"inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
+          "targets": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
+          "segment_ids": np.ones(shape, np.int32),
+          "positions": np.tile(np.arange(shape[1], dtype=np.int32), (shape[0], 1))}
+
+
+# ---------------------------------------------------------------------------------------------
+# mfu
+
+def matmul_peak(dtype, sizes: tuple[int, ...], seconds: float) -> tuple[float, dict[int, float]]:
+  """FLOP/s of an (n, n) x (n, n) matmul in ``dtype`` per size n (median of 7 repeats of
+  about ``seconds`` each, after a warm-up) and the best of them."""
+  rates = {}
+  for n in sizes:
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32).astype(dtype) for i in (0, 1))
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    calls = max(1, int(seconds / max(time.perf_counter() - t0, 1e-6)))
+    times = []
+    for _ in range(7):
+      t0 = time.perf_counter()
+      for _ in range(calls):
+        out = f(a, b)
+      out.block_until_ready()
+      times.append((time.perf_counter() - t0) / calls)
+    rates[n] = 2 * n ** 3 / statistics.median(times)
+  return max(rates.values()), rates
+
+
+def _config_file(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def mfu_configs(gpu: bool, quick: bool, batch: int) -> dict:
+  """name -> config of the mfu section (one device, no data loading)."""
+  out = {}
+  if gpu:
+    for name, (path, rows) in GPU_CONFIGS.items():
+      c = _config_file(path)
+      c.model.attention = "cudnn"
+      c.data.global_batch_size = batch or rows
+      c.optim.grad_accum_steps = 1
+      out[name] = c
+  else:
+    for name, (model, rows, seq) in (QUICK_CPU_CONFIGS if quick else CPU_CONFIGS).items():
+      c = default_config()
+      for k, v in model.items():
+        c.model[k] = v
+      c.model.max_seq_len = c.data.seq_len = seq
+      c.data.global_batch_size = rows
+      out[name] = c
+  for c in out.values():
+    c.mesh.fsdp = 1
+  return out
+
+
+def _interleaved(fns: dict, states: dict, batch, rounds: int, steps: int) -> dict[str, list[float]]:
+  """Seconds per step of each ``fn(state, batch) -> (state, out)`` in each of ``rounds``
+  rounds of ``steps`` back-to-back steps; the functions take turns every round, so a
+  change in machine load hits all of them alike."""
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        states[name], out = fn(states[name], batch)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / steps)
+  return times
+
+
+def _run_config(name: str, cfg, device, rounds: int, per_round: int, breakdown: bool,
+                profile: str) -> dict:
+  """lmjax's compiled step and the reference step on ``cfg``, timed taking turns."""
+  setup = build(cfg, [device])
+  state = init_state(setup)
+  batch = host_to_global(_random_batch(cfg), setup.mesh, setup.batch_sharding)
+  ref_state = reference_step.init_from_lmjax(cfg, state["params"])
+  step_fn, _ = compile_steps(setup)
+  fns = {"lmjax": step_fn.lower(state, batch).compile(),
+         "reference": reference_step.compile_step(cfg).lower(ref_state, batch).compile()}
+  states = {"lmjax": state, "reference": ref_state}
+  # Warm-up, and the check that both compute the same loss from the same parameters.
+  states["lmjax"], metrics = fns["lmjax"](states["lmjax"], batch)
+  states["reference"], ref_loss = fns["reference"](states["reference"], batch)
+  r = {"name": name, "cfg": cfg, "params": setup.num_params, "loss": float(metrics["loss"]),
+       "ref_loss": float(ref_loss), "tokens": cfg.data.global_batch_size * cfg.data.seq_len,
+       "flops_per_token": flops_per_token(cfg, setup.num_params)}
+  tol = 1e-4 if cfg.model.compute_dtype == "float32" else 2e-2
+  if not abs(r["loss"] - r["ref_loss"]) <= tol * abs(r["loss"]):
+    sys.exit(f"bench.py: {name}: lmjax's first-step loss {r['loss']} differs from the reference's "
+             f"{r['ref_loss']}; the comparison would not be like for like.")
+  r["times"] = _interleaved(fns, states, batch, rounds, per_round)
+  if breakdown:  # thread seconds per step by kind, and lmjax's by JAX operation
+    for who in fns:
+      states[who], r[f"busy_{who}"], r[f"ops_{who}"] = step_profile.breakdown(fns[who], states[who], batch)
+  if profile:
+    with jax.profiler.trace(str(Path(profile) / name)):
+      for who in fns:
+        for i in range(3):
+          with jax.profiler.StepTraceAnnotation(who, step_num=i):
+            states[who], out = fns[who](states[who], batch)
+          jax.block_until_ready(out)
+  return r
+
+
+def _report(r: dict, peak: float) -> tuple[str, str]:
+  """The table row and the notes of one config's results."""
+  m, d = r["cfg"].model, r["cfg"].data
+  secs = {who: statistics.median(t) for who, t in r["times"].items()}
+  best = {who: min(t) for who, t in r["times"].items()}
+  tokens, fpt = r["tokens"], r["flops_per_token"]
+  flops = fpt * tokens / secs["lmjax"]
+  row = (f"| {r['name']} | {r['params'] / 1e6:.2f}M | {tokens} | {tokens / secs['lmjax']:.0f} | "
+         f"{flops / 1e12:.4g} | {flops / peak:.1%} | {tokens / secs['reference']:.0f} | "
+         f"{secs['lmjax'] / secs['reference']:.3f} |")
+  note = (f"- {r['name']}: l={m.num_layers} d={m.embed_dim} n={m.num_heads} k={m.num_kv_heads} "
+          f"h={m.head_dim} f={m.mlp_dim} v={m.vocab_size} {'tied' if m.tie_embeddings else 'untied'}, "
+          f"batch {d.global_batch_size} x {d.seq_len}, {m.compute_dtype}, attention {m.attention}, "
+          f"remat {m.remat}; {fpt / 1e6:.1f} MFLOP/token; first-step loss {r['loss']:.6f} (reference "
+          f"{r['ref_loss']:.6f}); step {secs['lmjax']:.3f} s (reference {secs['reference']:.3f} s); "
+          f"best round {best['lmjax']:.3f} s (reference {best['reference']:.3f} s, overhead "
+          f"{best['lmjax'] / best['reference']:.3f})")
+  nominal = peak_flops_per_device(r["cfg"])
+  if nominal:
+    note += f"; MFU vs the nominal {nominal / 1e12:.0f} TFLOP/s: {flops / nominal:.1%}"
+  if "busy_lmjax" in r:
+    parts = []
+    for who in secs:
+      busy = r[f"busy_{who}"]
+      total = sum(busy.values())
+      rate = fpt * tokens / (secs[who] * busy["matmul"] / total)  # if the shares were of wall time
+      parts.append(f"{who} " + ", ".join(f"{k} {v / total:.0%}" for k, v in busy.items())
+                   + f" (matmuls at ~{rate / 1e12:.3g} TFLOP/s = {rate / peak:.0%} of peak)")
+    total = sum(r["busy_lmjax"].values())
+    top = [(op, t) for (kind, op), t in r["ops_lmjax"].most_common() if kind != "matmul"][:8]
+    note += ("\n  thread time: " + "; ".join(parts)
+             + "\n  lmjax's costliest non-matmul operations (share of thread time): "
+             + ", ".join(f"{op or '(no JAX op)'} {t / total:.1%}" for op, t in top))
+  return row, note
+
+
+def mfu(quick: bool, steps: int, gpu: bool, batch_rows: int, profile: str) -> None:
+  backend = jax.default_backend()
+  if gpu and backend != "gpu":
+    sys.exit(f"bench.py: --gpu, but JAX's backend is {backend!r} (install jax[cuda12]: "
+             f"pip install -e '.[cuda]').")
+  configs = mfu_configs(backend == "gpu", quick, batch_rows)
+  device = jax.devices()[0]
+  dtype = jnp.dtype(next(iter(configs.values())).model.compute_dtype)  # bf16 on GPU, else fp32
+  sizes = (((1024,), (512, 1024, 2048)) if backend == "cpu" else ((8192,), (4096, 8192, 16384)))[not quick]
+  seconds = 0.05 if quick else 0.25
+  peak, rates = matmul_peak(dtype, sizes, seconds)
+  rounds, per_round = (8, 2) if quick else (max(5, steps // 2), 2)
+  results = [_run_config(name, cfg, device, rounds, per_round, backend == "cpu" and not quick, profile)
+             for name, cfg in configs.items()]
+  # The peak again at the end: on a shared machine the larger one is the less disturbed.
+  best_n = max(rates, key=rates.get)
+  peak_after, _ = matmul_peak(dtype, (best_n,), seconds)
+  peak = max(peak, peak_after)
+
+  print(f"Machine: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores; "
+        f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"Measured peak: {peak / 1e12:.4g} TFLOP/s ({dtype.name} (n, n) x (n, n) matmul, "
+        f"median of 7 repeats: " + ", ".join(f"n={n}: {r / 1e12:.4g}" for n, r in rates.items())
+        + f"; n={best_n} again after the configs: {peak_after / 1e12:.4g})\n")
+  reports = [_report(r, peak) for r in results]
+  print("| config | params | tokens/step | lmjax tokens/s | model TFLOP/s | MFU vs measured peak | "
+        "reference tokens/s | overhead (lmjax/reference) |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  print("\n".join(row for row, _ in reports))
+  print(f"\nMedian of {rounds} rounds of {per_round} step(s), lmjax and the reference taking turns, "
+        f"after one warm-up step; model FLOPs/token = 6 x matmul parameters + 12 l n h t.")
+  print("\n".join(note for _, note in reports))
+  if profile:
+    print(f"\nProfiler traces: {profile}/<config> (3 steps of each step function).")
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+
+def compile_times(quick: bool) -> None:
+  """Lower + compile time of the train step vs depth, layers scanned and unrolled."""
+  jax.config.update("jax_enable_compilation_cache", False)
+  print("| layers | scanned: lower + compile (s) | unrolled: lower + compile (s) |")
+  print("| --- | --- | --- |")
+  for layers in (2, 8) if quick else (2, 8, 32):
+    cells = []
+    for scan in (True, False):
+      c = default_config()
+      c.model.num_layers, c.model.scan_layers, c.mesh.fsdp = layers, scan, 1
+      setup = build(c, jax.devices()[:1])
+      batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
+               for k, v in _random_batch(c).items()}
+      jax.clear_caches()  # nothing traced or compiled before counts
+      step_fn, _ = compile_steps(setup)
+      t0 = time.perf_counter()
+      lowered = step_fn.lower(setup.abstract_state, batch)
+      t1 = time.perf_counter()
+      lowered.compile()
+      t2 = time.perf_counter()
+      cells.append(f"{t2 - t0:.2f} ({t1 - t0:.2f} + {t2 - t1:.2f})")
+    print(f"| {layers} | {cells[0]} | {cells[1]} |")
+  c = default_config()
+  print(f"\nwidth {c.model.embed_dim}, {c.model.num_heads} heads / {c.model.num_kv_heads} KV heads, "
+        f"SwiGLU {c.model.mlp_dim}, vocab {c.model.vocab_size}, batch {c.data.global_batch_size} x "
+        f"{c.data.seq_len}, fp32, one device; caches cleared before each, persistent cache off.")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+def memory(quick: bool) -> None:
+  """Per-device bytes of the compiled step per layout, and the process's peak host RSS."""
+  cfg = model_config(quick, {}, {})
+  print(f"Model: {cfg.model.num_layers} layers, width {cfg.model.embed_dim}; batch "
+        f"{cfg.data.global_batch_size} x {cfg.data.seq_len}; fp32; 8 devices "
+        f"({_devices(8)[0].device_kind}).\n")
+  print("| layout | state + batch / device (MiB) | temp / device (MiB) | total / device (MiB) | "
+        "peak host RSS after (MiB) |")
+  print("| --- | --- | --- | --- | --- |")
+  for name, mesh, model in [("1 device", {}, {})] + LAYOUTS:
+    r = measure(model_config(quick, mesh, model), 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"| {name} | {r['state_bytes'] / 2**20:.2f} | {r['temp_bytes'] / 2**20:.2f} | "
+          f"{r['total_bytes'] / 2**20:.2f} | {rss:.0f} |")
+  print("\ntotal = arguments + outputs - donated (aliased) outputs + temporaries; "
+        "RSS: resource.getrusage(RUSAGE_SELF).ru_maxrss, after that layout's compile and one step.")
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts, pipeline, checkpoint, processes
 
 def model_config(quick: bool, mesh: dict, model: dict):
   c = default_config()
@@ -67,16 +401,9 @@ def measure(cfg, steps: int) -> dict:
   n = 1
   for a in ("data", "stage", "fsdp", "tensor"):
     n *= max(cfg.mesh[a], 1)
-  setup = build(cfg, jax.devices()[:n])
+  setup = build(cfg, _devices(n))
   state = init_state(setup)
-  rng = np.random.default_rng(0)
-  shape = (cfg.data.global_batch_size, cfg.data.seq_len)
-  batch = host_to_global({
-      "inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
-      "targets": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
-      "segment_ids": np.ones(shape, np.int32),
-      "positions": np.tile(np.arange(shape[1], dtype=np.int32), (shape[0], 1))},
-      setup.mesh, setup.batch_sharding)
+  batch = host_to_global(_random_batch(cfg), setup.mesh, setup.batch_sharding)
   step_fn, _ = compile_steps(setup)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -90,9 +417,11 @@ def measure(cfg, steps: int) -> dict:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes)
   return {"step_s": statistics.median(times), "compile_s": compile_s,
           "state_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
-          "params": setup.num_params, "loss": float(metrics["loss"])}
+          "total_bytes": total, "params": setup.num_params, "loss": float(metrics["loss"])}
 
 
 def layouts(quick: bool, steps: int) -> None:
@@ -156,8 +485,8 @@ def checkpoint(quick: bool) -> None:
   root = Path(tempfile.mkdtemp(prefix="lmjax-bench-ckpt-", dir=os.environ.get("BENCH_DIR", "/tmp")))
 
   class _NoData:
-    def get_state(self):
-      return b"{}"
+    def get_state(self):  # JSON state, as the data iterators' (lmjax.checkpoint.DataHandler)
+      return {}
     def set_state(self, state):
       pass
     def start_prefetch(self):
@@ -235,24 +564,30 @@ def processes(quick: bool, steps: int) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("section", choices=["layouts", "pipeline", "checkpoint", "processes", "all"], nargs="?",
-                      default="all")
-  parser.add_argument("--quick", action="store_true", help="smaller model, fewer steps")
-  parser.add_argument("--steps", type=int, default=0, help="timed steps per layout")
-  args = parser.parse_args()
-  steps = args.steps or (3 if args.quick else 10)
-  if args.section in ("layouts", "all"):
-    layouts(args.quick, steps)
+  args = parse_args()
+  quick, section = args.quick, args.section
+  steps = args.steps or (3 if quick else 10)
+  run = lambda name: section in (name, "all")
+  if run("mfu"):
+    mfu(quick, steps, args.gpu, args.batch, args.profile)
     print()
-  if args.section in ("pipeline", "all"):
-    pipeline(args.quick, steps)
+  if run("compile"):
+    compile_times(quick)
     print()
-  if args.section in ("checkpoint", "all"):
-    checkpoint(args.quick)
+  if run("memory"):
+    memory(quick)
     print()
-  if args.section in ("processes", "all"):
-    processes(args.quick, steps)
+  if run("layouts"):
+    layouts(quick, steps)
+    print()
+  if run("pipeline"):
+    pipeline(quick, steps)
+    print()
+  if run("checkpoint"):
+    checkpoint(quick)
+    print()
+  if run("processes"):
+    processes(quick, steps)
 
 
 if __name__ == "__main__":
