@@ -30,6 +30,7 @@ from lmjax.generate import generate_ids
 from lmjax.load import run_config
 from lmjax.mesh import use_rules
 from lmjax.train import build, init_state, train
+from tools import convert_hf, inspect_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 97  # vocabulary of the random models
@@ -266,7 +267,7 @@ def test_bad_checkpoints_fail_with_the_file_and_reason(converted, tmp_path):
     hf.hf_config(cfg)
 
 
-def test_command_line_imports_and_exports(converted, tmp_path):
+def test_command_line_imports_and_exports(converted, tmp_path, capsys):
   _, hf_dir, _ = converted["gpt2"]
   tool = [sys.executable, str(ROOT / "tools" / "convert_hf.py")]
   run = lambda *a: subprocess.run([*tool, *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -274,13 +275,15 @@ def test_command_line_imports_and_exports(converted, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "imported" in out.stdout and "no sentencepiece tokenizer.model" in out.stdout
   assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["compute_dtype"] == "bfloat16"
-  report = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", str(tmp_path / "run")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+  report = inspect_checkpoint.describe(tmp_path / "run")
   assert "step 0:" in report and "verified; parameters only, imported from" in report
   out = run("export", str(tmp_path / "run"), str(tmp_path / "out"))
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-  out = run("import", str(tmp_path / "nothing"), str(tmp_path / "run2"))
-  assert out.returncode == 2 and out.stderr.startswith("error: ") and "config.json" in out.stderr
-  out = run("import", str(hf_dir), str(tmp_path / "run3"), "--set", "model.nope=1")
-  assert out.returncode == 2 and "model.nope: no such config field" in out.stderr
+  # Bad input: exit status 2 and one line naming the problem (same entry point, in-process).
+  capsys.readouterr()
+  assert convert_hf.main(["import", str(tmp_path / "nothing"), str(tmp_path / "run2")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "config.json" in err
+  assert convert_hf.main(["import", str(hf_dir), str(tmp_path / "run3"), "--set", "model.nope=1"]) == 2
+  assert "model.nope: no such config field" in capsys.readouterr().err
