@@ -6,7 +6,7 @@
 
 The argument is the run directory to start from (an lmjax run or a Hugging Face import):
 its saved config gives the model and data.tokenizer, ``train.init_from`` its newest usable
-checkpoint's parameters (restored onto this run's mesh). The optimizer starts fresh with a
+checkpoint's parameters (restored onto this run's mesh, as float32 master weights). The optimizer starts fresh with a
 fine-tuning schedule: peak learning rate 2e-5 after 100 warmup steps, cosine decay over
 2000 steps to a tenth, no weight decay, gradient clipping at 1.
 Override anything with --config.KEY=VALUE; the model's shape fields must stay.
@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
     raise ValueError("configs/finetune.py needs the run to start from: "
                      "--config configs/finetune.py:RUN_DIR")
   c = run_config(arg)
+  c.model.param_dtype = "float32"  # master weights, whatever the checkpoint stores
   c.train.init_from = arg
   c.train.init_step = -1
   c.train.steps = 2000

@@ -176,8 +176,10 @@ class Checkpointer:
           f"{self._step_dir(step)} has checkpoint format {meta.get('format_version')}; this "
           f"lmjax reads format {FORMAT_VERSION}.")
     saved = self.saved_config(step)["model"]
+    # Parameters alone restore into any dtype (Orbax casts); a whole train state does not.
+    keys = [k for k in SHAPE_KEYS if not (params_only and k == "param_dtype")]
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {cfg.model[k]!r}"
-             for k in SHAPE_KEYS if saved.get(k) != cfg.model[k]]
+             for k in keys if saved.get(k) != cfg.model[k]]
     if diffs:
       raise IncompatibleCheckpoint(
           f"{self._step_dir(step)} holds a different model ({'; '.join(diffs)}). Use the "

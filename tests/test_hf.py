@@ -198,9 +198,11 @@ def test_sentencepiece_tokenizer_comes_along_and_fine_tuning_starts(tmp_path):
   model = transformers.LlamaForCausalLM(config_cls(**{**kwargs, "vocab_size": 400}))
   model.save_pretrained(tmp_path / "hf")
   shutil.copyfile(tmp_path / "sp.model", tmp_path / "hf" / "tokenizer.model")
-  hf.import_checkpoint(tmp_path / "hf", tmp_path / "run", {"data.seq_len": "32"}, say=lambda m: None)
+  hf.import_checkpoint(tmp_path / "hf", tmp_path / "run",
+                       {"data.seq_len": "32", "model.param_dtype": "bfloat16"}, say=lambda m: None)
 
   run = lmjax.load(tmp_path / "run", devices=jax.devices()[:1])
+  assert run.params["blocks"]["mlp"]["up"].dtype == jnp.bfloat16  # stored as asked
   sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
   text = "def f(x):\n    return x + 1"
   assert (run.tokenizer.bos_id, run.tokenizer.eos_id) == (1, 2)
@@ -226,7 +228,9 @@ def test_sentencepiece_tokenizer_comes_along_and_fine_tuning_starts(tmp_path):
   assert len(history) == 2 and np.isfinite(history[-1]["loss"])
   tuned = lmjax.load(tmp_path / "tuned", devices=jax.devices()[:1])
   assert tuned.tokenizer.sha256 == run.tokenizer.sha256 and tuned.cfg.train.init_from == str(tmp_path / "run")
-  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), tuned.params, run.params)
+  assert tuned.params["blocks"]["mlp"]["up"].dtype == jnp.float32  # float32 master weights
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b, np.float32)).max()),
+                       tuned.params, run.params)
   assert 0 < max(jax.tree.leaves(moved)) < 1e-3  # two steps at lr <= 2e-5 from the imported weights
 
 
