@@ -12,9 +12,10 @@ on the next start):
   ``meta``   the checkpoint format version (and, for imported weights, where they came from).
 A checkpoint of imported weights (``lmjax.hf``) holds only ``state.params``, ``config`` and
 ``meta`` (``params_only``): runs load it, evaluate it and fine-tune from it
-(``train.init_from``), but it is no run to resume. Once a step is committed, a manifest (``lmjax_manifest.json``: size and SHA-256 of every
-file) is added beside them; a restore checks it, so a truncated or tampered checkpoint is
-reported and the previous good one used instead. Nothing is pickled.
+(``train.init_from``), but it is no run to resume. Once a step is committed, a manifest
+(``lmjax_manifest.json``: size and SHA-256 of every file) is added beside them; a restore
+checks it, so a truncated or tampered checkpoint is reported and the previous good one used
+instead. Nothing is pickled.
 """
 
 from __future__ import annotations

@@ -43,9 +43,10 @@ class TrainedRun:
     """The tokenizer, or a DataError saying how to give one when the run has none."""
     if self.tokenizer is None:
       raise data_lib.DataError(
-          f"{self.workdir} holds imported weights without a sentencepiece tokenizer: pass a "
-          "config whose data.tokenizer names one (lmjax.load(workdir, cfg=...), or "
-          "--config.data.tokenizer=... on the command line), or work with token ids.")
+          f"{self.workdir} holds imported weights without a sentencepiece tokenizer: import "
+          "again with its tokenizer.model beside the weights, pass a config whose "
+          "data.tokenizer names one (lmjax.load(workdir, cfg=...); lmjax generate --config), "
+          "or work with token ids.")
     return self.tokenizer
 
   def evaluate(self, source: str | None = None, max_batches: int | None = None) -> dict[str, float]:
