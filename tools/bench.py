@@ -567,27 +567,19 @@ def main() -> None:
   args = parse_args()
   quick, section = args.quick, args.section
   steps = args.steps or (3 if quick else 10)
-  run = lambda name: section in (name, "all")
-  if run("mfu"):
-    mfu(quick, steps, args.gpu, args.batch, args.profile)
-    print()
-  if run("compile"):
-    compile_times(quick)
-    print()
-  if run("memory"):
-    memory(quick)
-    print()
-  if run("layouts"):
-    layouts(quick, steps)
-    print()
-  if run("pipeline"):
-    pipeline(quick, steps)
-    print()
-  if run("checkpoint"):
-    checkpoint(quick)
-    print()
-  if run("processes"):
-    processes(quick, steps)
+  sections = {
+      "mfu": lambda: mfu(quick, steps, args.gpu, args.batch, args.profile),
+      "compile": lambda: compile_times(quick),
+      "memory": lambda: memory(quick),
+      "layouts": lambda: layouts(quick, steps),
+      "pipeline": lambda: pipeline(quick, steps),
+      "checkpoint": lambda: checkpoint(quick),
+      "processes": lambda: processes(quick, steps),
+  }
+  for name, fn in sections.items():
+    if section in (name, "all"):
+      fn()
+      print()
 
 
 if __name__ == "__main__":
