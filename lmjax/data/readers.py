@@ -173,9 +173,15 @@ def _field(record: object, text_field: str, path: str, index: int, unit: str,
 
 
 def read_parquet(path: str, text_field: str, skips: Skips) -> Iterator[Document]:
-  """One document per row of the string column ``text_field``."""
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  """One document per row of the string column ``text_field``; needs the ``parquet`` extra."""
+  try:
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    from lmjax.data.sources import DataError  # pylint: disable=import-outside-toplevel
+    raise DataError(f"{path}: reading Parquet files needs pyarrow, which is not installed: "
+                    'pip install "lmjax[parquet]" (or pip install -e ".[parquet]" in a '
+                    "checkout).") from None
 
   try:
     pf = pq.ParquetFile(path)
