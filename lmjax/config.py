@@ -7,7 +7,10 @@ fields. :func:`validate` runs before anything is compiled and raises
 
 from __future__ import annotations
 
+import ast
+import json
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -129,6 +132,157 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _fits(default: Any, value: Any) -> bool:
+  """Whether ``value`` may stand where the field's default is ``default``."""
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, str):
+    return isinstance(value, str)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return True
+
+
+def _tuples(value: Any) -> Any:
+  """``value`` with every list turned into a tuple (ConfigDict fields hold tuples)."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _parse_text(text: str, default: Any) -> Any:
+  """A command-line string for a non-string field: true/false, JSON or a Python literal."""
+  if isinstance(default, bool):
+    word = text.strip().lower()
+    if word not in ("true", "false"):
+      raise ValueError(text)
+    return word == "true"
+  try:
+    return json.loads(text)
+  except ValueError:
+    return ast.literal_eval(text.strip())  # tuples, 1_000, ...
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets the dotted ``key`` (e.g. ``"model.num_layers"``) of ``cfg`` in place, checked.
+
+  A string for a non-string field is parsed (bool: true/false in any case; int, float,
+  tuple: JSON or a Python literal); lists become tuples; an int for a float field becomes a
+  float. An unknown section or key, or a value that does not fit the field's type, raises
+  ConfigError naming the key.
+  """
+  *parents, leaf = key.split(".")
+  node = cfg
+  for i, part in enumerate(parents):
+    section = ".".join(parents[:i])
+    if part not in node:
+      known = ", ".join(sorted(node.keys()))
+      raise ConfigError(f"config.{key}: unknown key. Known keys under {section or 'config'}: {known}.")
+    if not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(f"config.{'.'.join(parents[:i + 1])}: not a config section, so "
+                        f"config.{key} does not exist.")
+    node = node[part]
+  if leaf not in node:
+    known = ", ".join(sorted(node.keys()))
+    raise ConfigError(f"config.{key}: unknown key. Known keys under {'.'.join(parents) or 'config'}: "
+                      f"{known}.")
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f"config.{key}: a config section; set its keys, e.g. "
+                      f"config.{key}.{next(iter(current.keys()), 'KEY')}.")
+  expected = type(current).__name__
+  if isinstance(value, str) and current is not None and not isinstance(current, str):
+    try:
+      value = _parse_text(value, current)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      raise ConfigError(f"config.{key}: cannot set {value!r}: expected {expected}.") from None
+  value = _tuples(value)
+  if current is not None and not _fits(current, value):
+    raise ConfigError(f"config.{key}: cannot set {value!r}: expected {expected}, "
+                      f"got {type(value).__name__}.")
+  if isinstance(current, float):
+    value = float(value)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.{key}: cannot set {value!r}: {e}") from None
+
+
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(?:([kmgtp])(i?b)?|b)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+  """Bytes from a size such as '80GiB', '16G', '80GB', '500MB', '1.5TiB' or a plain number.
+
+  One rule: a unit with ``iB`` or a bare letter K/M/G/T/P is binary ('16G' = 16 GiB, as
+  ``free`` and XLA print); a letter with ``B`` alone is decimal ('80GB' = 80 * 10^9, as
+  disks and Hugging Face's ``max_shard_size``); case is ignored.
+  """
+  if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+    return text
+  match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+  if not match:
+    raise ValueError(f"cannot read {text!r} as a size; write e.g. 80GiB, 80GB, 16G or 1.5TiB.")
+  number, letter, suffix = match.groups()
+  if not letter:
+    return int(float(number))
+  power = "kmgtp".index(letter.lower()) + 1
+  decimal = suffix is not None and suffix.lower() == "b"
+  return int(float(number) * (10**(3 * power) if decimal else 2**(10 * power)))
+
+
+def _parse_arg_value(name: str, text: str, default: Any, known: str) -> Any:
+  try:
+    if isinstance(default, bool):
+      return _parse_text(text, default)
+    return type(default)(text)
+  except ValueError:
+    raise ConfigError(f"config argument {name}={text!r}: expected {type(default).__name__}. "
+                      f"Known arguments: {known}.") from None
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """The ``get_config(arg)`` string as typed values, as big_vision's ``parse_arg``.
+
+  ``arg`` is comma-separated ``key=value`` items (``--config configs/x.py:runlocal,variant=gpt2``);
+  a bare ``key`` sets a bool to True. Each value takes its default's type (bool: true/false
+  in any case, int, float, str). A first bare word that is not a key is the value of the first
+  key when that one is a string: ``finetune.py:runs/tiny,runlocal`` reads as
+  ``run=runs/tiny,runlocal``. An unknown key, a value of the wrong type or a key given twice
+  raises ConfigError naming the key and listing the known ones.
+  """
+  for name, default in defaults.items():
+    if not isinstance(default, (bool, int, float, str)):
+      raise TypeError(f"parse_arg default {name}={default!r}: use a bool, int, float or str.")
+  known = ", ".join(f"{k} ({type(v).__name__})" for k, v in defaults.items()) or "none"
+  values = dict(defaults)
+  seen = set()
+  for i, item in enumerate((arg or "").split(",")):
+    if not item.strip():
+      continue
+    name, sep, text = item.partition("=")
+    name = name.strip()
+    first = next(iter(defaults), None)
+    if (not sep and i == 0 and name not in defaults and first is not None
+        and isinstance(defaults[first], str)):
+      name, text, sep = first, item, "="  # positional: the first (string) argument
+    if name not in defaults:
+      raise ConfigError(f"config argument {name!r}: unknown. Known arguments: {known}.")
+    if name in seen:
+      raise ConfigError(f"config argument {name!r}: given twice in {arg!r}.")
+    seen.add(name)
+    if not sep:
+      if not isinstance(defaults[name], bool):
+        raise ConfigError(f"config argument {name!r}: needs a value, {name}=... "
+                          f"({type(defaults[name]).__name__}). Known arguments: {known}.")
+      values[name] = True
+    else:
+      values[name] = _parse_arg_value(name, text, defaults[name], known)
+  return ml_collections.ConfigDict(values)
+
+
 def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in cfg.items():
@@ -162,17 +316,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       _fail(key, "missing; start configs from lmjax.config.default_config().")
   for key, default in defaults.items():
     value = given[key]
-    if isinstance(default, bool):
-      ok = isinstance(value, bool)
-    elif isinstance(default, int):
-      ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, str):
-      ok = isinstance(value, str)
-    else:
-      ok = isinstance(value, (tuple, list))
-    if not ok:
+    if not _fits(default, value):
       _fail(key, f"expected {type(default).__name__}, got {value!r} ({type(value).__name__}).")
 
   m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train

@@ -9,8 +9,9 @@ import jax
 import ml_collections
 import pytest
 
-from lmjax.config import ConfigError, default_config, resolve_mesh_shape, validate
-from lmjax.train import build
+from lmjax.config import (ConfigError, default_config, override, parse_arg, parse_size,
+                          resolve_mesh_shape, validate)
+from lmjax.state import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,3 +144,87 @@ def test_backend_the_platform_cannot_run_fails_before_compiling():
   cfg.model.attention, cfg.model.compute_dtype = "cudnn", "bfloat16"
   with pytest.raises(ConfigError, match="config.model.attention='cudnn' needs an NVIDIA GPU"):
     build(cfg, jax.devices())
+
+
+# -- the shared helpers: override, parse_size, parse_arg --------------------------------------
+
+
+def test_override_sets_dotted_keys_and_parses_command_line_strings():
+  cfg = default_config()
+  cfg.lock()
+  override(cfg, "model.num_layers", 4)
+  override(cfg, "optim.learning_rate", 1)  # an int for a float field becomes a float
+  override(cfg, "seed", "7")  # strings from a command line are parsed for non-string fields
+  override(cfg, "train.progress_bar", "FALSE")
+  override(cfg, "optim.weight_decay", "1e-2")
+  override(cfg, "train.steps", "1_000")
+  override(cfg, "data.source", "5")  # a string field keeps the string
+  override(cfg, "mesh.rules", [["act_seq", "tensor"]])  # lists become tuples, nested too
+  assert (cfg.model.num_layers, cfg.seed, cfg.train.progress_bar, cfg.train.steps) == (4, 7, False, 1000)
+  assert isinstance(cfg.optim.learning_rate, float) and cfg.optim.learning_rate == 1.0
+  assert cfg.optim.weight_decay == 0.01 and cfg.data.source == "5"
+  assert cfg.mesh.rules == (("act_seq", "tensor"),)
+  override(cfg, "mesh.rules", '(("act_seq", None),)')  # a Python literal
+  assert cfg.mesh.rules == (("act_seq", None),)
+  override(cfg, "data.mixture", '[["a.txt", 0.7], ["b.txt", 0.3]]')  # or JSON
+  assert cfg.data.mixture == (("a.txt", 0.7), ("b.txt", 0.3))
+  validate(cfg)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("optim.learnig_rate", 1e-4, "config.optim.learnig_rate: unknown key. Known keys under optim: "
+                                 "b1, b2, decay_norms_and_embeddings"),
+    ("optimizer.learning_rate", 1e-4, "config.optimizer.learning_rate: unknown key. Known keys under "
+                                      "config: data, mesh, model, optim, seed, train."),
+    ("seed.x", 1, "config.seed: not a config section, so config.seed.x does not exist."),
+    ("model", 1, "config.model: a config section; set its keys"),
+    ("model.num_layers", "four", "config.model.num_layers: cannot set 'four': expected int."),
+    ("model.num_layers", 2.5, "config.model.num_layers: cannot set 2.5: expected int, got float."),
+    ("model.num_layers", True, "config.model.num_layers: cannot set True: expected int, got bool."),
+    ("train.progress_bar", "yes", "config.train.progress_bar: cannot set 'yes': expected bool."),
+    ("train.progress_bar", 1, "config.train.progress_bar: cannot set 1: expected bool, got int."),
+    ("data.source", 5, "config.data.source: cannot set 5: expected str, got int."),
+    ("mesh.rules", 3, "config.mesh.rules: cannot set 3: expected tuple, got int."),
+])
+def test_override_errors_name_the_key_and_the_expected_type(key, value, needle):
+  cfg = default_config()
+  with pytest.raises(ConfigError) as e:
+    override(cfg, key, value)
+  assert needle in str(e.value)
+  assert cfg.to_dict() == default_config().to_dict()  # nothing set
+
+
+def test_parse_size_one_rule():
+  GiB = 2**30
+  assert parse_size("16G") == parse_size("16GiB") == parse_size("16 gib") == 16 * GiB  # binary
+  assert parse_size("16GB") == 16 * 10**9  # decimal
+  assert parse_size("500MB") == 500 * 10**6 and parse_size("5KB") == 5000
+  assert parse_size("512MiB") == 512 * 2**20 and parse_size("1.5TiB") == int(1.5 * 2**40)
+  assert parse_size("4096") == parse_size(4096) == parse_size("4096B") == 4096
+  for bad in ("eighty", "80XB", "80iB", "", "-5", "1.2.3G", "16 G B", -1, True, None):
+    with pytest.raises(ValueError, match="cannot read .* as a size; write e.g. 80GiB"):
+      parse_size(bad)
+
+
+def test_parse_arg_types_flags_and_errors():
+  args = parse_arg("runlocal,variant=gpt2,steps=5,lr=0.5,fast=FALSE", runlocal=False,
+                   variant="llama", steps=100, lr=1e-3, fast=True)
+  assert args.to_dict() == dict(runlocal=True, variant="gpt2", steps=5, lr=0.5, fast=False)
+  assert parse_arg(None, runlocal=False).runlocal is False
+  assert parse_arg("", runlocal=False).to_dict() == {"runlocal": False}
+  # A first bare word that is no key is the first (string) argument: a path and flags.
+  assert parse_arg("runs/tiny,runlocal", run="", runlocal=False).to_dict() == {
+      "run": "runs/tiny", "runlocal": True}
+  assert parse_arg("run=runs/a", run="", runlocal=False).run == "runs/a"
+  known = r"Known arguments: runlocal \(bool\), steps \(int\)"
+  for arg, needle in (("bogus", r"config argument 'bogus': unknown. " + known),
+                      ("runlocal,bogus=1", r"'bogus': unknown"),
+                      ("steps=x", r"config argument steps='x': expected int. " + known),
+                      ("steps=2.5", r"steps='2.5': expected int"),
+                      ("runlocal=maybe", r"runlocal='maybe': expected bool"),
+                      ("steps", r"config argument 'steps': needs a value"),
+                      ("runlocal,runlocal", r"'runlocal': given twice")):
+    with pytest.raises(ConfigError, match=needle):
+      parse_arg(arg, runlocal=False, steps=3)
+  with pytest.raises(ConfigError, match="'runs/tiny': unknown"):  # positional only for strings
+    parse_arg("runs/tiny", runlocal=False)
