@@ -23,9 +23,46 @@ POSITION_EMBEDDINGS = ("rope", "learned", "none")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
-TXT_SPLITS = ("file", "blank_line")  # as lmjax.data.readers.TXT_SPLITS
-BAD_RECORD_POLICIES = ("skip", "fail")  # as lmjax.data.sources.BAD_RECORD_POLICIES
-LONG_DOCUMENT_POLICIES = ("split", "truncate", "skip", "fail")  # as lmjax.data.packing
+DATA_FORMATS = ("text", "prompt_response")
+TXT_SPLITS = ("file", "blank_line")  # lmjax.data.readers imports these three
+BAD_RECORD_POLICIES = ("skip", "fail")
+LONG_DOCUMENT_POLICIES = ("split", "truncate", "skip", "fail")
+NAN_POLICIES = ("halt", "skip")
+
+# What validate checks field by field; relations between fields are checked after these.
+CHOICES = {  # key -> allowed values
+    "model.param_dtype": DTYPES,
+    "model.compute_dtype": DTYPES,
+    "model.norm": NORMS,
+    "model.mlp": MLPS,
+    "model.position_embedding": POSITION_EMBEDDINGS,
+    "model.rope_scaling": ROPE_SCALINGS,
+    "model.remat": REMAT_POLICIES,
+    "model.attention": ATTENTION_BACKENDS,
+    "data.format": DATA_FORMATS,
+    "data.txt_split": TXT_SPLITS,
+    "data.bad_records": BAD_RECORD_POLICIES,
+    "data.long_documents": LONG_DOCUMENT_POLICIES,
+    "train.nan_policy": NAN_POLICIES,
+}
+POSITIVE = (
+    "model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads",
+    "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_seq_len",
+    "model.pipeline_repeats", "data.seq_len", "data.global_batch_size", "optim.learning_rate",
+    "optim.grad_accum_steps", "train.steps", "train.log_every", "train.eval_batches",
+    "train.keep_checkpoints", "train.spike_threshold",
+)
+AT_LEAST = {  # key -> smallest allowed value
+    "model.sliding_window": 0, "data.worker_count": 0, "data.prefetch": 0,
+    "optim.warmup_steps": 0, "optim.grad_clip_norm": 0, "train.eval_every": 0,
+    "train.checkpoint_every": 0, "train.keep_every": 0, "train.spike_window": 2,
+    "mesh.dcn_data": 1, "mesh.dcn_fsdp": 1,
+}
+POSITIVE_OR_MINUS_ONE = {"data.num_epochs": "forever", "model.pipeline_microbatches": "as many as stages"}
+FRACTIONS = {  # key -> (low, high, whether high is allowed)
+    "data.eval_fraction": (0, 1, False),
+    "optim.end_lr_fraction": (0, 1, True),
+}
 
 
 class ConfigError(ValueError):
@@ -319,25 +356,32 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if not _fits(default, value):
       _fail(key, f"expected {type(default).__name__}, got {value!r} ({type(value).__name__}).")
 
-  m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-  for key in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
-              "mlp_dim", "max_seq_len"):
-    if m[key] <= 0:
-      _fail(f"model.{key}", f"must be positive, got {m[key]}.")
+  for key, allowed in CHOICES.items():
+    if given[key] not in allowed:
+      _fail(key, f"must be one of {allowed}, got {given[key]!r}.")
+  for key in POSITIVE:
+    if given[key] <= 0:
+      _fail(key, f"must be positive, got {given[key]}.")
+  for key, least in AT_LEAST.items():
+    if given[key] < least:
+      _fail(key, f"must be >= {least}, got {given[key]}.")
+  for key, meaning in POSITIVE_OR_MINUS_ONE.items():
+    if given[key] == 0 or given[key] < -1:
+      _fail(key, f"must be positive or -1 ({meaning}), got {given[key]}.")
+  for key, (low, high, closed) in FRACTIONS.items():
+    if not (low <= given[key] <= high if closed else low <= given[key] < high):
+      _fail(key, f"must be in [{low}, {high}{']' if closed else ')'}, got {given[key]}.")
+  for axis in MESH_AXES:
+    if given[f"mesh.{axis}"] == 0 or given[f"mesh.{axis}"] < -1:
+      _fail(f"mesh.{axis}", f"must be a positive size or -1 (fill), got {given[f'mesh.{axis}']}.")
+
+  # Relations between fields.
+  m, d, o = cfg.model, cfg.data, cfg.optim
   if m.num_heads % m.num_kv_heads:
     _fail("model.num_kv_heads",
           f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads}).")
   if m.head_dim % 2 and m.position_embedding == "rope":
     _fail("model.head_dim", f"must be even for RoPE, got {m.head_dim}.")
-  for key in ("param_dtype", "compute_dtype"):
-    if m[key] not in DTYPES:
-      _fail(f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}.")
-  for key, allowed in (("norm", NORMS), ("mlp", MLPS), ("position_embedding", POSITION_EMBEDDINGS),
-                       ("rope_scaling", ROPE_SCALINGS)):
-    if m[key] not in allowed:
-      _fail(f"model.{key}", f"must be one of {allowed}, got {m[key]!r}.")
-  if m.sliding_window < 0:
-    _fail("model.sliding_window", f"must be >= 0 (0 = attend to all earlier tokens), got {m.sliding_window}.")
   if m.rope_scaling != "none" and m.rope_scaling_factor < 1:
     _fail("model.rope_scaling_factor", f"must be >= 1, got {m.rope_scaling_factor}.")
   if m.rope_scaling == "llama3":
@@ -347,10 +391,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             f"< model.rope_high_freq_factor ({m.rope_high_freq_factor}).")
     if m.rope_original_max_len <= 0:
       _fail("model.rope_original_max_len", f"must be positive, got {m.rope_original_max_len}.")
-  if m.remat not in REMAT_POLICIES:
-    _fail("model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}.")
-  if m.attention not in ATTENTION_BACKENDS:
-    _fail("model.attention", f"must be one of {ATTENTION_BACKENDS}, got {m.attention!r}.")
   if m.attention == "cudnn":
     if m.compute_dtype not in ("bfloat16", "float16"):
       _fail("model.compute_dtype", f"attention 'cudnn' needs bfloat16 or float16, got {m.compute_dtype!r}.")
@@ -360,60 +400,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       _fail("data.seq_len", f"attention 'cudnn' needs an even sequence length, got {d.seq_len}.")
   if m.attention == "splash" and d.seq_len % 128:
     _fail("data.seq_len", f"attention 'splash' needs a multiple of 128, got {d.seq_len}.")
-  if d.seq_len <= 0 or d.seq_len > m.max_seq_len:
+  if d.seq_len > m.max_seq_len:
     _fail("data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}], got {d.seq_len}.")
-  if not 0.0 <= d.eval_fraction < 1.0:
-    _fail("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}.")
-  if d.global_batch_size <= 0:
-    _fail("data.global_batch_size", f"must be positive, got {d.global_batch_size}.")
-  if d.worker_count < 0:
-    _fail("data.worker_count", f"must be >= 0, got {d.worker_count}.")
-  if d.prefetch < 0:
-    _fail("data.prefetch", f"must be >= 0, got {d.prefetch}.")
-  if d.num_epochs == 0 or d.num_epochs < -1:
-    _fail("data.num_epochs", f"must be positive or -1 (forever), got {d.num_epochs}.")
-  for key, allowed in (("txt_split", TXT_SPLITS), ("bad_records", BAD_RECORD_POLICIES),
-                       ("long_documents", LONG_DOCUMENT_POLICIES)):
-    if d[key] not in allowed:
-      _fail(f"data.{key}", f"must be one of {allowed}, got {d[key]!r}.")
   for i, entry in enumerate(d.mixture):
     if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
             and entry[0] and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
             and entry[1] > 0):
       _fail(f"data.mixture[{i}]", f"must be (source, weight > 0), got {entry!r}.")
-  if o.learning_rate <= 0:
-    _fail("optim.learning_rate", f"must be positive, got {o.learning_rate}.")
-  if o.warmup_steps < 0:
-    _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}.")
-  if not 0.0 <= o.end_lr_fraction <= 1.0:
-    _fail("optim.end_lr_fraction", f"must be in [0, 1], got {o.end_lr_fraction}.")
-  if o.grad_accum_steps <= 0:
-    _fail("optim.grad_accum_steps", f"must be positive, got {o.grad_accum_steps}.")
-  if o.grad_clip_norm < 0:
-    _fail("optim.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}.")
-  for key in ("steps", "log_every", "eval_batches"):
-    if t[key] <= 0:
-      _fail(f"train.{key}", f"must be positive, got {t[key]}.")
-  for key in ("eval_every", "checkpoint_every"):
-    if t[key] < 0:
-      _fail(f"train.{key}", f"must be >= 0, got {t[key]}.")
-  if t.nan_policy not in ("halt", "skip"):
-    _fail("train.nan_policy", f"must be 'halt' or 'skip', got {t.nan_policy!r}.")
-  if t.spike_window < 2:
-    _fail("train.spike_window", f"must be at least 2, got {t.spike_window}.")
-  if t.spike_threshold <= 0:
-    _fail("train.spike_threshold", f"must be positive, got {t.spike_threshold}.")
-  if d.format not in ("text", "prompt_response"):
-    _fail("data.format", f"must be 'text' or 'prompt_response', got {d.format!r}.")
-  if t.keep_every < 0:
-    _fail("train.keep_every", f"must be >= 0, got {t.keep_every}.")
-  if t.keep_checkpoints <= 0:
-    _fail("train.keep_checkpoints", f"must be positive, got {t.keep_checkpoints}.")
-
   sizes = [cfg.mesh[a] for a in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    if size == 0 or size < -1:
-      _fail(f"mesh.{axis}", f"must be a positive size or -1 (fill), got {size}.")
   if sizes.count(-1) > 1:
     _fail("mesh", f"at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
   for i, rule in enumerate(cfg.mesh.rules):
@@ -423,13 +417,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     for a in axes:
       if a is not None and a not in MESH_AXES:
         _fail(f"mesh.rules[{i}]", f"unknown mesh axis {a!r}; mesh axes are {MESH_AXES}.")
-  if m.pipeline_repeats <= 0:
-    _fail("model.pipeline_repeats", f"must be positive, got {m.pipeline_repeats}.")
-  if m.pipeline_microbatches == 0 or m.pipeline_microbatches < -1:
-    _fail("model.pipeline_microbatches", f"must be positive or -1, got {m.pipeline_microbatches}.")
-  for axis in ("data", "fsdp"):
-    if cfg.mesh[f"dcn_{axis}"] < 1:
-      _fail(f"mesh.dcn_{axis}", f"must be >= 1, got {cfg.mesh[f'dcn_{axis}']}.")
   if num_devices is not None:
     shape = dict(zip(MESH_AXES, resolve_mesh_shape(cfg, num_devices)))
     for axis in ("data", "fsdp"):

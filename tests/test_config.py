@@ -59,6 +59,17 @@ def test_every_default_field_is_documented_where_defined():
     ("train.steps", 0, "config.train.steps: must be positive"),
     ("mesh.tensor", 3, "config.mesh: the fixed axes"),
     ("mesh.stage", 0, "config.mesh.stage: must be a positive size or -1"),
+    ("train.nan_policy", "ignore", "config.train.nan_policy: must be one of ('halt', 'skip'), got 'ignore'."),
+    ("data.format", "chat", "config.data.format: must be one of ('text', 'prompt_response')"),
+    ("model.attention", "flash", "config.model.attention: must be one of"),
+    ("model.sliding_window", -1, "config.model.sliding_window: must be >= 0, got -1."),
+    ("train.spike_window", 1, "config.train.spike_window: must be >= 2, got 1."),
+    ("mesh.dcn_fsdp", 0, "config.mesh.dcn_fsdp: must be >= 1, got 0."),
+    ("model.pipeline_microbatches", 0, "config.model.pipeline_microbatches: must be positive or -1"),
+    ("data.eval_fraction", 1.0, "config.data.eval_fraction: must be in [0, 1), got 1.0."),
+    ("optim.end_lr_fraction", 1.5, "config.optim.end_lr_fraction: must be in [0, 1], got 1.5."),
+    ("data.seq_len", 0, "config.data.seq_len: must be positive, got 0."),
+    ("model.num_kv_heads", 0, "config.model.num_kv_heads: must be positive, got 0."),
 ])
 def test_validation_errors_name_the_key(key, value, needle):
   cfg = default_config()
@@ -67,6 +78,20 @@ def test_validation_errors_name_the_key(key, value, needle):
   with pytest.raises(ConfigError) as e:
     validate(cfg, num_devices=8)
   assert needle in str(e.value)
+
+
+def test_validation_tables_name_real_keys_and_shared_choices():
+  from lmjax import config
+  from lmjax.data import packing, readers, sources
+  keys = config._flat(default_config())
+  tables = [*config.CHOICES, *config.POSITIVE, *config.AT_LEAST, *config.POSITIVE_OR_MINUS_ONE,
+            *config.FRACTIONS]
+  assert set(tables) <= set(keys) and len(tables) == len(set(tables))  # each key in one table
+  assert readers.TXT_SPLITS is config.TXT_SPLITS  # defined once, imported
+  assert sources.BAD_RECORD_POLICIES is config.BAD_RECORD_POLICIES
+  assert packing.LONG_DOCUMENT_POLICIES is config.LONG_DOCUMENT_POLICIES
+  from lmjax.model import transformer
+  assert set(transformer.REMAT_POLICIES) | {"none"} == set(config.REMAT_POLICIES)
 
 
 def test_unknown_missing_and_mistyped_keys():

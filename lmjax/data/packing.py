@@ -28,7 +28,7 @@ from lmjax.data.readers import Document
 from lmjax.data.sources import DataError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
-LONG_DOCUMENT_POLICIES = ("split", "truncate", "skip", "fail")
+from lmjax.config import LONG_DOCUMENT_POLICIES  # noqa: E402  (a config choice, defined once)
 COUNTS_KEY = "lmjax_counts"  # where pipeline counts live in an iterator's state
 
 

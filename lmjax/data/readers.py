@@ -30,7 +30,7 @@ JSON_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 PARQUET_EXTENSIONS = (".parquet",)
 ARRAY_RECORD_EXTENSIONS = (".arrayrecord", ".array_record")
 EXTENSIONS = TEXT_EXTENSIONS + JSON_EXTENSIONS + PARQUET_EXTENSIONS + ARRAY_RECORD_EXTENSIONS
-TXT_SPLITS = ("file", "blank_line")
+from lmjax.config import TXT_SPLITS  # noqa: E402  (a config choice, defined once)
 
 _BLANK_LINES = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank lines
 _READ_CHUNK = 1024  # ArrayRecord records / Parquet rows read at a time

@@ -36,7 +36,7 @@ from lmjax.data.readers import EXTENSIONS, TXT_SPLITS, Document
 
 log = logging.getLogger("lmjax.data")
 
-BAD_RECORD_POLICIES = ("skip", "fail")
+from lmjax.config import BAD_RECORD_POLICIES  # noqa: E402  (a config choice, defined once)
 PREPARED_METADATA = "lmjax_data.json"  # marks a directory written by tools/prepare_data.py
 # Why a record was skipped; keys of SkipLog.counts and of the data_skipped/* metrics.
 REASONS = {
