@@ -1,8 +1,9 @@
 """Every config field with its default, validation with clear errors, derived values.
 
 A config file in ``configs/`` starts from :func:`default_config` and changes a few
-fields. :func:`validate` runs before anything is compiled and raises
-:class:`ConfigError` naming the offending key.
+fields; it reads its argument with :func:`parse_arg`. :func:`validate` runs before anything
+is compiled and raises :class:`ConfigError` naming the offending key. :func:`override`
+sets one dotted key, checked (sweeps, conversions, plans); :func:`parse_size` reads byte sizes.
 """
 
 from __future__ import annotations
@@ -72,17 +73,17 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
   """The defaults every config starts from (a tiny CPU model on the default corpus)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0  # seeds parameter init, dropout-free training RNG and data order
+  c.seed = 0  # seeds parameter init and the data shuffles (not which documents are held out)
 
   c.model = m = ml_collections.ConfigDict()
-  m.vocab_size = 1024  # must equal the tokenizer's vocabulary size
+  m.vocab_size = 1024  # must equal the tokenizer's vocabulary size (a generated tokenizer gets this size)
   m.num_layers = 2  # l: decoder blocks (stacked and scanned)
   m.embed_dim = 128  # d: residual stream width
   m.num_heads = 4  # n: query heads
   m.num_kv_heads = 2  # k: key/value heads (GQA); must divide num_heads
   m.head_dim = 32  # h: per-head width
-  m.mlp_dim = 384  # f: SwiGLU hidden width
-  m.max_seq_len = 128  # longest sequence the model is used with (RoPE table size)
+  m.mlp_dim = 384  # f: MLP hidden width (of the SwiGLU gate/up or the GELU up projection)
+  m.max_seq_len = 128  # longest sequence: data.seq_len and generation fit in it; rows of the learned position table
   m.rope_theta = 10000.0  # RoPE base frequency
   m.rope_scaling = "none"  # RoPE frequency scaling: none | linear (positions / factor) | llama3 (Llama 3.1+)
   m.rope_scaling_factor = 8.0  # linear / llama3: how much longer the context becomes
@@ -115,13 +116,13 @@ def default_config() -> ml_collections.ConfigDict:
   d.response_field = "response"  # prompt_response: JSONL field of the response
   d.txt_split = "file"  # .txt documents: "file" (one per file) or "blank_line" (one per blank-line-separated block)
   d.bad_records = "skip"  # empty/undecodable/malformed records, missing paths: "skip" (counted in metrics) or "fail"
-  d.long_documents = "split"  # documents over seq_len tokens: "split" over rows, "truncate", "skip" (counted) or "fail"
-  d.eval_fraction = 0.05  # fraction of documents held out for evaluation (raw sources)
+  d.long_documents = "split"  # documents over seq_len tokens: "split" over rows, "truncate", "skip" (counted) or "fail" (prompt_response examples are cut)
+  d.eval_fraction = 0.05  # fraction of documents (or prompt/response pairs) held out for the eval loss; prepared data was split when prepared
   d.seq_len = 128  # tokens per packed row
   d.global_batch_size = 16  # rows per step across all processes
-  d.shuffle = True  # shuffle documents (raw) or rows (prepared), differently each epoch
+  d.shuffle = True  # shuffle documents (raw), rows (prepared) or pairs (prompt_response), differently each epoch
   d.num_epochs = -1  # -1 repeats forever (training stops at train.steps)
-  d.tokenizer = ""  # path to a sentencepiece .model; "" trains/caches one for the source (or uses a prepared source's)
+  d.tokenizer = ""  # path to a sentencepiece .model; "" = a prepared source's, else train.init_from's run's, else one trained and cached for the source
   d.tokenizer_cache = ""  # directory for generated tokenizers; "" = $LMJAX_CACHE or ~/.cache/lmjax
   d.worker_count = 0  # Grain worker processes (0 = in the main process)
   d.prefetch = 2  # batches prefetched ahead of the step
@@ -129,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-3  # peak learning rate
   o.warmup_steps = 20  # linear warmup from 0
-  o.decay_steps = -1  # cosine decay length; -1 = train.steps - warmup_steps
+  o.decay_steps = -1  # cosine decay length after warmup; <= 0 = train.steps - warmup_steps
   o.end_lr_fraction = 0.1  # final lr as a fraction of the peak
   o.b1 = 0.9
   o.b2 = 0.95
@@ -142,9 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.steps = 200  # optimizer updates
   t.log_every = 10  # steps between metric writes
-  t.eval_every = 100  # steps between eval-loss runs; 0 disables
+  t.eval_every = 100  # steps between eval-loss runs (on log steps, and the last step); 0 disables
   t.eval_batches = 4  # batches per eval run
-  t.checkpoint_every = 100  # steps between checkpoints; 0 = only at the end
+  t.checkpoint_every = 100  # steps between checkpoints; 0 = only at the end (and on SIGTERM/SIGINT)
   t.keep_checkpoints = 3  # newest checkpoints kept
   t.keep_every = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
   t.async_checkpointing = True  # save in the background while training continues
@@ -154,7 +155,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.skip_spikes = False  # skip updates whose loss exceeds mean + spike_threshold * std
   t.spike_window = 32  # steps in the rolling loss mean/std for spike detection
   t.spike_threshold = 6.0  # spike threshold in standard deviations
-  t.init_from = ""  # fine-tuning: a run directory whose newest checkpoint's parameters start this run
+  t.init_from = ""  # fine-tuning: a run directory whose checkpoint's parameters (and tokenizer, if data.tokenizer is "") start this run
   t.init_step = -1  # the step of init_from to use; -1 = newest usable
   t.debug_nan_at_step = 0  # fault injection for tests: that step's loss and grads are NaN
 
