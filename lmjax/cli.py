@@ -71,7 +71,7 @@ commands:
 
 def _train(argv) -> None:
   del argv
-  from lmjax.train import train
+  from lmjax.trainer import train
   if not _WORKDIR.value:
     raise app.UsageError("train needs --workdir")
   history = train(_CONFIG.value, _WORKDIR.value)
@@ -88,7 +88,7 @@ def _eval(argv) -> None:
   del argv
   import json
   from pathlib import Path
-  from lmjax.load import load
+  from lmjax.trained import load
   if not _WORKDIR.value:
     raise app.UsageError("eval needs --workdir (a trained run)")
   run = load(_WORKDIR.value, _STEP.value)
@@ -160,6 +160,7 @@ def _generate(argv) -> None:
   from lmjax.checkpoint import CheckpointError
   from lmjax.config import ConfigError
   from lmjax.generate import generate, load_run
+  from lmjax.rundir import check_vocab
   if not _WORKDIR.value:
     raise app.UsageError("generate needs --workdir (a trained run)")
   if not _PROMPT.value:
@@ -167,10 +168,7 @@ def _generate(argv) -> None:
   try:
     run = load_run(_WORKDIR.value, _CONFIG.value, _STEP.value)
     run.text_tokenizer()
-    if run.tokenizer.vocab_size != run.cfg.model.vocab_size:
-      raise ConfigError(f"config.model.vocab_size: {run.cfg.model.vocab_size} differs from the "
-                        f"tokenizer's vocabulary size {run.tokenizer.vocab_size} "
-                        f"({run.tokenizer.path}).")
+    check_vocab(run.cfg, run.tokenizer)
     texts = generate(run.setup, run.params, run.tokenizer, _PROMPT.value,
                      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                      top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)

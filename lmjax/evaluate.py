@@ -18,19 +18,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
+from sentencepiece import sentencepiece_model_pb2
 
-from lmjax.mesh import host_to_global, use_rules
+from lmjax.state import token_weights
 
 Batch = dict[str, np.ndarray]
 
 
 def _adds_dummy_prefix(tokenizer) -> bool:
-  from sentencepiece import sentencepiece_model_pb2
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(tokenizer.processor.serialized_model_proto())
   return proto.normalizer_spec.add_dummy_prefix
@@ -62,48 +58,38 @@ def token_bytes(tokenizer) -> np.ndarray:
   return out
 
 
-_LOGPROB_FNS: dict[int, Any] = {}
-
-
-def _logprob_fn(setup):
-  """Jitted (params, batch) -> per-token log-probability of the targets, (b, t)."""
-  if id(setup) in _LOGPROB_FNS:
-    return _LOGPROB_FNS[id(setup)][1]
-
-  def fn(params, batch):
-    model = nnx.merge(setup.graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-
-  jitted = jax.jit(fn, in_shardings=(setup.state_shardings["params"], setup.batch_sharding))
-
-  def call(params, batch):
-    with jax.set_mesh(setup.mesh), use_rules(setup.rules):
-      return jitted(params, host_to_global(batch, setup.mesh, setup.batch_sharding))
-
-  _LOGPROB_FNS[id(setup)] = (setup, call)  # keeps setup alive, so its id stays unique
-  return call
-
-
-def perplexity(setup, params, tokenizer, batches: Iterable[Batch], max_batches: int | None = None
-               ) -> dict[str, float]:
-  """Mean loss (nats/token), perplexity and bits per byte over the real target tokens."""
-  logprob = _logprob_fn(setup)
+def loss_sums(setup, params, batches: Iterable[Batch], max_batches: int | None = None,
+              tokenizer=None) -> dict[str, float]:
+  """Summed loss (nats) and weight of the targets of up to ``max_batches`` batches, and,
+  with a ``tokenizer``, the UTF-8 bytes of text they cover: the one evaluation loop."""
   loss_sum = tokens = text_bytes = 0.0
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
-    weights = batch.get("weights", batch["segment_ids"] != 0).astype(np.float64)
-    lp = np.asarray(jax.device_get(logprob(params, batch)), np.float64)
-    loss_sum -= float(np.sum(lp * weights))
-    tokens += float(weights.sum())
-    text_bytes += float(np.sum(target_bytes(tokenizer, batch) * weights))
-  if tokens == 0:
+    scores = setup.score(params, batch)
+    loss_sum -= float(np.sum(scores["logprob"], dtype=np.float64))
+    tokens += float(np.sum(scores["weight"], dtype=np.float64))
+    if tokenizer is not None:
+      weights = np.asarray(token_weights(batch), np.float64)
+      text_bytes += float(np.sum(target_bytes(tokenizer, batch) * weights))
+  return {"loss_sum": loss_sum, "tokens": tokens, "bytes": text_bytes}
+
+
+def perplexity(setup, params, tokenizer, batches: Iterable[Batch], max_batches: int | None = None,
+               *, allow_empty: bool = False) -> dict[str, float]:
+  """Mean loss (nats/token), perplexity and, with a ``tokenizer``, bits per byte over the
+  real target tokens. No tokens at all raise ValueError (``allow_empty``: return {})."""
+  sums = loss_sums(setup, params, batches, max_batches, tokenizer)
+  if sums["tokens"] == 0:
+    if allow_empty:
+      return {}
     raise ValueError("no tokens to evaluate: the held-out split or source is empty")
-  loss = loss_sum / tokens
-  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-          "bits_per_byte": loss_sum / math.log(2) / max(text_bytes, 1.0),
-          "tokens": tokens, "bytes": text_bytes}
+  loss = sums["loss_sum"] / sums["tokens"]
+  out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": sums["tokens"]}
+  if tokenizer is not None:
+    out["bits_per_byte"] = sums["loss_sum"] / math.log(2) / max(sums["bytes"], 1.0)
+    out["bytes"] = sums["bytes"]
+  return out
 
 
 def document_batches(documents: Sequence[str], tokenizer, seq_len: int, batch_size: int) -> list[Batch]:
@@ -174,12 +160,10 @@ def choice_loglikelihoods(setup, params, tokenizer, items: Sequence[dict[str, An
       rows.append((ids[:-1], ids[1:]))
       weights.append(w)
       owners.append((i, j))
-  logprob = _logprob_fn(setup)
   scores = [[0.0] * len(item["choices"]) for item in items]
   batches = _batches(rows, weights, seq_len, batch_size)
   for b, batch in enumerate(batches):
-    lp = np.asarray(jax.device_get(logprob(params, batch)), np.float64)
-    sums = np.sum(lp * batch["weights"], axis=1)
+    sums = setup.score(params, batch)["logprob"]
     for r in range(batch_size):
       k = b * batch_size + r
       if k < len(owners):

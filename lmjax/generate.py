@@ -36,11 +36,12 @@ from flax import nnx
 
 from lmjax import config as config_lib
 from lmjax import data as data_lib
-from lmjax.load import TrainedRun, load
 from lmjax.mesh import RULES, use_rules
 from lmjax.model import Transformer
 from lmjax.model.attention import KVCache
-from lmjax.train import Setup, build
+from lmjax.rundir import LOAD_MESH
+from lmjax.state import Setup
+from lmjax.trained import TrainedRun, load
 
 # What the generation functions accept as the model: a Setup (uses its mesh and rules),
 # a Transformer, or its nnx.GraphDef. The parameters are passed separately.
@@ -268,18 +269,13 @@ def generate(model: Model, params: Any, tokenizer: Any, prompts: Sequence[str], 
   return texts
 
 
-# Generation needs no pipeline stages and the training layout may not fit this machine: a
-# run's own config is used with FSDP over all devices.
-GENERATION_MESH = {"data": 1, "stage": 1, "fsdp": -1, "tensor": 1}
-
-
 def load_run(workdir: str | Path, cfg: ml_collections.ConfigDict | None = None,
              step: int | None = None, devices: list[jax.Device] | None = None) -> TrainedRun:
   """A training run's checkpoint (default: the newest usable one), for generation: the
-  run's own config on :data:`GENERATION_MESH`, or ``cfg`` as given (``mesh.stage`` 1)."""
+  run's own config on :data:`lmjax.rundir.LOAD_MESH`, or ``cfg`` as given (``mesh.stage`` 1)."""
   if cfg is not None and cfg.mesh.stage != 1:
     raise config_lib.ConfigError(f"config.mesh.stage: generation needs 1, got {cfg.mesh.stage}.")
   return load(workdir, step, cfg=cfg, devices=devices,
-              mesh=GENERATION_MESH if cfg is None else None)
+              mesh=LOAD_MESH if cfg is None else None)
 
 

@@ -46,8 +46,14 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from lmjax import config as config_lib
+from lmjax.checkpoint import SHAPE_KEYS, Checkpointer
+from lmjax.data.tokenizer import Tokenizer
+from lmjax.model import Transformer
+from lmjax.rundir import run_config
+from lmjax.trained import load
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
@@ -369,8 +375,6 @@ def params_from_hf(hf_dir: str | Path, cfg: ml_collections.ConfigDict,
   """The lmjax parameters (a pure dict of NumPy arrays in ``dtype``, default
   ``model.param_dtype``) of the checkpoint in ``hf_dir``, checked against the shapes
   ``cfg`` implies; every tensor of the checkpoint must be used."""
-  from flax import nnx
-  from lmjax.model import Transformer
   m = cfg.model
   weights = Weights(hf_dir)
   prefix = _gpt2_prefix(weights) if m.position_embedding == "learned" else "transformer."
@@ -443,8 +447,6 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   A ``tokenizer.model`` (sentencepiece) beside the weights is copied into ``workdir`` and
   becomes ``data.tokenizer``; other tokenizers (``tokenizer.json`` only) are not read.
   """
-  from lmjax.checkpoint import SHAPE_KEYS, Checkpointer
-  from lmjax.data.tokenizer import Tokenizer
   hf_dir, workdir = Path(hf_dir), Path(workdir).absolute()
   cfg = config_from_hf(read_config(hf_dir))
   shape = {k: cfg.model[k] for k in SHAPE_KEYS if k != "param_dtype"}
@@ -582,7 +584,6 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   ``out_dir`` as a Hugging Face checkpoint: ``config.json``, safetensors (``dtype``, default
   bfloat16 for bf16-compute runs, else float32) and the run's ``tokenizer.model`` if it
   has a sentencepiece tokenizer. Returns the written ``config.json`` contents."""
-  from lmjax.load import load, run_config
   cfg = run_config(workdir, step)
   _hf_kind(cfg.model)  # fail before restoring anything
   # Onto the host: the weights go to NumPy anyway, and no accelerator need hold them whole.

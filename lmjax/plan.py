@@ -42,7 +42,9 @@ import ml_collections
 from lmjax import config as config_lib
 from lmjax import cpu_compile
 from lmjax.metrics import PEAK_FLOPS, flops_per_token
-from lmjax.model.attention import BLOCK
+from lmjax.model.attention import BLOCK, check_backend
+from lmjax.state import build
+from lmjax.trainer import compile_train_step
 
 GiB = 2**30
 DEFAULT_MFU = 0.4  # what well-tuned dense LLM training reaches on H100s and TPUs
@@ -233,7 +235,6 @@ def plan(cfg: ml_collections.ConfigDict, devices: int, *, memory_bytes: int | st
 
 def needs_stand_in(cfg: ml_collections.ConfigDict) -> bool:
   """Whether ``config.model.attention`` (a cudnn or splash kernel) cannot compile here."""
-  from lmjax.model.attention import check_backend
   try:
     check_backend(cfg.model.attention, jax.devices()[0].platform)
     return False
@@ -253,7 +254,6 @@ def _compilable(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _setup(cfg: ml_collections.ConfigDict, devices: int):
-  from lmjax.train import build
   return build(_compilable(cfg), jax.devices()[:devices])
 
 
@@ -264,12 +264,11 @@ def _measure(cfg: ml_collections.ConfigDict, devices: int) -> Measured:
   key = (cfg.to_json(), devices, jax.default_backend())
   if key in _CACHE:
     return _CACHE[key]
-  from lmjax.train import compile_steps
   setup = _setup(cfg, devices)
   shape = (cfg.data.global_batch_size, cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding)
            for k in ("inputs", "targets", "segment_ids", "positions")}
-  step, _ = compile_steps(setup)
+  step = compile_train_step(setup)
   start = time.perf_counter()
   lowered = step.lower(setup.abstract_state, batch)
   on_cpu = jax.default_backend() == "cpu"

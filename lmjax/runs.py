@@ -23,7 +23,12 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+import ml_collections
+from flax import nnx
+
 from lmjax.metrics import read_metrics
+from lmjax.model import Transformer, count_params
 
 OVERRIDES_FILE = "overrides.json"
 # Summary columns in table order; override columns come between "run" and these.
@@ -121,11 +126,6 @@ def _natural_key(name: str) -> list[Any]:
 
 @functools.lru_cache(maxsize=64)
 def _count_parameters(model_json: str) -> int:
-  import jax
-  import ml_collections
-  from flax import nnx
-
-  from lmjax.model import Transformer, count_params
   model_cfg = ml_collections.ConfigDict(json.loads(model_json))
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   return count_params(jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -41,7 +41,9 @@ import ml_collections
 import numpy as np
 
 from lmjax import runs as runs_lib
+from lmjax.checkpoint import MANIFEST
 from lmjax.config import ConfigError
+from lmjax.trainer import TrainingHalted, train
 
 Overrides = dict[str, Any]  # dotted config key -> value, e.g. {"optim.learning_rate": 1e-3}
 TrainFn = Callable[[ml_collections.ConfigDict, Path], Any]
@@ -294,7 +296,6 @@ def train_command(config: str, overrides: Overrides, workdir: str | Path) -> str
 
 def is_finished(workdir: str | Path, steps: int) -> bool:
   """Whether ``workdir`` holds a committed, manifest-checked checkpoint at or beyond ``steps``."""
-  from lmjax.checkpoint import MANIFEST
   directory = Path(workdir) / "checkpoints"
   if not directory.is_dir():
     return False
@@ -321,7 +322,6 @@ def use_compilation_cache(directory: str | Path) -> None:
 def _train_fn(train_fn: TrainFn | None) -> TrainFn:
   if train_fn is not None:
     return train_fn
-  from lmjax.train import train
   return train
 
 
@@ -356,7 +356,6 @@ def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sequence[Overrides], w
 
 def _train_or_halt(train_fn: TrainFn, cfg: ml_collections.ConfigDict, run_dir: Path) -> str | None:
   """Trains; returns the message if the run was halted by a non-finite loss, else None."""
-  from lmjax.train import TrainingHalted
   try:
     train_fn(cfg, run_dir)
   except TrainingHalted as e:

@@ -18,7 +18,8 @@ import numpy as np
 
 from lmjax.config import default_config
 from lmjax.mesh import host_to_global, use_rules
-from lmjax.train import build, compile_steps, init_state, token_losses
+from lmjax.state import build, init_state, token_losses
+from lmjax.trainer import compile_train_step
 
 # name -> (mesh sizes, model overrides, number of devices)
 LAYOUTS = {
@@ -85,7 +86,7 @@ def run(name):
 
   with jax.set_mesh(setup.mesh), use_rules(setup.rules):
     loss, grads = jax.jit(loss_and_grads)(state["params"], b)
-  step_fn, _ = compile_steps(setup)
+  step_fn = compile_train_step(setup)
   compiled = step_fn.lower(state, b).compile()
   specs = jax.tree.map(lambda x: x.sharding.spec, state["params"])
   new_state, metrics = compiled(state, b)

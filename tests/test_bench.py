@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from lmjax.optim import learning_rate_schedule
-from lmjax.train import build, compile_steps, init_state, token_losses
+from lmjax.state import build, init_state, token_losses
+from lmjax.trainer import compile_train_step
 from tests import layouts
 from tools import reference_step as ref
 
@@ -28,7 +29,7 @@ def test_reference_step_equals_lmjax_train_step():
   params = jax.device_get(state["params"])
   batch = jax.device_put(layouts.batch(), jax.devices()[0])
   ref_state = ref.init_from_lmjax(cfg, state["params"])
-  step_fn, _ = compile_steps(setup)
+  step_fn = compile_train_step(setup)
   new_state, metrics = jax.device_get(_compiled(step_fn, state, batch)(state, batch))
   ref_step = ref.compile_step(cfg)
   ref_state, ref_loss = _compiled(ref_step, ref_state, batch)(ref_state, batch)

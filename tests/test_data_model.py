@@ -14,7 +14,8 @@ from flax import nnx
 from lmjax.config import default_config
 from lmjax.data import default_documents, make_train_iterator, prepare
 from lmjax.model import Transformer
-from lmjax.train import token_losses, train
+from lmjax.state import token_losses
+from lmjax.trainer import train
 from tests.test_data import TINY_DOCS, data_cfg, tok, write_corpus  # noqa: F401 - fixture
 
 

@@ -12,7 +12,7 @@ from lmjax import data as data_lib
 from lmjax.config import ConfigError, default_config
 from lmjax.data import finetune
 from lmjax.mesh import host_to_global
-from lmjax.train import build, token_losses
+from lmjax.state import build, token_losses
 
 
 def _cfg(steps, **mesh):

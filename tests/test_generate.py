@@ -20,7 +20,8 @@ from lmjax import config as config_lib
 from lmjax.generate import generate, generate_ids, load_run, sample_logits
 from lmjax.mesh import use_rules
 from lmjax.model import Transformer
-from lmjax.train import build, train
+from lmjax.state import build
+from lmjax.trainer import train
 
 N = 8  # new tokens per generation
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 logits

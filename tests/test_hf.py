@@ -27,9 +27,10 @@ from lmjax import hf
 from lmjax.checkpoint import Checkpointer, IncompatibleCheckpoint
 from lmjax.config import default_config
 from lmjax.generate import generate_ids
-from lmjax.load import run_config
+from lmjax.rundir import run_config
 from lmjax.mesh import use_rules
-from lmjax.train import build, init_state, train
+from lmjax.state import build, init_state
+from lmjax.trainer import train
 from tools import convert_hf, inspect_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

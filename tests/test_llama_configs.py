@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from lmjax.config import validate
-from lmjax.train import build
+from lmjax.state import build
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ import numpy as np
 from lmjax.config import default_config
 from lmjax.mesh import host_to_global
 from lmjax.optim import learning_rate_schedule, weight_decay_mask
-from lmjax.train import build, compile_steps, init_state
+from lmjax.state import build, init_state
+from lmjax.trainer import compile_train_step
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -42,7 +43,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     batch = {"inputs": rng.integers(0, 64, (8, 16), dtype=np.int32),
              "targets": rng.integers(0, 64, (8, 16), dtype=np.int32),
              "segment_ids": seg, "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1))}
-    step, _ = compile_steps(setup)
+    step = compile_train_step(setup)
     state, metrics = step(init_state(setup), host_to_global(batch, setup.mesh, setup.batch_sharding))
     return jax.device_get(state["params"]), jax.device_get(metrics)
 

@@ -18,7 +18,8 @@ from lmjax.checkpoint import MANIFEST, Checkpointer, CheckpointError, Incompatib
 from lmjax.config import default_config
 from lmjax.mesh import host_to_global
 from lmjax.metrics import read_metrics
-from lmjax.train import TrainingHalted, build, compile_steps, init_state, train
+from lmjax.state import build, init_state
+from lmjax.trainer import TrainingHalted, compile_train_step, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -280,7 +281,7 @@ def test_loss_spike_is_skipped():
   batch = {k: rng.integers(0, 64, (8, 32), dtype=np.int32) for k in ("inputs", "targets")}
   batch.update(segment_ids=np.ones((8, 32), np.int32), positions=np.tile(np.arange(32, dtype=np.int32), (8, 1)))
   params = jax.device_get(state["params"])
-  step, _ = compile_steps(setup)
+  step = compile_train_step(setup)
   new, metrics = step(state, host_to_global(batch, setup.mesh, setup.batch_sharding))
   assert bool(metrics["spike"]) and int(new["skipped"]) == 1  # loss ~7 vs a window of 1.0 +- 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new["params"]), params)

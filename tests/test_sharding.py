@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lmjax.train import build
+from lmjax.state import build
 from tests.layouts import LAYOUTS, assert_same_step, config, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -298,7 +298,7 @@ def test_list_runs_finds_nested_runs_in_reading_order(tmp_path):
 
 
 def test_a_halted_run_is_reported_and_the_sweep_goes_on(tmp_path):
-  from lmjax.train import TrainingHalted
+  from lmjax.trainer import TrainingHalted
 
   def train(cfg, workdir):
     if cfg.optim.learning_rate > 1:

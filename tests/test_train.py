@@ -11,7 +11,8 @@ from lmjax import data as data_lib
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import ConfigError, default_config
 from lmjax.metrics import read_metrics
-from lmjax.train import build, train
+from lmjax.state import build
+from lmjax.trainer import train
 
 
 def _cfg(steps):

@@ -96,7 +96,8 @@ from lmjax.config import default_config  # noqa: E402
 from lmjax.mesh import host_to_global  # noqa: E402
 from lmjax.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 from lmjax.model.pipeline import bubble_fraction  # noqa: E402
-from lmjax.train import build, compile_steps, init_state  # noqa: E402
+from lmjax.state import build, init_state  # noqa: E402
+from lmjax.trainer import compile_train_step  # noqa: E402
 from tools import reference_step, step_profile  # noqa: E402
 
 LAYOUTS = [
@@ -224,7 +225,7 @@ def _run_config(name: str, cfg, device, rounds: int, per_round: int, breakdown: 
   state = init_state(setup)
   batch = host_to_global(_random_batch(cfg), setup.mesh, setup.batch_sharding)
   ref_state = reference_step.init_from_lmjax(cfg, state["params"])
-  step_fn, _ = compile_steps(setup)
+  step_fn = compile_train_step(setup)
   fns = {"lmjax": step_fn.lower(state, batch).compile(),
          "reference": reference_step.compile_step(cfg).lower(ref_state, batch).compile()}
   states = {"lmjax": state, "reference": ref_state}
@@ -341,7 +342,7 @@ def compile_times(quick: bool) -> None:
       batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
                for k, v in _random_batch(c).items()}
       jax.clear_caches()  # nothing traced or compiled before counts
-      step_fn, _ = compile_steps(setup)
+      step_fn = compile_train_step(setup)
       t0 = time.perf_counter()
       lowered = step_fn.lower(setup.abstract_state, batch)
       t1 = time.perf_counter()
@@ -404,7 +405,7 @@ def measure(cfg, steps: int) -> dict:
   setup = build(cfg, _devices(n))
   state = init_state(setup)
   batch = host_to_global(_random_batch(cfg), setup.mesh, setup.batch_sharding)
-  step_fn, _ = compile_steps(setup)
+  step_fn = compile_train_step(setup)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

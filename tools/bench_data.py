@@ -99,7 +99,7 @@ def bench_pipeline(sources: dict[int, str], tok, seconds: float, workers: list[i
 def bench_train(config: str, arg: str | None) -> float:
   import importlib.util
 
-  from lmjax.train import train
+  from lmjax.trainer import train
   spec = importlib.util.spec_from_file_location("cfg", os.path.join("configs", config))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

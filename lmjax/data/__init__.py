@@ -17,6 +17,7 @@ from lmjax.data.packing import BATCH_KEYS, DataIterator
 from lmjax.data.pipeline import (
     make_eval_dataset,
     make_eval_iterator,
+    make_iterator,
     make_train_dataset,
     make_train_iterator,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "load_records",
     "make_eval_dataset",
     "make_eval_iterator",
+    "make_iterator",
     "make_train_dataset",
     "make_train_iterator",
     "prepare",

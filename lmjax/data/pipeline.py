@@ -41,14 +41,14 @@ import grain
 import ml_collections
 import numpy as np
 
-from lmjax.data import prepared
+from lmjax.data import finetune, prepared
 from lmjax.data.packing import BATCH_KEYS, DataIterator, Encode, counts_in_state, mix_iter, pack, prefetch
 from lmjax.data.readers import Document
 from lmjax.data.sources import DataError, SkipLog, cached_records, sources_of, split_documents
 from lmjax.data.tokenizer import Tokenizer
 
-__all__ = ["BATCH_KEYS", "make_eval_dataset", "make_eval_iterator", "make_train_dataset",
-           "make_train_iterator"]
+__all__ = ["BATCH_KEYS", "make_eval_dataset", "make_eval_iterator", "make_iterator",
+           "make_train_dataset", "make_train_iterator"]
 
 # The held-out documents depend on the data alone, not on cfg.seed, so that runs with
 # different seeds are evaluated on the same documents.
@@ -197,3 +197,21 @@ def make_eval_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
     return prepared.make_eval_iterator(cfg, process_index, process_count)
   return iter(make_eval_dataset(cfg, tokenizer, process_index=process_index,
                                 process_count=process_count))
+
+
+SPLITS = ("train", "eval")
+
+
+def make_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, split: str = "train",
+                  process_index: int = 0, process_count: int = 1) -> Any:
+  """The one entry point: batches of ``split`` ("train": endless or ``data.num_epochs``;
+  "eval": the held-out part, finite) for this process, from whatever ``cfg.data`` names:
+  raw documents, a prepared dataset, or prompt/response pairs (``data.format``)."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  proc = dict(process_index=process_index, process_count=process_count)
+  if finetune.is_finetune(cfg.data):
+    return finetune.make_iterator(cfg, tokenizer, split=split, **proc)
+  if split == "train":
+    return make_train_iterator(cfg, tokenizer, **proc)
+  return make_eval_iterator(cfg, tokenizer, **proc)

@@ -1,4 +1,4 @@
-"""Training: state initialisation (sharded, under jit), the train and eval steps, the loop.
+"""Training: the pure train step and the loop around it.
 
 ``train(cfg, workdir)`` is the whole job; the CLI and notebooks call it. Rerunning it with
 the same ``workdir`` resumes from the newest checkpoint, data position included.
@@ -6,12 +6,9 @@ the same ``workdir`` resumes from the newest checkpoint, data position included.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,103 +17,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from lmjax import config as config_lib
 from lmjax import data as data_lib
-from lmjax.data import finetune as finetune_data
-from lmjax.checkpoint import Checkpointer, abstract_with_shardings
-from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, rules_from_config, tree_shardings, use_rules
+from lmjax import evaluate as eval_lib
+from lmjax import rundir
+from lmjax.checkpoint import Checkpointer, CheckpointError
+from lmjax.mesh import host_to_global, replicated
 from lmjax.metrics import MetricsWriter, Throughput
-from lmjax.model import Transformer, count_params, logical_axes
-from lmjax.model.attention import check_backend
-from lmjax.optim import learning_rate_schedule, make_optimizer
+from lmjax.optim import learning_rate_schedule
+from lmjax.state import Batch, Setup, State, build, init_state, token_losses
 
-Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: (b, t) int32
-# step, params, opt_state; loss_window (recent losses, for spike detection) and skipped
-# (updates not applied). The step draws no random numbers: everything it depends on is here.
-State = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """Everything built from a config and a mesh before the first step."""
-  cfg: ml_collections.ConfigDict
-  mesh: Mesh
-  rules: dict
-  graphdef: nnx.GraphDef
-  optimizer: optax.GradientTransformation
-  abstract_state: State  # ShapeDtypeStructs carrying the target shardings
-  state_shardings: State
-  batch_sharding: NamedSharding
-  num_params: int
-
-  def model(self, params: Any) -> Transformer:
-    """The NNX module with ``params`` (e.g. to call it eagerly in a notebook)."""
-    return nnx.merge(self.graphdef, params)
-
-
-def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Setup:
-  """Validates ``cfg``, builds the mesh over ``devices`` (default: all) and the abstract,
-  sharded train state. Nothing is allocated or compiled."""
-  devices = jax.devices() if devices is None else list(devices)
-  config_lib.validate(cfg, num_devices=len(devices))
-  try:
-    check_backend(cfg.model.attention, devices[0].platform)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  mesh = make_mesh(cfg, devices)
-  rules = rules_from_config(cfg)
-  optimizer = make_optimizer(cfg)
-  abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed),
-                                                      num_stages=mesh.shape["stage"]))
-  graphdef, abstract_params = nnx.split(abstract_model)
-  abstract_params = abstract_params.to_pure_dict()
-  param_shardings = tree_shardings(logical_axes(abstract_model), abstract_params, mesh, rules)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-  opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: replicated(mesh))
-  shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings,
-               "loss_window": replicated(mesh), "skipped": replicated(mesh)}
-  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-              "opt_state": abstract_opt,
-              "loss_window": jax.ShapeDtypeStruct((cfg.train.spike_window,), jnp.float32),
-              "skipped": jax.ShapeDtypeStruct((), jnp.int32)}
-  return Setup(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer,
-               abstract_state=abstract_with_shardings(abstract, shardings),
-               state_shardings=shardings,
-               batch_sharding=batch_sharding(mesh, rules, (cfg.data.global_batch_size, cfg.data.seq_len)),
-               num_params=count_params(abstract_params))
-
-
-def init_state(setup: Setup) -> State:
-  """Creates parameters and optimizer state directly sharded (never whole on one device)."""
-  cfg = setup.cfg
-
-  @functools.partial(jax.jit, out_shardings=setup.state_shardings)
-  def init():
-    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed), num_stages=setup.mesh.shape["stage"])
-    params = nnx.split(model)[1].to_pure_dict()
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": setup.optimizer.init(params),
-            "loss_window": jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32),
-            "skipped": jnp.zeros((), jnp.int32)}
-
-  with jax.set_mesh(setup.mesh), use_rules(setup.rules):
-    return init()
-
-
-def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy over the weighted tokens, and their weight."""
-  model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # (b, t, v)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  # Padding (segment 0) never counts; a batch may also weight tokens itself (e.g. a
-  # fine-tuning batch that trains on responses only).
-  weights = batch["weights"] if "weights" in batch else (batch["segment_ids"] != 0).astype(jnp.float32)
-  return jnp.sum(losses * weights), jnp.sum(weights)
 
 
 def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
@@ -188,75 +101,47 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   return new_state, metrics
 
 
-def eval_step(setup: Setup, params: Any, batch: Batch) -> dict[str, jax.Array]:
-  loss_sum, count = token_losses(setup.graphdef, params, batch)
-  return {"loss_sum": loss_sum, "tokens": count}
-
-
-def compile_steps(setup: Setup) -> tuple[Callable, Callable]:
-  """The jitted train step (state donated, explicit shardings) and eval step."""
-  rep = replicated(setup.mesh)
+def compile_train_step(setup: Setup) -> Callable:
+  """The jitted train step (state donated, explicit shardings), called and lowered under the
+  setup's mesh and rules."""
   step = jax.jit(functools.partial(train_step, setup),
                  in_shardings=(setup.state_shardings, setup.batch_sharding),
-                 out_shardings=(setup.state_shardings, rep), donate_argnums=0)
-  ev = jax.jit(functools.partial(eval_step, setup),
-               in_shardings=(setup.state_shardings["params"], setup.batch_sharding),
-               out_shardings=rep)
+                 out_shardings=(setup.state_shardings, replicated(setup.mesh)), donate_argnums=0)
 
-  def with_context(fn):
-    @functools.wraps(fn)
-    def call(*args):
-      with jax.set_mesh(setup.mesh), use_rules(setup.rules):
-        return fn(*args)
-    call.lower = lambda *a: _lower(fn, setup, *a)
-    return call
+  @functools.wraps(step)
+  def call(state: State, batch: Batch):
+    with setup.context():
+      return step(state, batch)
 
-  return with_context(step), with_context(ev)
+  def lower(*args):
+    with setup.context():
+      return step.lower(*args)
 
-
-def _lower(fn, setup: Setup, *args):
-  with jax.set_mesh(setup.mesh), use_rules(setup.rules):
-    return fn.lower(*args)
+  call.lower = lower
+  return call
 
 
-def evaluate(setup: Setup, eval_fn: Callable, params: Any, iterator, max_batches: int) -> dict[str, float]:
-  """Mean loss and perplexity over up to ``max_batches`` held-out batches."""
-  loss_sum, tokens = 0.0, 0.0
-  for i, batch in enumerate(iterator):
-    if i >= max_batches:
-      break
-    out = jax.device_get(eval_fn(params, host_to_global(batch, setup.mesh, setup.batch_sharding)))
-    loss_sum += float(out["loss_sum"])
-    tokens += float(out["tokens"])
-  if tokens == 0:
-    return {}
-  loss = loss_sum / tokens
-  return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+def _evaluate(setup: Setup, params: Any, batches, max_batches: int) -> dict[str, float]:
+  """Held-out loss and perplexity over up to ``max_batches`` batches (none if it is empty)."""
+  out = eval_lib.perplexity(setup, params, None, batches, max_batches, allow_empty=True)
+  return {f"eval_{k}": out[k] for k in ("loss", "perplexity") if k in out}
 
 
 def _say(message: str) -> None:
   """A one-line status message from process 0, kept clear of the progress bar."""
   if jax.process_index() == 0:
-    from tqdm import tqdm
     tqdm.write(f"lmjax: {message}")
 
 
 def _initial_params(cfg: ml_collections.ConfigDict, setup: Setup) -> Any:
   """The parameters of ``train.init_from``'s checkpoint, on this run's mesh."""
-  source = Path(cfg.train.init_from)
-  directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-  ckpt = Checkpointer(directory, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise config_lib.ConfigError(f"config.train.init_from: no checkpoint in {directory}.")
-  step = cfg.train.init_step if cfg.train.init_step >= 0 else steps[-1]
-  if step not in steps:
-    raise config_lib.ConfigError(f"config.train.init_step: {step} is not among {steps} in {directory}.")
-  ckpt.verify(step)
-  ckpt.check_compatible(step, cfg, params_only=True)
-  params = ckpt.restore_params(step, setup.abstract_state["params"])
-  ckpt.manager.close()
-  _say(f"parameters from {directory / str(step)}; optimizer state starts fresh")
+  try:
+    step, params, _ = rundir.restore_params(cfg.train.init_from, setup, cfg.train.init_step,
+                                            warn=lambda m: _say(f"warning: {m}"))
+  except CheckpointError as e:
+    raise config_lib.ConfigError(f"config.train.init_from: {e}") from None
+  _say(f"parameters from {rundir.checkpoint_dir(cfg.train.init_from) / str(step)}; "
+       "optimizer state starts fresh")
   return params
 
 
@@ -289,7 +174,6 @@ class _StopRequest:
 
   def requested(self, step: int) -> bool:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       return bool(multihost_utils.reached_preemption_sync_point(step)) or self.signal is not None
     return self.signal is not None
 
@@ -305,24 +189,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
   workdir = Path(workdir)
   setup = build(cfg, devices)
   is_main = jax.process_index() == 0
-  from lmjax.load import run_tokenizer  # fine-tuning speaks the pre-trained run's tokenizer
-  tokenizer = run_tokenizer(cfg)
-  if tokenizer.vocab_size != cfg.model.vocab_size:
-    raise config_lib.ConfigError(
-        f"config.model.vocab_size: {cfg.model.vocab_size} differs from the tokenizer's "
-        f"vocabulary size {tokenizer.vocab_size} ({tokenizer.path}); set them equal.")
+  tokenizer = rundir.run_tokenizer(cfg)  # fine-tuning speaks the pre-trained run's tokenizer
+  rundir.check_vocab(cfg, tokenizer)
   workdir.mkdir(parents=True, exist_ok=True)
   if is_main:
-    (workdir / "config.json").write_text(cfg.to_json(indent=2))
+    (workdir / rundir.CONFIG_FILE).write_text(cfg.to_json(indent=2))
 
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if finetune_data.is_finetune(cfg.data):
-    make_iterator = lambda: finetune_data.make_iterator(cfg, tokenizer, **proc)
-    make_eval_iterator = lambda: finetune_data.make_iterator(cfg, tokenizer, split="eval", **proc)
-  else:
-    make_iterator = lambda: data_lib.make_train_iterator(cfg, tokenizer, **proc)
-    make_eval_iterator = lambda: data_lib.make_eval_iterator(cfg, tokenizer, **proc)
-  checkpointer = Checkpointer(workdir / "checkpoints", cfg)
+  make_iterator = lambda: data_lib.make_iterator(cfg, tokenizer, split="train", **proc)
+  make_eval_iterator = lambda: data_lib.make_iterator(cfg, tokenizer, split="eval", **proc)
+  checkpointer = Checkpointer(workdir / rundir.CHECKPOINTS, cfg)
   latest, state, train_iter = checkpointer.restore_latest(
       cfg, setup.abstract_state, make_iterator, warn=lambda m: _say(f"warning: {m}"))
   if latest is not None:
@@ -333,14 +209,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
       state["params"] = _initial_params(cfg, setup)
   start = int(jax.device_get(state["step"]))
 
-  step_fn, eval_fn = compile_steps(setup)
+  step_fn = compile_train_step(setup)
   writer = MetricsWriter(workdir, enabled=is_main, keep_through_step=start)
   throughput = Throughput(cfg, setup.num_params)
   history: list[dict[str, float]] = []
   t = cfg.train
   bar = None
   if is_main and t.progress_bar and start < t.steps:
-    from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
   _say(f"model: {setup.num_params / 1e6:.2f}M parameters; mesh {dict(setup.mesh.shape)}; "
        f"tokenizer {tokenizer.path} (vocab {tokenizer.vocab_size}); steps {start}..{t.steps}")
@@ -387,8 +262,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
           extra = throughput.rate()
           extra["checkpoint_blocked_sec"] = blocked
           if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-            extra.update(evaluate(setup, eval_fn, state["params"],
-                                  make_eval_iterator(), t.eval_batches))
+            extra.update(_evaluate(setup, state["params"], make_eval_iterator(), t.eval_batches))
           log(step, fetched, extra)
           pending, blocked = [], 0.0
         if bar is not None:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,10 @@ import jax
 import ml_collections
 
 from lmjax import data as data_lib
-from lmjax.checkpoint import Checkpointer, CheckpointError
-from lmjax.config import from_saved
+from lmjax import evaluate as ev
+from lmjax import rundir
 from lmjax.metrics import read_metrics
+from lmjax.state import Setup, build
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class TrainedRun:
   workdir: Path
   step: int
   cfg: ml_collections.ConfigDict
-  setup: Any  # lmjax.train.Setup
+  setup: Setup
   params: Any
   tokenizer: Any  # None for imported weights that came without a sentencepiece tokenizer
 
@@ -52,13 +52,9 @@ class TrainedRun:
   def evaluate(self, source: str | None = None, max_batches: int | None = None) -> dict[str, float]:
     """Loss, perplexity and bits per byte on the run's held-out split, or on every document
     of ``source`` (a file, directory or glob)."""
-    from lmjax import evaluate as ev
     self.text_tokenizer()
-    if source is None and self.cfg.data.format == "prompt_response":
-      from lmjax.data import finetune
-      batches = finetune.make_iterator(self.cfg, self.tokenizer, split="eval")
-    elif source is None:
-      batches = data_lib.make_eval_iterator(self.cfg, self.tokenizer)
+    if source is None:
+      batches = data_lib.make_iterator(self.cfg, self.tokenizer, split="eval")
     else:
       docs = data_lib.load_documents(source, self.cfg.data.text_field)
       batches = ev.document_batches(docs, self.tokenizer, self.cfg.data.seq_len,
@@ -66,30 +62,7 @@ class TrainedRun:
     return ev.perplexity(self.setup, self.params, self.tokenizer, batches, max_batches)
 
   def multiple_choice(self, path: str) -> dict[str, float]:
-    from lmjax import evaluate as ev
     return ev.multiple_choice(self.setup, self.params, self.text_tokenizer(), ev.read_choices(path))
-
-
-def run_config(workdir: str | Path, step: int | None = None) -> ml_collections.ConfigDict:
-  """The config a run was trained with: the checkpoint's copy, else ``config.json``."""
-  workdir = Path(workdir)
-  ckpt_dir = workdir / "checkpoints"
-  if ckpt_dir.is_dir():
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
-    steps = ckpt.all_steps()
-    if steps:  # on today's defaults: fields added since the run keep their defaults
-      return from_saved(ckpt.saved_config(step if step is not None else steps[-1]))
-  if (workdir / "config.json").exists():
-    return from_saved(json.loads((workdir / "config.json").read_text()))
-  raise FileNotFoundError(f"{workdir} holds no checkpoint and no config.json: not an lmjax run")
-
-
-def run_tokenizer(cfg: ml_collections.ConfigDict):
-  """The tokenizer a run uses: ``data.tokenizer``, else a fine-tuning run's pre-trained
-  run's, else the one generated for its data source."""
-  if cfg.train.init_from and not cfg.data.tokenizer:
-    return run_tokenizer(run_config(cfg.train.init_from))
-  return data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
 
 
 def load(workdir: str | Path, step: int | None = None, *, cfg: ml_collections.ConfigDict | None = None,
@@ -101,30 +74,13 @@ def load(workdir: str | Path, step: int | None = None, *, cfg: ml_collections.Co
   ``{"fsdp": -1}``); by default a run whose mesh does not fit the devices is loaded with FSDP
   over all of them.
   """
-  from lmjax.train import build
   workdir = Path(workdir)
-  cfg = run_config(workdir, step) if cfg is None else cfg
+  cfg = rundir.run_config(workdir, step) if cfg is None else cfg
   devices = jax.devices() if devices is None else list(devices)
-  if mesh is None:
-    sizes = [cfg.mesh[a] for a in ("data", "stage", "fsdp", "tensor")]
-    if -1 not in sizes and jax.numpy.prod(jax.numpy.array(sizes)) != len(devices):
-      mesh = {"data": 1, "stage": 1, "fsdp": -1, "tensor": 1}
-  for k, v in (mesh or {}).items():
-    cfg.mesh[k] = v
-  setup = build(cfg, devices)
-  ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
-  if step is None:  # only the parameters are read, never the optimizer state
-    step, state, _ = ckpt.restore_latest(cfg, setup.abstract_state, params_only=True)
-    if step is None:
-      raise CheckpointError(f"{workdir / 'checkpoints'} holds no checkpoint")
-    params = state["params"]
-  else:
-    ckpt.verify(step)
-    ckpt.check_compatible(step, cfg, params_only=True)
-    params = ckpt.restore_params(step, setup.abstract_state["params"])
-  imported = ckpt.meta(step).get("params_only", False)
-  ckpt.manager.close()
+  setup = build(rundir.loading_config(cfg, len(devices), mesh), devices)
+  step, params, meta = rundir.restore_params(workdir, setup, step)
   # Imported weights whose tokenizer lmjax cannot read (not sentencepiece) come without one.
-  tokenizer = None if imported and not cfg.data.tokenizer else run_tokenizer(cfg)
+  imported = meta.get("params_only", False)
+  tokenizer = None if imported and not cfg.data.tokenizer else rundir.run_tokenizer(cfg)
   return TrainedRun(workdir=workdir, step=step, cfg=cfg, setup=setup, params=params,
                     tokenizer=tokenizer)

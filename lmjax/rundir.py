@@ -1,0 +1,110 @@
+"""A run directory: what it holds and how to read it back.
+
+A run directory (``--workdir``) holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``
+and ``checkpoints/<step>/``; a Hugging Face import (``lmjax.hf``) holds a parameters-only
+checkpoint and its tokenizer. This module reads them: the saved config, the tokenizer, and
+the parameters at a step or the newest usable one, onto any mesh.
+
+  cfg = run_config("runs/tiny")                 # on today's defaults
+  step, params, meta = restore_params("runs/tiny", build(cfg))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from lmjax import config as config_lib
+from lmjax import data as data_lib
+from lmjax.checkpoint import Checkpointer, CheckpointError
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+# Loading (evaluation, generation, export) needs no pipeline stages and the training layout
+# may not fit this machine: a run whose mesh does not fit the devices loads with FSDP over all.
+LOAD_MESH = {"data": 1, "stage": 1, "fsdp": -1, "tensor": 1}
+
+
+def checkpoint_dir(run: str | Path) -> Path:
+  """The checkpoint directory of run directory ``run`` (or ``run`` itself if it is one)."""
+  run = Path(run)
+  return run / CHECKPOINTS if (run / CHECKPOINTS).is_dir() else run
+
+
+def run_config(workdir: str | Path, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config a run was trained with, on today's defaults (fields added since the run
+  keep their defaults): the checkpoint's copy (``step`` or the newest), else ``config.json``."""
+  workdir = Path(workdir)
+  ckpt_dir = workdir / CHECKPOINTS
+  if ckpt_dir.is_dir():
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    steps = ckpt.all_steps()
+    if steps:
+      return config_lib.from_saved(ckpt.saved_config(step if step is not None else steps[-1]))
+  if (workdir / CONFIG_FILE).exists():
+    return config_lib.from_saved(json.loads((workdir / CONFIG_FILE).read_text()))
+  raise FileNotFoundError(f"{workdir} holds no checkpoint and no {CONFIG_FILE}: not an lmjax run")
+
+
+def run_tokenizer(cfg: ml_collections.ConfigDict) -> data_lib.Tokenizer:
+  """The tokenizer a run uses: ``data.tokenizer``, else a fine-tuning run's pre-trained
+  run's, else the one its data source calls for (a prepared dataset's, or one trained for
+  the source and cached)."""
+  if cfg.train.init_from and not cfg.data.tokenizer:
+    return run_tokenizer(run_config(cfg.train.init_from))
+  return data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
+
+
+def check_vocab(cfg: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer) -> None:
+  """Raises ConfigError unless the model's vocabulary is the tokenizer's."""
+  if tokenizer.vocab_size != cfg.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model.vocab_size: {cfg.model.vocab_size} differs from the tokenizer's "
+        f"vocabulary size {tokenizer.vocab_size} ({tokenizer.path}); set them equal.")
+
+
+def loading_config(cfg: ml_collections.ConfigDict, num_devices: int,
+                   mesh: dict[str, int] | None = None) -> ml_collections.ConfigDict:
+  """``cfg`` with mesh sizes ``mesh`` applied, or, when none are given and the run's mesh
+  does not cover ``num_devices``, :data:`LOAD_MESH` (parameters restore onto any mesh)."""
+  if mesh is None:
+    try:
+      config_lib.resolve_mesh_shape(cfg, num_devices)
+    except config_lib.ConfigError:
+      mesh = LOAD_MESH
+  for axis, size in (mesh or {}).items():
+    cfg.mesh[axis] = size
+  return cfg
+
+
+def restore_params(run: str | Path, setup: Any, step: int | None = None,
+                   warn: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]]:
+  """Reads the parameters (never the optimizer state) of run ``run`` (a run directory or
+  its checkpoint directory) at ``step``, or of the newest usable checkpoint, sharded as
+  ``setup``'s; read-only, so safe beside a run that is saving. Returns ``(step, params,
+  meta)``; ``meta["params_only"]`` marks imported weights. Raises CheckpointError when
+  there is no usable checkpoint (or ``step`` is not one), naming the directory."""
+  directory = checkpoint_dir(run)
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    abstract = setup.abstract_state["params"]
+    if step is None or step < 0:
+      step, state, _ = ckpt.restore_latest(setup.cfg, {"params": abstract}, params_only=True, warn=warn)
+      if step is None:
+        raise CheckpointError(f"{directory} holds no checkpoint")
+      params = state["params"]
+    else:
+      steps = ckpt.all_steps()
+      if step not in steps:
+        raise CheckpointError(f"{directory}: step {step} is not among its checkpoints {steps}")
+      ckpt.verify(step)
+      ckpt.check_compatible(step, setup.cfg, params_only=True)
+      params = ckpt.restore_params(step, abstract)
+    return step, params, ckpt.meta(step)
+  finally:
+    ckpt.manager.close()
+

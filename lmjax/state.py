@@ -1,0 +1,163 @@
+"""A run's state from its config: the mesh, the model, the optimizer and the abstract,
+sharded train state (:func:`build`), its creation (:func:`init_state`), and the loss.
+
+Everything that trains, evaluates, plans, converts or generates starts here:
+
+  setup = build(cfg)                   # validates; nothing allocated or compiled
+  state = init_state(setup)            # parameters and optimizer state, created sharded
+  scores = setup.score(state["params"], batch)  # per row: summed log-probability, weight
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from lmjax import config as config_lib
+from lmjax.checkpoint import abstract_with_shardings
+from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, rules_from_config, tree_shardings, use_rules
+from lmjax.model import Transformer, count_params, logical_axes
+from lmjax.model.attention import check_backend
+from lmjax.optim import make_optimizer
+
+Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (+ weights): (b, t)
+# step, params, opt_state; loss_window (recent losses, for spike detection) and skipped
+# (updates not applied). The step draws no random numbers: everything it depends on is here.
+State = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (a jit key)
+class Setup:
+  """Everything built from a config and a mesh before the first step."""
+  cfg: ml_collections.ConfigDict
+  mesh: Mesh
+  rules: dict
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  abstract_state: State  # ShapeDtypeStructs carrying the target shardings
+  state_shardings: State
+  batch_sharding: NamedSharding
+  num_params: int
+
+  def model(self, params: Any) -> Transformer:
+    """The NNX module with ``params`` (e.g. to call it eagerly in a notebook)."""
+    return nnx.merge(self.graphdef, params)
+
+  def context(self):
+    """The mesh and rules every computation of this setup traces under."""
+    return _Context(self)
+
+  @functools.cached_property
+  def _score(self):
+    def score(params, batch):  # per row: summed weighted log-probability, summed weight
+      weights = token_weights(batch)
+      return {"logprob": jnp.sum(token_logprobs(self.graphdef, params, batch) * weights, axis=1),
+              "weight": jnp.sum(weights, axis=1)}
+
+    return jax.jit(score, in_shardings=(self.state_shardings["params"], self.batch_sharding),
+                   out_shardings=replicated(self.mesh))
+
+  def score(self, params: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per row of a host batch (this process's rows): ``logprob``, the summed log-probability
+    of its weighted targets (:func:`token_weights`), and ``weight``, their summed weight,
+    for every row of the global batch, float32 (b,) on the host. Compiled once per setup."""
+    with self.context():
+      out = self._score(params, host_to_global(batch, self.mesh, self.batch_sharding))
+    return jax.device_get(out)
+
+
+class _Context:
+  def __init__(self, setup: Setup):
+    self._managers = (jax.set_mesh(setup.mesh), use_rules(setup.rules))
+
+  def __enter__(self):
+    for m in self._managers:
+      m.__enter__()
+
+  def __exit__(self, *exc):
+    for m in reversed(self._managers):
+      m.__exit__(*exc)
+
+
+def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Setup:
+  """Validates ``cfg``, builds the mesh over ``devices`` (default: all) and the abstract,
+  sharded train state. Nothing is allocated or compiled."""
+  devices = jax.devices() if devices is None else list(devices)
+  config_lib.validate(cfg, num_devices=len(devices))
+  try:
+    check_backend(cfg.model.attention, devices[0].platform)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  mesh = make_mesh(cfg, devices)
+  rules = rules_from_config(cfg)
+  optimizer = make_optimizer(cfg)
+  abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed),
+                                                      num_stages=mesh.shape["stage"]))
+  graphdef, abstract_params = nnx.split(abstract_model)
+  abstract_params = abstract_params.to_pure_dict()
+  param_shardings = tree_shardings(logical_axes(abstract_model), abstract_params, mesh, rules)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated(mesh))
+  shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings,
+               "loss_window": replicated(mesh), "skipped": replicated(mesh)}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+              "opt_state": abstract_opt,
+              "loss_window": jax.ShapeDtypeStruct((cfg.train.spike_window,), jnp.float32),
+              "skipped": jax.ShapeDtypeStruct((), jnp.int32)}
+  return Setup(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer,
+               abstract_state=abstract_with_shardings(abstract, shardings),
+               state_shardings=shardings,
+               batch_sharding=batch_sharding(mesh, rules, (cfg.data.global_batch_size, cfg.data.seq_len)),
+               num_params=count_params(abstract_params))
+
+
+def init_state(setup: Setup) -> State:
+  """Creates parameters and optimizer state directly sharded (never whole on one device)."""
+  cfg = setup.cfg
+
+  @functools.partial(jax.jit, out_shardings=setup.state_shardings)
+  def init():
+    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed), num_stages=setup.mesh.shape["stage"])
+    params = nnx.split(model)[1].to_pure_dict()
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": setup.optimizer.init(params),
+            "loss_window": jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32),
+            "skipped": jnp.zeros((), jnp.int32)}
+
+  with setup.context():
+    return init()
+
+
+# -- the loss ------------------------------------------------------------------------------
+
+def token_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> jax.Array:
+  """(b, t) log-probability of each next-token target: the forward pass and the
+  cross-entropy, written once for training, evaluation and scoring."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # (b, t, v)
+  return -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+
+
+def token_weights(batch: Batch) -> Any:
+  """(b, t) weight of each target in the loss: padding (segment 0) never counts; a batch may
+  weight tokens itself (``weights``, e.g. a fine-tuning batch that trains on responses only)."""
+  if "weights" in batch:
+    return batch["weights"]
+  return (batch["segment_ids"] != 0).astype(np.float32)
+
+
+def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over the weighted tokens, and their weight."""
+  weights = token_weights(batch)
+  return -jnp.sum(token_logprobs(graphdef, params, batch) * weights), jnp.sum(weights)
