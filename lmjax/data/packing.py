@@ -9,7 +9,8 @@
 * :class:`ExactMix` / :func:`mix_iter`: interleaving components in exact integer
   proportions (70/30 gives 7 rows of A for every 3 of B, in a fixed pattern);
 * counting what was skipped or truncated inside the pipeline, in the iterator state;
-* :class:`DataIterator`, the interface ``lmjax.train`` reads and checkpoints.
+* :class:`DataIterator`, the interface ``lmjax.train`` reads and checkpoints, and
+  :func:`per_process_batch`, the rows of a global batch that one process reads.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from absl import flags
 import grain
 import numpy as np
 
-from lmjax.data.readers import Document
-from lmjax.data.sources import DataError
+from lmjax.config import LONG_DOCUMENT_POLICIES
+from lmjax.data.readers import DataError, Document
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
-from lmjax.config import LONG_DOCUMENT_POLICIES  # noqa: E402  (a config choice, defined once)
 COUNTS_KEY = "lmjax_counts"  # where pipeline counts live in an iterator's state
 
 
@@ -116,6 +116,14 @@ class DataIterator:
     if truncated:
       out["data_truncated"] = float(truncated)
     return out
+
+
+def per_process_batch(global_batch_size: int, process_count: int) -> int:
+  """Rows per process of each global batch; DataError unless the processes share it evenly."""
+  if process_count <= 0 or global_batch_size % process_count:
+    raise DataError(f"data.global_batch_size={global_batch_size} must be divisible by the "
+                    f"process count ({process_count}).")
+  return global_batch_size // process_count
 
 
 class _CountIterDataset(grain.IterDataset):

@@ -12,9 +12,10 @@ One reader per format, each a generator over one file:
   ``text_field`` (what TFDS and MaxText write). The first record decides for the file.
 
 A record that cannot be used is passed to ``skips.bad(reason, where, message)``, which
-either counts it or raises :class:`~lmjax.data.sources.DataError` (``data.bad_records``).
-Nothing else is raised for bad content; the message always names the file and the line,
-row or record.
+either counts it or raises :class:`DataError` (``data.bad_records``). Nothing else is
+raised for bad content; the message always names the file and the line, row or record.
+:class:`DataError` is defined here, at the bottom of the data package, so that every data
+module raises the same error without importing a module above it.
 """
 
 from __future__ import annotations
@@ -25,15 +26,20 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
+from lmjax.config import TXT_SPLITS  # noqa: F401 - a config choice, defined once
+
 TEXT_EXTENSIONS = (".txt", ".txt.gz")
 JSON_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 PARQUET_EXTENSIONS = (".parquet",)
 ARRAY_RECORD_EXTENSIONS = (".arrayrecord", ".array_record")
 EXTENSIONS = TEXT_EXTENSIONS + JSON_EXTENSIONS + PARQUET_EXTENSIONS + ARRAY_RECORD_EXTENSIONS
-from lmjax.config import TXT_SPLITS  # noqa: E402  (a config choice, defined once)
 
 _BLANK_LINES = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank lines
 _READ_CHUNK = 1024  # ArrayRecord records / Parquet rows read at a time
+
+
+class DataError(ValueError):
+  """A data source, tokenizer or pipeline setting is unusable; the message says where."""
 
 
 class Document(NamedTuple):
@@ -178,7 +184,6 @@ def read_parquet(path: str, text_field: str, skips: Skips) -> Iterator[Document]
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   except ImportError:
-    from lmjax.data.sources import DataError  # pylint: disable=import-outside-toplevel
     raise DataError(f"{path}: reading Parquet files needs pyarrow, which is not installed: "
                     'pip install "lmjax[parquet]" (or pip install -e ".[parquet]" in a '
                     "checkout).") from None

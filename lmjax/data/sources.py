@@ -4,7 +4,8 @@ A source is ``"default"`` (the embedded corpus, see :mod:`lmjax.data.corpus`), a
 directory (every supported file directly in it) or a glob (``**`` recurses). Supported
 files are ``.txt``, ``.jsonl`` / ``.json`` (JSON lines; all three also gzipped),
 ``.parquet`` and ``.arrayrecord`` (see :mod:`lmjax.data.readers`). A directory written by
-``tools/prepare_data.py`` is a *prepared* source, read by :mod:`lmjax.data.prepared`.
+``tools/prepare_data.py`` is a *prepared* source (:func:`is_prepared`), read by
+:mod:`lmjax.data.prepared_reader`.
 
 Bad input — a missing path, an empty file or document, invalid UTF-8, a line that is not
 JSON or lacks the text field — goes to a :class:`SkipLog`. With ``data.bad_records="skip"``
@@ -23,20 +24,27 @@ Example::
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import logging
 import os
 import zlib
 from collections.abc import Iterator, Sequence
 
+import ml_collections
 import numpy as np
 
+from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS
 from lmjax.data import readers
-from lmjax.data.readers import EXTENSIONS, TXT_SPLITS, Document
+from lmjax.data.corpus import default_documents
+from lmjax.data.readers import EXTENSIONS, DataError, Document
 
 log = logging.getLogger("lmjax.data")
 
-from lmjax.config import BAD_RECORD_POLICIES  # noqa: E402  (a config choice, defined once)
+SPLITS = ("train", "eval")  # the training documents and the held-out ones
+# The held-out documents depend on the data alone, not on cfg.seed, so that runs with
+# different seeds are evaluated on the same documents.
+SPLIT_SEED = 0
 PREPARED_METADATA = "lmjax_data.json"  # marks a directory written by tools/prepare_data.py
 # Why a record was skipped; keys of SkipLog.counts and of the data_skipped/* metrics.
 REASONS = {
@@ -54,10 +62,6 @@ REASONS = {
 }
 _GLOB_CHARS = frozenset("*?[")
 _EXAMPLES_PER_REASON = 3  # messages kept (and logged) per reason; the rest are only counted
-
-
-class DataError(ValueError):
-  """A data source, tokenizer or pipeline setting is unusable; the message says where."""
 
 
 class SkipLog:
@@ -107,8 +111,9 @@ class SkipLog:
     return "\n".join(lines)
 
 
-def _is_prepared(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, PREPARED_METADATA))
+def is_prepared(source: str) -> bool:
+  """Whether ``source`` is a directory written by ``tools/prepare_data.py``."""
+  return os.path.isfile(os.path.join(os.path.expanduser(source), PREPARED_METADATA))
 
 
 def resolve_paths(source: str, skips: SkipLog) -> list[str]:
@@ -120,7 +125,7 @@ def resolve_paths(source: str, skips: SkipLog) -> list[str]:
       skips.bad("missing_path", source, "the glob matches no files")
     return matches
   if os.path.isdir(path):
-    if _is_prepared(path):
+    if is_prepared(path):
       raise DataError(f"{source}: a prepared dataset (tools/prepare_data.py) is not a source of "
                       "raw documents; use it as data.source for training.")
     files = sorted(os.path.join(path, name) for name in os.listdir(path)
@@ -142,7 +147,6 @@ def iter_documents(source: str, *, text_field: str = "text", txt_split: str = "f
     raise DataError(f"data.txt_split must be one of {TXT_SPLITS}, got {txt_split!r}.")
   skips = SkipLog() if skips is None else skips
   if source == "default":
-    from lmjax.data.corpus import default_documents  # pylint: disable=import-outside-toplevel
     for i, text in enumerate(default_documents(), 1):
       yield Document(text, "<default corpus>", i, "record")
     return
@@ -186,7 +190,7 @@ def load_documents(source: str, text_field: str = "text", *, txt_split: str = "f
                                        skips=skips)]
 
 
-def sources_of(data_cfg) -> list[tuple[str, float]]:
+def sources_of(data_cfg: ml_collections.ConfigDict) -> list[tuple[str, float]]:
   """``[(source, weight), ...]``: ``data.mixture`` if set, else ``[(data.source, 1.0)]``."""
   if len(data_cfg.mixture) == 0:
     return [(data_cfg.source, 1.0)]
@@ -199,8 +203,13 @@ def sources_of(data_cfg) -> list[tuple[str, float]]:
   return out
 
 
-_CACHE: collections.OrderedDict = collections.OrderedDict()
-_CACHE_SIZE = 8  # sources kept loaded (a mixture's components, the tokenizer's corpus)
+def uses_prepared(data_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether ``data.source`` (or every ``data.mixture`` component) is prepared."""
+  flags = [is_prepared(source) for source, _ in sources_of(data_cfg)]
+  if any(flags) and not all(flags):
+    raise DataError("data.mixture mixes prepared datasets with raw sources; prepare every "
+                    "component with tools/prepare_data.py, or none.")
+  return all(flags)
 
 
 def cached_records(source: str, *, text_field: str = "text", txt_split: str = "file",
@@ -214,15 +223,16 @@ def cached_records(source: str, *, text_field: str = "text", txt_split: str = "f
   probe = SkipLog(quiet=True)
   files = resolve_paths(source, probe) if source != "default" else []
   stats = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)
-  key = (source, text_field, txt_split, bad_records, stats)
-  if key in _CACHE:
-    _CACHE.move_to_end(key)
-    return _CACHE[key]
+  return _records(source, text_field, txt_split, bad_records, stats)
+
+
+@functools.lru_cache(maxsize=8)  # sources kept loaded (a mixture's components, the tokenizer's corpus)
+def _records(source: str, text_field: str, txt_split: str, bad_records: str,
+             stats: tuple[tuple[str, int, int], ...]) -> tuple[list[Document], SkipLog]:
+  """The documents of ``source``; ``stats`` (the files' sizes and times) is only a key."""
+  del stats
   skips = SkipLog(bad_records)
   docs = load_records(source, text_field=text_field, txt_split=txt_split, skips=skips)
-  _CACHE[key] = (docs, skips)
-  while len(_CACHE) > _CACHE_SIZE:
-    _CACHE.popitem(last=False)
   return docs, skips
 
 
