@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from lmjax.config import default_config
-from lmjax.data import default_documents, make_train_iterator, prepare
+from lmjax.data import default_documents, make_iterator, prepare
 from lmjax.model import Transformer
 from lmjax.state import token_losses
 from lmjax.trainer import train
@@ -31,7 +31,7 @@ def test_packed_batch_gives_each_document_its_loss_alone(tmp_path, tok):
   docs = TINY_DOCS + [" ".join(default_documents()[3].split()[:60])]  # one spans rows
   cfg = _tiny_model_cfg(data_cfg(write_corpus(tmp_path, docs, "jsonl"), seq_len=48,
                                  global_batch_size=4, eval_fraction=0.0))
-  it = make_train_iterator(cfg, tok)
+  it = make_iterator(cfg, tok, split="train")
   batch = next(it)
   it.close()
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lmjax.data import BATCH_KEYS, DataError, make_eval_iterator, make_train_iterator, split_documents
+from lmjax.data import BATCH_KEYS, DataError, make_iterator, split_documents
 from tests.test_data import (  # noqa: F401 - fixtures
     FORMATS,
     TINY_DOCS,
@@ -24,7 +24,7 @@ from tests.test_data import (  # noqa: F401 - fixtures
 
 
 def test_train_batches_shapes_and_packing(tok):
-  it = make_train_iterator(data_cfg(seq_len=64, global_batch_size=8), tok)
+  it = make_iterator(data_cfg(seq_len=64, global_batch_size=8), tok, split="train")
   batches = take(it, 6)
   it.close()
   for batch in batches:
@@ -38,7 +38,7 @@ def test_train_batches_shapes_and_packing(tok):
 
 def test_every_document_once_per_epoch_in_a_new_order(tok, tiny_source):
   cfg = data_cfg(tiny_source, eval_fraction=0.0, num_epochs=2, global_batch_size=1, seq_len=16)
-  batches = list(make_train_iterator(cfg, tok))  # finite: two epochs
+  batches = list(make_iterator(cfg, tok, split="train"))  # finite: two epochs
   for batch in batches:
     check_rows(batch, tok)
   docs = docs_in(stream(batches), tok)
@@ -52,7 +52,7 @@ def test_seed_determines_the_order(tok):
   def first(seed: int):
     cfg = data_cfg()
     cfg.seed = seed
-    it = make_train_iterator(cfg, tok)
+    it = make_iterator(cfg, tok, split="train")
     out = take(it, 3)
     it.close()
     return out
@@ -66,26 +66,26 @@ def test_process_shards_are_disjoint(tok, tiny_source):
   cfg = data_cfg(tiny_source, eval_fraction=0.0, num_epochs=1, global_batch_size=2, seq_len=16)
   shards = []
   for index in range(2):
-    batches = list(make_train_iterator(cfg, tok, process_index=index, process_count=2))
+    batches = list(make_iterator(cfg, tok, split="train", process_index=index, process_count=2))
     assert all(b["inputs"].shape == (1, 16) for b in batches)  # half the rows each
     shards.append(docs_in(stream(batches), tok))
   assert set(shards[0]).isdisjoint(shards[1])
   assert sorted(shards[0] + shards[1]) == sorted(TINY_DOCS)
   with pytest.raises(DataError, match="divisible by the process count"):
-    make_train_iterator(data_cfg(global_batch_size=3), tok, process_count=2)
+    make_iterator(data_cfg(global_batch_size=3), tok, split="train", process_count=2)
 
 
 def _check_resume(cfg, tok, total: int, points) -> None:
   """Restoring a JSON round trip of the state after k batches gives batches k, k+1, k+2."""
-  it = make_train_iterator(cfg, tok)
+  it = make_iterator(cfg, tok, split="train")
   reference = take(it, total)
   it.close()
   for k in points:
-    it = make_train_iterator(cfg, tok)
+    it = make_iterator(cfg, tok, split="train")
     assert_batches_equal(take(it, k), reference[:k])
     state = json.loads(json.dumps(it.get_state()))
     it.close()
-    resumed = make_train_iterator(cfg, tok)
+    resumed = make_iterator(cfg, tok, split="train")
     resumed.set_state(state)
     assert_batches_equal(take(resumed, 3), reference[k:k + 3])
     resumed.close()
@@ -105,7 +105,7 @@ def test_resume_for_every_source_format(tmp_path, tok, fmt):
   source = write_corpus(tmp_path, TINY_DOCS, fmt)
   cfg = data_cfg(source, eval_fraction=0.0, global_batch_size=2, seq_len=16, txt_split="blank_line",
                  num_epochs=3)
-  batches = list(make_train_iterator(cfg, tok))
+  batches = list(make_iterator(cfg, tok, split="train"))
   docs = docs_in(stream(batches), tok)
   assert sorted(docs[:len(TINY_DOCS)]) == sorted(TINY_DOCS)  # the first epoch, whole
   assert sorted(docs[len(TINY_DOCS):2 * len(TINY_DOCS)]) == sorted(TINY_DOCS)
@@ -118,7 +118,7 @@ def test_workers_resume_and_report_counts(tmp_path, tok):
   source = write_corpus(tmp_path, docs, "jsonl")
   cfg = data_cfg(source, eval_fraction=0.0, global_batch_size=2, seq_len=16, worker_count=2,
                  long_documents="skip")
-  it = make_train_iterator(cfg, tok)
+  it = make_iterator(cfg, tok, split="train")
   head = take(it, 5)
   state = json.loads(json.dumps(it.get_state()))
   tail = take(it, 8)
@@ -129,7 +129,7 @@ def test_workers_resume_and_report_counts(tmp_path, tok):
   assert "long long" not in " ".join(docs_in(stream(head + tail), tok))
   # The workers' counts reach the main process through the iterator state.
   assert counts["data_skipped/long_document"] >= 1 and counts["data_skipped"] >= 1
-  resumed = make_train_iterator(cfg, tok)
+  resumed = make_iterator(cfg, tok, split="train")
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 8), tail)
   resumed.close()
@@ -138,8 +138,8 @@ def test_workers_resume_and_report_counts(tmp_path, tok):
 def test_eval_is_finite_deterministic_and_padded(tok, tiny_source):
   cfg = data_cfg(tiny_source, eval_fraction=0.4, global_batch_size=3, seq_len=16)
   _, eval_docs = split_documents(TINY_DOCS, 0.4, seed=0)
-  batches = list(make_eval_iterator(cfg, tok))
-  assert_batches_equal(batches, list(make_eval_iterator(cfg, tok)))
+  batches = list(make_iterator(cfg, tok, split="eval"))
+  assert_batches_equal(batches, list(make_iterator(cfg, tok, split="eval")))
   assert batches and all(b["inputs"].shape == (3, 16) for b in batches)
   for batch in batches:
     check_rows(batch, tok)
@@ -147,10 +147,10 @@ def test_eval_is_finite_deterministic_and_padded(tok, tiny_source):
   rows = np.concatenate([b["segment_ids"] for b in batches])
   used = int((rows.sum(axis=1) > 0).sum())
   assert used < len(rows) and not rows[used:].any()  # the last batch ends in padding rows
-  train_docs = docs_in(stream(list(make_train_iterator(data_cfg(
-      tiny_source, eval_fraction=0.4, num_epochs=1, global_batch_size=1, seq_len=16), tok))), tok)
+  train_cfg = data_cfg(tiny_source, eval_fraction=0.4, num_epochs=1, global_batch_size=1, seq_len=16)
+  train_docs = docs_in(stream(list(make_iterator(train_cfg, tok, split="train"))), tok)
   assert set(train_docs).isdisjoint(eval_docs)
-  assert list(make_eval_iterator(data_cfg(tiny_source, eval_fraction=0.0), tok)) == []
+  assert list(make_iterator(data_cfg(tiny_source, eval_fraction=0.0), tok, split="eval")) == []
 
 
 def test_bad_records_are_skipped_and_reported_in_metrics(tmp_path, tok):
@@ -158,13 +158,13 @@ def test_bad_records_are_skipped_and_reported_in_metrics(tmp_path, tok):
   path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one", "", "two", "  ", "three"])
                   + "not json\n")
   cfg = data_cfg(str(path), eval_fraction=0.0, num_epochs=1, shuffle=False, global_batch_size=1)
-  it = make_train_iterator(cfg, tok)
+  it = make_iterator(cfg, tok, split="train")
   assert docs_in(stream(it), tok) == ["one", "two", "three"]
   assert it.metrics() == {"data_skipped": 3.0, "data_skipped/empty_document": 2.0,
                           "data_skipped/invalid_json": 1.0}
   cfg.data.bad_records = "fail"
   with pytest.raises(DataError, match=r"gaps\.jsonl:2: the document is empty"):
-    make_train_iterator(cfg, tok)
+    make_iterator(cfg, tok, split="train")
 
 
 @pytest.mark.parametrize("policy", ["split", "truncate", "skip", "fail"])
@@ -179,7 +179,7 @@ def test_long_document_policies(tmp_path, tok, policy):
   path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["short", long_doc] + fillers))
   cfg = data_cfg(str(path), eval_fraction=0.0, num_epochs=1, shuffle=False, global_batch_size=1,
                  seq_len=16, long_documents=policy)
-  it = make_train_iterator(cfg, tok)
+  it = make_iterator(cfg, tok, split="train")
   if policy == "fail":
     with pytest.raises(DataError, match=rf"docs\.jsonl:2: {n} tokens, longer than data.seq_len=16"):
       list(it)
@@ -222,17 +222,17 @@ def two_sources(tmp_path_factory):
 def test_mixture_proportions_are_exact_and_deterministic(tok, two_sources):
   a, b = two_sources
   cfg = data_cfg(eval_fraction=0.0, global_batch_size=10, seq_len=8, mixture=((a, 0.7), (b, 0.3)))
-  it = make_train_iterator(cfg, tok)
+  it = make_iterator(cfg, tok, split="train")
   batches = take(it, 12)  # many epochs of b (the smaller source) and of a
   it.close()
   for batch in batches:
     check_rows(batch, tok)
     assert _component_of(batch, tok).count("A") == 7  # 7 of every 10 rows, every batch
-  again = make_train_iterator(cfg, tok)
+  again = make_iterator(cfg, tok, split="train")
   assert_batches_equal(take(again, 12), batches)
   again.close()
   cfg.seed = 1
-  other = make_train_iterator(cfg, tok)
+  other = make_iterator(cfg, tok, split="train")
   with pytest.raises(AssertionError):
     assert_batches_equal(take(other, 12), batches)
   other.close()
@@ -241,7 +241,7 @@ def test_mixture_proportions_are_exact_and_deterministic(tok, two_sources):
   _check_resume(cfg, tok, 24, [1, 5, 11, 17])  # across epochs of both components
 
   cfg.data.mixture = ((a, 1), (b, 3))
-  it = make_train_iterator(cfg, tok)
+  it = make_iterator(cfg, tok, split="train")
   rows = [c for batch in take(it, 10) for c in _component_of(batch, tok)]
   it.close()
   assert rows.count("B") == 30
@@ -250,5 +250,5 @@ def test_mixture_proportions_are_exact_and_deterministic(tok, two_sources):
 def test_mixture_eval_covers_every_component(tok, two_sources):
   a, b = two_sources
   cfg = data_cfg(eval_fraction=0.2, global_batch_size=2, seq_len=8, mixture=((a, 0.5), (b, 0.5)))
-  docs = docs_in(stream(list(make_eval_iterator(cfg, tok))), tok)
+  docs = docs_in(stream(list(make_iterator(cfg, tok, split="eval"))), tok)
   assert any("xenon" in d for d in docs) and any("quartz" in d for d in docs)

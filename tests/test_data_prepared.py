@@ -17,12 +17,11 @@ from lmjax.data import (
     get_tokenizer,
     is_prepared,
     load_documents,
-    make_eval_iterator,
-    make_train_iterator,
+    make_iterator,
     prepare,
     read_metadata,
 )
-from lmjax.data import prepared as prepared_module
+from lmjax.data import prepared_reader
 from tests.test_data import (  # noqa: F401 - fixtures
     TINY_DOCS,
     assert_batches_equal,
@@ -58,7 +57,7 @@ def prepared(tmp_path_factory, corpus, tok) -> str:
 
 
 def _all_rows(directory: str, split: str = "train") -> dict[str, np.ndarray]:
-  comp = prepared_module._Component(directory, 1.0)
+  comp = prepared_reader._Component(directory, 1.0)
   import grain
   source = grain.sources.ArrayRecordDataSource(comp.files(split))
   return comp.decoder([source[i] for i in range(len(source))])
@@ -71,7 +70,7 @@ def _elastic_cfg(source, **data):
 def _run(cfg, process_count: int, state: dict | None, n: int) -> tuple[list[dict], dict]:
   """``n`` global batches read by ``process_count`` processes (rows concatenated in process
   order) starting from ``state``, and the state they end at (checked equal on all)."""
-  its = [make_train_iterator(cfg, None, process_index=i, process_count=process_count)
+  its = [make_iterator(cfg, None, split="train", process_index=i, process_count=process_count)
          for i in range(process_count)]
   for it in its:
     assert it.topology_independent
@@ -97,7 +96,7 @@ def test_prepared_rows_equal_the_raw_pipeline_rows(tmp_path, tok, corpus, long_d
   meta = prepare([corpus], out, tok, seq_len=SEQ, long_documents=long_documents)
   cfg = data_cfg(corpus, seq_len=SEQ, eval_fraction=0.0, shuffle=False, num_epochs=1,
                  global_batch_size=1, long_documents=long_documents)
-  raw = list(make_train_iterator(cfg, tok))
+  raw = list(make_iterator(cfg, tok, split="train"))
   rows = _all_rows(out)
   assert len(raw) == meta["splits"]["train"]["rows"] == len(rows["inputs"])
   for key in BATCH_KEYS:
@@ -164,9 +163,10 @@ def test_held_out_split_is_by_content(tmp_path, tok):
   assert again["splits"]["eval"]["sha256"] == ev["sha256"]
   # The eval iterator: every eval row once, each process reading the same slice of each batch.
   cfg = _elastic_cfg(str(tmp_path / "ds"), global_batch_size=4)
-  whole = list(make_eval_iterator(cfg, None))
+  whole = list(make_iterator(cfg, None, split="eval"))
   assert docs_in(stream(whole), tok) == eval_docs
-  parts = [list(make_eval_iterator(cfg, None, process_index=i, process_count=2)) for i in range(2)]
+  parts = [list(make_iterator(cfg, None, split="eval", process_index=i, process_count=2))
+           for i in range(2)]
   assert len(parts[0]) == len(parts[1]) == len(whole)
   for w, a, b in zip(whole, *parts):
     for k in BATCH_KEYS:
@@ -243,7 +243,7 @@ def test_mixture_of_prepared_datasets(tmp_path, prepared, tok):
   assert_batches_equal(_run(cfg, 2, state, 7)[0], reference[5:])
   cfg.data.mixture = ((prepared, 0.5), (str(tmp_path / "src"), 0.5))
   with pytest.raises(DataError, match="mixes prepared datasets with raw sources"):
-    make_train_iterator(cfg, tok)
+    make_iterator(cfg, tok, split="train")
 
 
 def test_workers_and_prefetch_keep_the_order(prepared):
@@ -259,22 +259,22 @@ def test_workers_and_prefetch_keep_the_order(prepared):
 def test_finite_epochs_end_after_whole_global_batches(prepared):
   cfg = _elastic_cfg(prepared, num_epochs=2)
   rows = read_metadata(prepared)["splits"]["train"]["rows"]
-  it = make_train_iterator(cfg, None)
+  it = make_iterator(cfg, None, split="train")
   assert len(list(it)) == 2 * rows // 8
-  it = make_train_iterator(cfg, None, process_index=1, process_count=2)
+  it = make_iterator(cfg, None, split="train", process_index=1, process_count=2)
   it.set_state({"format": "lmjax-packed-rows", "rows": 2 * rows - 9, "dataset": "other"})
   assert len(list(it)) == 1  # the last partial global batch is dropped
 
 
 def test_prepared_errors(prepared, tok, tmp_path):
   with pytest.raises(DataError, match=r"config.data.seq_len=32, but .* holds rows of 16"):
-    make_train_iterator(data_cfg(prepared, seq_len=32), tok)
+    make_iterator(data_cfg(prepared, seq_len=32), tok, split="train")
   from lmjax.data import train_tokenizer
   other = train_tokenizer(TINY_DOCS * 3, 320, str(tmp_path / "other.model"))
   cfg = data_cfg(prepared, seq_len=SEQ, tokenizer=other.path)
   with pytest.raises(DataError, match="is not the tokenizer .* was prepared with"):
     get_tokenizer(cfg.data, 320)
-  it = make_train_iterator(data_cfg(prepared, seq_len=SEQ), tok)
+  it = make_iterator(data_cfg(prepared, seq_len=SEQ), tok, split="train")
   with pytest.raises(DataError, match="not written by a prepared-data iterator"):
     it.set_state({"next_index": 3})
   damaged = tmp_path / "damaged"
@@ -282,18 +282,19 @@ def test_prepared_errors(prepared, tok, tmp_path):
   shard = damaged / "train-00000.arrayrecord"
   data = shard.read_bytes()
   shard.write_bytes(data[:1000] + bytes(64) + data[1064:])  # damaged records near the start
-  it = make_train_iterator(data_cfg(str(damaged), seq_len=SEQ, shuffle=False, num_epochs=1), tok)
+  damaged_cfg = data_cfg(str(damaged), seq_len=SEQ, shuffle=False, num_epochs=1)
+  it = make_iterator(damaged_cfg, tok, split="train")
   with pytest.raises(DataError, match=r"damaged/train-00000\.arrayrecord record \d+: cannot be read"):
     list(it)
   shard.write_bytes(data[:len(data) - 64])  # a truncated file: its index is gone
   with pytest.raises(DataError, match=r"damaged/train-00000\.arrayrecord: cannot be opened"):
-    make_train_iterator(data_cfg(str(damaged), seq_len=SEQ), tok)
+    make_iterator(data_cfg(str(damaged), seq_len=SEQ), tok, split="train")
   meta = json.loads(open(os.path.join(prepared, "lmjax_data.json")).read())
   broken = tmp_path / "broken"
   broken.mkdir()
   (broken / "lmjax_data.json").write_text(json.dumps({**meta, "version": 99}))
   with pytest.raises(DataError, match="version 99; this lmjax reads"):
-    make_train_iterator(data_cfg(str(broken), seq_len=SEQ), tok)
+    make_iterator(data_cfg(str(broken), seq_len=SEQ), tok, split="train")
 
 
 def test_checkpointed_data_positions(tmp_path, prepared, tok):
@@ -303,16 +304,18 @@ def test_checkpointed_data_positions(tmp_path, prepared, tok):
 
   from lmjax.checkpoint import DataHandler, DataRestore, DataSave
   handler = DataHandler()
-  elastic = make_train_iterator(_elastic_cfg(prepared), None)
+  elastic = make_iterator(_elastic_cfg(prepared), None, split="train")
   take(elastic, 3)
   (tmp_path / "a").mkdir()
   handler.save(epath.Path(tmp_path / "a"), DataSave(elastic))
   assert os.listdir(tmp_path / "a") == ["global.json"]
-  fresh = make_train_iterator(_elastic_cfg(prepared), None, process_index=1, process_count=4)
+  fresh = make_iterator(_elastic_cfg(prepared), None, split="train", process_index=1,
+                        process_count=4)
   handler.restore(epath.Path(tmp_path / "a"), DataRestore(fresh))
   assert fresh.rows == 24
 
-  raw = make_train_iterator(data_cfg(write_corpus(tmp_path / "raw", TINY_DOCS, "jsonl")), tok)
+  raw = make_iterator(data_cfg(write_corpus(tmp_path / "raw", TINY_DOCS, "jsonl")), tok,
+                      split="train")
   (tmp_path / "b").mkdir()
   handler.save(epath.Path(tmp_path / "b"), DataSave(raw))
   assert os.listdir(tmp_path / "b") == ["process_0-of-1.json"]

@@ -43,7 +43,7 @@ def test_first_finetuning_step_sees_the_pretrained_model(pretrained, tmp_path):
   history = lmjax.train(cfg, tmp_path)
   # The pre-trained parameters' loss on the same first batch, computed directly.
   run = lmjax.load(pretrained)
-  batch = next(data_lib.make_train_iterator(cfg, run.tokenizer))
+  batch = next(data_lib.make_iterator(cfg, run.tokenizer, split="train"))
   setup = run.setup
   s, n = jax.jit(lambda p, b: token_losses(setup.graphdef, p, b))(
       run.params, host_to_global(batch, setup.mesh, setup.batch_sharding))
@@ -75,7 +75,7 @@ def test_responses_only_carry_the_loss(pretrained, tmp_path):
   cfg.train.init_from, cfg.train.eval_every = str(pretrained), 12
   history = lmjax.train(cfg, tmp_path / "ft")
   response_tokens = history[0]["tokens"]
-  it = finetune.make_iterator(cfg, tok)
+  it = data_lib.make_iterator(cfg, tok, split="train")
   assert response_tokens == next(it)["weights"].sum()  # only response tokens counted
   assert history[-1]["loss"] < history[0]["loss"] - 1.0
   assert np.isfinite(history[-1]["eval_loss"])
@@ -89,19 +89,19 @@ def test_finetune_data_resumes_and_rejects_bad_lines(pretrained, tmp_path):
   cfg.data.source = _pairs_file(tmp_path / "pairs.jsonl", 40)
   cfg.data.seq_len = 16
   tok = lmjax.load(pretrained).tokenizer
-  a = finetune.make_iterator(cfg, tok)
+  a = data_lib.make_iterator(cfg, tok, split="train")
   want = [next(a) for _ in range(6)]  # several epochs of a few rows
-  b = finetune.make_iterator(cfg, tok)
+  b = data_lib.make_iterator(cfg, tok, split="train")
   for _ in range(2):
     next(b)
-  c = finetune.make_iterator(cfg, tok)
+  c = data_lib.make_iterator(cfg, tok, split="train")
   c.set_state(json.loads(json.dumps(b.get_state())))
   for k in range(2, 6):
     np.testing.assert_array_equal(next(c)["inputs"], want[k]["inputs"])
   (tmp_path / "bad.jsonl").write_text('{"q": "x", "a": "y"}\n{"q": "x"}\n')
   cfg.data.source = str(tmp_path / "bad.jsonl")
   with pytest.raises(data_lib.DataError, match=r"bad.jsonl:2: expected a JSON object"):
-    finetune.make_iterator(cfg, tok)
+    data_lib.make_iterator(cfg, tok, split="train")
   cfg.train.init_from = str(tmp_path / "nothing")
   (tmp_path / "nothing").mkdir()
   with pytest.raises(Exception, match="nothing"):

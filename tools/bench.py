@@ -534,11 +534,10 @@ def processes(quick: bool, steps: int) -> None:
   import subprocess
   import tempfile
   from lmjax import data as data_lib
-  from lmjax.data import prepared
   from lmjax.metrics import read_metrics
   root = Path(tempfile.mkdtemp(prefix="lmjax-bench-mp-"))
   tok = data_lib.get_tokenizer(default_config().data, 1024)
-  prepared.prepare(["default"], str(root / "data"), tok, seq_len=128)
+  data_lib.prepare(["default"], str(root / "data"), tok, seq_len=128)
   n_steps = 10 if quick else 40
   args = ["--config", "configs/tiny.py", f"--config.data.source={root / 'data'}",
           "--config.mesh.data=2", "--config.mesh.fsdp=4", f"--config.train.steps={n_steps}",

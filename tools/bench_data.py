@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from lmjax.config import default_config  # noqa: E402
-from lmjax.data import default_documents, make_train_iterator, prepare, train_tokenizer  # noqa: E402
+from lmjax.data import default_documents, make_iterator, prepare, train_tokenizer  # noqa: E402
 
 SHAPES = {"tiny (16 x 128)": (16, 128), "gpt2_small (256 x 1024)": (256, 1024)}
 H100_BF16_PEAK = 989e12
@@ -85,7 +85,7 @@ def bench_pipeline(sources: dict[int, str], tok, seconds: float, workers: list[i
       cfg.data.worker_count, cfg.data.eval_fraction = w, 0.0
       best, first = 0.0, 0.0
       for _ in range(repeats):
-        it = make_train_iterator(cfg, tok)
+        it = make_iterator(cfg, tok, split="train")
         # Workers start one after another (each imports lmjax): time them once all are up.
         rate, start_s = _rate(it, batch, seq, seconds, warmup=1 + 4 * w)
         it.close()

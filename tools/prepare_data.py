@@ -10,7 +10,7 @@ Without ``--tokenizer`` one is trained on the sources with ``--vocab_size`` piec
 documents are then held in memory once). The output directory holds the rows, the
 tokenizer and ``lmjax_data.json``; set ``data.seq_len`` to the same ``--seq_len``.
 Training from it needs no tokenizing, and its data order survives a change of process
-count or mesh (see ``lmjax/data/prepared.py``).
+count or mesh (see ``lmjax/data/prepared_reader.py``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lmjax.config import BAD_RECORD_POLICIES, LONG_DOCUMENT_POLICIES, TXT_SPLITS  # noqa: E402
 from lmjax.data import DataError, Tokenizer, load_documents, prepare, train_tokenizer  # noqa: E402
-from lmjax.data.packing import LONG_DOCUMENT_POLICIES  # noqa: E402
-from lmjax.data.readers import TXT_SPLITS  # noqa: E402
-from lmjax.data.sources import BAD_RECORD_POLICIES, REASONS  # noqa: E402
+from lmjax.data.sources import REASONS  # noqa: E402
 
 
 def _mib(n: float) -> str:

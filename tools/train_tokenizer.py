@@ -23,9 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS  # noqa: E402
 from lmjax.data import DataError, SkipLog, Tokenizer, load_documents, train_tokenizer  # noqa: E402
-from lmjax.data.readers import TXT_SPLITS  # noqa: E402
-from lmjax.data.sources import BAD_RECORD_POLICIES  # noqa: E402
 from lmjax.data.tokenizer import MODEL_TYPES  # noqa: E402
 
 

@@ -18,7 +18,9 @@ import ml_collections
 import numpy as np
 
 from lmjax.data.packing import DataIterator
-from lmjax.data.sources import DataError, resolve_paths, SkipLog
+from lmjax.data.readers import DataError
+from lmjax.data.sources import SPLIT_SEED, SkipLog, resolve_paths, split_documents
+from lmjax.data.tokenizer import Tokenizer
 
 
 def read_pairs(source: str, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
@@ -42,7 +44,8 @@ def read_pairs(source: str, prompt_field: str, response_field: str) -> list[tupl
   return pairs
 
 
-def pack_pairs(pairs, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+def pack_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer,
+               seq_len: int) -> dict[str, np.ndarray]:
   """All examples packed into rows: (rows, seq_len) arrays incl. ``weights``."""
   examples = []
   for prompt, response in pairs:
@@ -109,17 +112,17 @@ class FinetuneIterator(DataIterator):
 
 
 def is_finetune(data_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether ``data.source`` holds prompt/response pairs (``data.format``)."""
   return data_cfg.format == "prompt_response"
 
 
-def make_iterator(cfg: ml_collections.ConfigDict, tokenizer, *, split: str = "train",
-                  process_index: int = 0, process_count: int = 1) -> FinetuneIterator:
-  """The train split (all but ``data.eval_fraction`` of the pairs) or the eval split."""
+def pairs_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, split: str = "train",
+                   process_index: int = 0, process_count: int = 1) -> FinetuneIterator:
+  """The train split (all but ``data.eval_fraction`` of the pairs) or the eval split;
+  :func:`lmjax.data.make_iterator` calls it when ``data.format="prompt_response"``."""
   d = cfg.data
-  pairs = read_pairs(d.source, d.prompt_field, d.response_field)
-  n_eval = int(round(len(pairs) * d.eval_fraction)) if len(pairs) > 1 else 0
-  order = np.random.default_rng(0).permutation(len(pairs))  # data-only split, like raw text
-  chosen = order[:n_eval] if split == "eval" else order[n_eval:]
-  rows = pack_pairs([pairs[i] for i in sorted(chosen)], tokenizer, d.seq_len)
+  train, evals = split_documents(read_pairs(d.source, d.prompt_field, d.response_field),
+                                 d.eval_fraction, SPLIT_SEED)  # held out like raw documents
+  rows = pack_pairs(evals if split == "eval" else train, tokenizer, d.seq_len)
   return FinetuneIterator(rows, d.global_batch_size, cfg.seed, d.shuffle and split == "train",
                           process_index, process_count)

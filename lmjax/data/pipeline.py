@@ -1,12 +1,17 @@
-"""The input pipeline: raw documents through Grain, or prepared rows (:mod:`lmjax.data.prepared`).
+"""The one entry point of lmjax's data: :func:`make_iterator`, and :func:`get_tokenizer`.
 
-Each batch is a dict of int32 arrays of shape ``(b, t)`` with ``b = global_batch_size //
-process_count`` and ``t = data.seq_len``:
+``make_iterator(cfg, tokenizer, split=...)`` reads whatever ``cfg.data`` names: raw
+documents (the Grain pipeline below), a prepared dataset (:mod:`lmjax.data.prepared_reader`)
+or prompt/response pairs (:mod:`lmjax.data.finetune`). Each batch is a dict of int32
+arrays of shape ``(b, t)`` with ``b = global_batch_size // process_count`` and ``t =
+data.seq_len``:
 
 * ``inputs``: ``[bos] + ids`` of each document, packed back to back,
 * ``targets``: ``ids + [eos]``, so within a segment ``targets[i] == inputs[i + 1]``,
 * ``segment_ids``: 1, 2, ... per document piece in the row, 0 on padding,
-* ``positions``: position within the document piece, restarting at 0 per segment.
+* ``positions``: position within the document piece, restarting at 0 per segment
+
+(prompt/response batches add float32 ``weights``).
 
 Raw sources run documents -> shard by process -> shuffle/repeat -> tokenize -> pack ->
 (mix) -> batch in Grain. Documents longer than a row continue in the next row (as a new
@@ -16,19 +21,17 @@ exact proportions of the weights, so the weights are shares of rows (= tokens). 
 is a function of ``(seed, epoch, position)`` and of the process and worker counts; the
 iterator's state is a small JSON-serialisable dict per process:
 ``it.set_state(json.loads(json.dumps(it.get_state())))`` on a fresh iterator continues
-exactly where ``it`` was, across epoch boundaries too.
-
-A prepared ``data.source`` (``tools/prepare_data.py``) is read by
-:class:`lmjax.data.prepared.PreparedIterator` instead, whose order and state do not depend
-on the number of processes or devices.
+exactly where ``it`` was, across epoch boundaries too. A prepared source's order and state
+do not depend on the number of processes or devices.
 
 Example::
 
   tok = get_tokenizer(cfg.data, cfg.model.vocab_size)
-  it = make_train_iterator(cfg, tok)
+  it = make_iterator(cfg, tok, split="train")
   batch = next(it)  # {"inputs": (16, 128) int32, ...}
   state = it.get_state()  # store with the checkpoint
   it.metrics()  # {"data_skipped": 0.0, ...}
+  evals = list(make_iterator(cfg, tok, split="eval"))  # the held-out part, once
 """
 
 from __future__ import annotations
@@ -41,18 +44,83 @@ import grain
 import ml_collections
 import numpy as np
 
-from lmjax.data import finetune, prepared
-from lmjax.data.packing import BATCH_KEYS, DataIterator, Encode, counts_in_state, mix_iter, pack, prefetch
-from lmjax.data.readers import Document
-from lmjax.data.sources import DataError, SkipLog, cached_records, sources_of, split_documents
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.data import finetune, prepared_reader
+from lmjax.data.packing import DataIterator, Encode, counts_in_state, mix_iter, pack, per_process_batch, prefetch
+from lmjax.data.readers import DataError, Document
+from lmjax.data.sources import (
+    SPLIT_SEED,
+    SPLITS,
+    SkipLog,
+    cached_records,
+    sources_of,
+    split_documents,
+    uses_prepared,
+)
+from lmjax.data.tokenizer import Tokenizer, cache_dir, cached_tokenizer
 
-__all__ = ["BATCH_KEYS", "make_eval_dataset", "make_eval_iterator", "make_iterator",
-           "make_train_dataset", "make_train_iterator"]
+__all__ = ["get_tokenizer", "make_iterator"]
 
-# The held-out documents depend on the data alone, not on cfg.seed, so that runs with
-# different seeds are evaluated on the same documents.
-SPLIT_SEED = 0
+
+def make_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None, *,
+                  split: str = "train", process_index: int = 0, process_count: int = 1) -> Any:
+  """Batches of ``split`` for this process, from whatever ``cfg.data`` names.
+
+  ``split="train"``: an endless (``data.num_epochs=-1``) or finite :class:`DataIterator`.
+  Raw sources: each process reads the documents ``process_index::process_count`` of the
+  training split. Prepared sources and prompt/response pairs: each process reads its
+  contiguous slice of every global batch, and the state is one for all processes.
+
+  ``split="eval"``: the held-out part, once (empty if there is none); the last batch is
+  padded with all-zero rows. With raw sources processes may get different numbers of eval
+  batches, so a multi-process evaluation takes a fixed number (``train.eval_batches``)
+  and treats an exhausted iterator as all-padding batches; prepared sources give every
+  process the same number.
+
+  ``tokenizer`` encodes raw text and pairs; a prepared dataset needs none (``None``).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  d = cfg.data
+  proc = dict(process_index=process_index, process_count=process_count)
+  if finetune.is_finetune(d):
+    return finetune.pairs_iterator(cfg, tokenizer, split=split, **proc)
+  if split == "train" and (d.num_epochs == 0 or d.num_epochs < -1):
+    raise DataError(f"data.num_epochs must be positive or -1 (forever), got {d.num_epochs}.")
+  if uses_prepared(d):
+    if split == "train":
+      return prepared_reader.PreparedIterator(cfg, **proc)
+    return prepared_reader.eval_iterator(cfg, **proc)
+  if split == "train":
+    ds = _train_dataset(cfg, tokenizer, **proc)
+    return RawIterator(iter(ds), [skips for *_, skips in _components(cfg)])
+  return iter(_eval_dataset(cfg, tokenizer, **proc))
+
+
+def get_tokenizer(data_cfg: ml_collections.ConfigDict, vocab_size: int,
+                  model_type: str = "bpe") -> Tokenizer:
+  """The tokenizer for a ``cfg.data``.
+
+  * A prepared source (``tools/prepare_data.py``): the tokenizer stored with it; a
+    ``data.tokenizer`` that differs from it is an error.
+  * ``data.tokenizer`` set: that model, as it is (comparing its size with
+    ``model.vocab_size`` is the caller's check; ``lmjax.train`` makes it).
+  * Otherwise one with ``vocab_size`` pieces for the documents of ``data.source`` (or of
+    every ``data.mixture`` component), trained once and kept in the cache directory
+    (``data.tokenizer_cache``) under a hash of the documents and the settings.
+  """
+  if uses_prepared(data_cfg):
+    return prepared_reader.dataset_tokenizer(data_cfg)
+  if data_cfg.tokenizer:
+    return Tokenizer.load(data_cfg.tokenizer)
+  docs = []
+  for source, _ in sources_of(data_cfg):
+    records, _ = cached_records(source, text_field=data_cfg.text_field,
+                                txt_split=data_cfg.txt_split, bad_records=data_cfg.bad_records)
+    docs.extend(d.text for d in records)
+  return cached_tokenizer(docs, vocab_size, cache_dir(data_cfg), model_type)
+
+
+# --- the raw-text Grain pipeline ----------------------------------------------------------
 
 
 def _shuffle_seed(seed: int, component: int = 0) -> int:
@@ -63,14 +131,6 @@ def _shuffle_seed(seed: int, component: int = 0) -> int:
   """
   name = f"lmjax-data-shuffle-{seed}" + (f"-{component}" if component else "")
   return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-
-
-def _per_process_batch(cfg: ml_collections.ConfigDict, process_count: int) -> int:
-  gbs = cfg.data.global_batch_size
-  if process_count <= 0 or gbs % process_count:
-    raise DataError(f"data.global_batch_size={gbs} must be divisible by the process count "
-                    f"({process_count}).")
-  return gbs // process_count
 
 
 def _components(cfg: ml_collections.ConfigDict) -> list[tuple[str, float, list[Document], list[Document], SkipLog]]:
@@ -85,20 +145,11 @@ def _components(cfg: ml_collections.ConfigDict) -> list[tuple[str, float, list[D
   return out
 
 
-def _raw_only(cfg: ml_collections.ConfigDict, what: str) -> None:
-  if prepared.uses_prepared(cfg.data):
-    raise DataError(f"{what} builds the raw-text Grain pipeline; data.source is a prepared "
-                    "dataset: use make_train_iterator / make_eval_iterator.")
-
-
-def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
-                       process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def _train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """The raw-text training pipeline of this process as a Grain dataset (module docstring)."""
-  _raw_only(cfg, "make_train_dataset")
   d = cfg.data
-  batch_size = _per_process_batch(cfg, process_count)
-  if d.num_epochs == 0 or d.num_epochs < -1:
-    raise DataError(f"data.num_epochs must be positive or -1 (forever), got {d.num_epochs}.")
+  batch_size = per_process_batch(d.global_batch_size, process_count)
   encode = Encode(tokenizer, d.seq_len, d.long_documents)
   rows, weights = [], []
   for i, (source, weight, train_docs, _, _) in enumerate(_components(cfg)):
@@ -118,12 +169,11 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
   return prefetch(ds, d.prefetch, d.worker_count)
 
 
-def make_eval_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
-                      process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def _eval_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """The held-out documents of this process (every component's, in order), once; the last
   batch padded with all-zero rows."""
-  _raw_only(cfg, "make_eval_dataset")
-  batch_size = _per_process_batch(cfg, process_count)
+  batch_size = per_process_batch(cfg.data.global_batch_size, process_count)
   docs = [doc for _, _, _, evals, _ in _components(cfg) for doc in evals]
   ds = grain.MapDataset.source(docs)[process_index::process_count]
   ds = ds.map(Encode(tokenizer, cfg.data.seq_len, cfg.data.long_documents))
@@ -168,50 +218,3 @@ class RawIterator(DataIterator):
     for reason, n in counts_in_state(self._it.get_state()).items():
       out[reason] = out.get(reason, 0) + n
     return out
-
-
-def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
-                        process_index: int = 0, process_count: int = 1) -> DataIterator:
-  """An endless (num_epochs=-1) or finite iterator of training batches for this process.
-
-  Raw sources: each process reads the documents ``process_index::process_count`` of the
-  training split and yields ``global_batch_size // process_count`` rows per batch.
-  Prepared sources: each process reads its contiguous slice of every global batch.
-  """
-  if prepared.uses_prepared(cfg.data):
-    return prepared.make_train_iterator(cfg, process_index, process_count)
-  ds = make_train_dataset(cfg, tokenizer, process_index=process_index, process_count=process_count)
-  return RawIterator(iter(ds), [skips for *_, skips in _components(cfg)])
-
-
-def make_eval_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
-                       process_index: int = 0, process_count: int = 1) -> Any:
-  """A finite iterator over the held-out documents (empty if there are none).
-
-  Raw sources: processes may get different numbers of eval batches; a multi-process
-  evaluation should take a fixed number of batches (train.eval_batches) and treat an
-  exhausted iterator as all-padding batches. Prepared sources give every process the
-  same number of batches.
-  """
-  if prepared.uses_prepared(cfg.data):
-    return prepared.make_eval_iterator(cfg, process_index, process_count)
-  return iter(make_eval_dataset(cfg, tokenizer, process_index=process_index,
-                                process_count=process_count))
-
-
-SPLITS = ("train", "eval")
-
-
-def make_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, split: str = "train",
-                  process_index: int = 0, process_count: int = 1) -> Any:
-  """The one entry point: batches of ``split`` ("train": endless or ``data.num_epochs``;
-  "eval": the held-out part, finite) for this process, from whatever ``cfg.data`` names:
-  raw documents, a prepared dataset, or prompt/response pairs (``data.format``)."""
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  proc = dict(process_index=process_index, process_count=process_count)
-  if finetune.is_finetune(cfg.data):
-    return finetune.make_iterator(cfg, tokenizer, split=split, **proc)
-  if split == "train":
-    return make_train_iterator(cfg, tokenizer, **proc)
-  return make_eval_iterator(cfg, tokenizer, **proc)

@@ -3,12 +3,14 @@
 lmjax's token ids are fixed: 0 pad, 1 unk, 2 bos, 3 eos. Trained tokenizers use
 byte fallback (no text is ever unknown) and identity normalisation, so
 ``decode(encode(text)) == text`` for any text, newlines and indentation included.
+Which tokenizer a config uses is decided by :func:`lmjax.data.get_tokenizer`.
 
 Example::
 
   tok = train_tokenizer(load_documents("default"), 1024, "/tmp/tok.model",
                         special_tokens=["<|user|>"])
   tok.decode(tok.encode("x = 1\\n")) == "x = 1\\n"
+  tok = cached_tokenizer(load_documents("default"), 1024, cache_dir())  # trained once
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from lmjax.data.sources import DataError, cached_records, sources_of
+from lmjax.data.readers import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -224,33 +226,18 @@ def _cache_key(documents: Sequence[str], vocab_size: int, model_type: str) -> st
   return h.hexdigest()[:16]
 
 
-def get_tokenizer(data_cfg: Any, vocab_size: int, model_type: str = "bpe") -> Tokenizer:
-  """The tokenizer for a ``cfg.data``.
+def cached_tokenizer(documents: Sequence[str], vocab_size: int, directory: str,
+                     model_type: str = "bpe") -> Tokenizer:
+  """A tokenizer with ``vocab_size`` pieces for ``documents``, trained once per content.
 
-  * A prepared source (``tools/prepare_data.py``): the tokenizer stored with it; a
-    ``data.tokenizer`` that differs from it is an error.
-  * ``data.tokenizer`` set: that model, as it is (comparing its size with
-    ``model.vocab_size`` is the caller's check; ``lmjax.train`` makes it).
-  * Otherwise the documents of ``data.source`` (or of every ``data.mixture`` component)
-    are hashed together with ``vocab_size`` and the training settings; a model under that
-    key in the cache directory is reused, else one with ``vocab_size`` pieces is trained
-    and stored there.
+  The documents are hashed together with ``vocab_size`` and the training settings; a model
+  under that key in ``directory`` is reused, else one is trained and stored there.
   """
-  from lmjax.data import prepared  # pylint: disable=import-outside-toplevel
-  if prepared.uses_prepared(data_cfg):
-    return prepared.dataset_tokenizer(data_cfg)
-  if data_cfg.tokenizer:
-    return Tokenizer.load(data_cfg.tokenizer)
-  docs = []
-  for source, _ in sources_of(data_cfg):
-    records, _ = cached_records(source, text_field=data_cfg.text_field,
-                                txt_split=data_cfg.txt_split, bad_records=data_cfg.bad_records)
-    docs.extend(d.text for d in records)
-  key = _cache_key(docs, vocab_size, model_type)
-  path = os.path.join(cache_dir(data_cfg), f"tokenizer-{model_type}-{vocab_size}-{key}.model")
+  key = _cache_key(documents, vocab_size, model_type)
+  path = os.path.join(directory, f"tokenizer-{model_type}-{vocab_size}-{key}.model")
   if os.path.isfile(path):
     try:
       return Tokenizer.load(path)
     except DataError:
       pass  # a damaged cache entry is retrained and replaced
-  return train_tokenizer(docs, vocab_size, path, model_type)
+  return train_tokenizer(documents, vocab_size, path, model_type)
