@@ -15,7 +15,6 @@ import pytest
 
 from lmjax import data as data_lib
 from lmjax.config import default_config
-from lmjax.data import prepared
 from lmjax.metrics import read_metrics
 
 pytestmark = pytest.mark.multiprocess
@@ -33,7 +32,7 @@ def _free_port() -> int:
 def dataset(tmp_path_factory) -> str:
   out = tmp_path_factory.mktemp("prepared") / "default"
   tok = data_lib.get_tokenizer(default_config().data, 1024)
-  prepared.prepare(["default"], str(out), tok, seq_len=64, eval_fraction=0.05)
+  data_lib.prepare(["default"], str(out), tok, seq_len=64, eval_fraction=0.05)
   return str(out)
 
 
@@ -104,9 +103,10 @@ def test_two_processes_then_four_equal_one_process(dataset, single, tmp_path):
 def test_each_process_reads_its_own_rows(dataset):
   cfg = default_config()
   cfg.data.source, cfg.data.seq_len, cfg.data.global_batch_size = dataset, 64, 16
-  whole = next(prepared.make_train_iterator(cfg))
+  whole = next(data_lib.make_iterator(cfg, None, split="train"))
   for processes in (2, 4):
-    parts = [next(prepared.make_train_iterator(cfg, process_index=i, process_count=processes))
+    parts = [next(data_lib.make_iterator(cfg, None, split="train", process_index=i,
+                                    process_count=processes))
              for i in range(processes)]
     for key in whole:
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])

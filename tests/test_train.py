@@ -71,10 +71,10 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
 
   # The data iterator restored at step 4 yields the batch the uninterrupted run saw at step 5.
   tok = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
-  uninterrupted = data_lib.make_train_iterator(cfg, tok)
+  uninterrupted = data_lib.make_iterator(cfg, tok, split="train")
   for _ in range(4):
     next(uninterrupted)
-  resumed = data_lib.make_train_iterator(cfg, tok)
+  resumed = data_lib.make_iterator(cfg, tok, split="train")
   b.restore(4, setup.abstract_state, resumed)
   want, got = next(uninterrupted), next(resumed)
   for key in data_lib.BATCH_KEYS:
