@@ -46,8 +46,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "generate: seed of the random draws.")
 _DEVICES = flags.DEFINE_integer("devices", None, "plan: devices of the target mesh (faked on the CPU).")
 _ACCELERATOR = flags.DEFINE_string("accelerator", "h100", "plan: h100, h200, a100-40gb, a100-80gb, "
                                    "l4, tpu-v4, tpu-v5e, tpu-v5p or tpu-v6e (peak FLOP/s, memory).")
-_MEMORY = flags.DEFINE_string("memory", None, "plan: memory per device, e.g. 80GiB, 80GB, 16G; "
-                              "default: the accelerator's.")
+_MEMORY = flags.DEFINE_string("memory", None, "plan: memory per device: 80GiB or 16G (binary), "
+                              "80GB (10^9 bytes); default: the accelerator's.")
 _MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "plan: the share of --memory the run "
                                       "may use (set XLA_PYTHON_CLIENT_MEM_FRACTION to match on GPUs).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "plan: model FLOPs utilisation for the expected step time.")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmjax import plan as plan_lib
-from lmjax.config import ConfigError, default_config
+from lmjax.config import ConfigError, default_config, parse_size
 from lmjax.metrics import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_suggestion_is_the_cheapest_that_fits_and_fits_when_planned_again():
   assert p.suggestion.overrides == {"optim.grad_accum_steps": 2}
   report = plan_lib.format_plan(p)
   assert "suggestion: add --config.optim.grad_accum_steps=2" in report and "too big" in report
-  plan_lib._CACHE.clear()  # compile it afresh
+  plan_lib._measure_saved.cache_clear()  # compile it afresh
   again = plan_lib.plan(_load("llama_1b", data__global_batch_size=16, optim__grad_accum_steps=2),
                         8, memory_bytes=memory)
   assert again.fits and again.total_bytes == p.suggestion.measured.memory.total
@@ -124,16 +124,16 @@ def test_bad_config_or_mesh_fails_before_compiling(monkeypatch):
     plan_lib.plan(_load("llama_8b"), 8, accelerator="h900")
 
 
-def test_parse_bytes():
-  assert plan_lib.parse_bytes("80GiB") == 80 * GiB
-  assert plan_lib.parse_bytes("80GB") == 80 * 10**9
-  assert plan_lib.parse_bytes("16G") == 16 * GiB
-  assert plan_lib.parse_bytes("1.5TiB") == int(1.5 * 2**40)
-  assert plan_lib.parse_bytes("512 mib") == 512 * 2**20
-  assert plan_lib.parse_bytes("4096") == 4096
+def test_parse_size():
+  assert parse_size("80GiB") == 80 * GiB
+  assert parse_size("80GB") == 80 * 10**9
+  assert parse_size("16G") == 16 * GiB
+  assert parse_size("1.5TiB") == int(1.5 * 2**40)
+  assert parse_size("512 mib") == 512 * 2**20
+  assert parse_size("4096") == 4096
   for bad in ("eighty", "80XB", "80iB", ""):
     with pytest.raises(ValueError, match="cannot read"):
-      plan_lib.parse_bytes(bad)
+      parse_size(bad)
   assert set(plan_lib.ACCELERATORS) == {"h100", "h200", "a100-40gb", "a100-80gb", "l4", "tpu-v4",
                                         "tpu-v5e", "tpu-v5p", "tpu-v6e"}
   assert plan_lib.ACCELERATORS["tpu-v5e"].memory_bytes == 16 * GiB
