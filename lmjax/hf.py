@@ -14,31 +14,14 @@ any mesh, sharded as the rules table says), and the ``tokenizer.model`` that cam
 ``transformers.AutoModelForCausalLM.from_pretrained``. Nothing is downloaded and nothing
 needs PyTorch. ``tools/convert_hf.py`` is the command line.
 
-Layouts (HF stores ``nn.Linear`` weights as (out, in), GPT-2's ``Conv1D`` as (in, out)):
-
-=====================  ======================================  ===========================
-lmjax                  Llama / Mistral (layer i)               GPT-2 (layer i)
-=====================  ======================================  ===========================
-embed.table (v, d)     model.embed_tokens.weight               transformer.wte.weight
-pos_embed (s, d)       -                                       transformer.wpe.weight
-attn.q (d, n, h)       self_attn.q_proj.weight.T               attn.c_attn.weight[:, :d]
-attn.k, attn.v         self_attn.{k,v}_proj.weight.T           attn.c_attn.weight[:, d:2d], [2d:]
-attn.o (n, h, d)       self_attn.o_proj.weight.T               attn.c_proj.weight
-attn_norm, mlp_norm    input_layernorm, post_attention_...     ln_1, ln_2 (weight, bias)
-mlp.gate, up, down     mlp.{gate,up,down}_proj.weight.T        -, mlp.c_fc, mlp.c_proj
-final_norm             model.norm                              transformer.ln_f
-lm_head.table          lm_head.weight (untied)                 lm_head.weight (untied)
-=====================  ======================================  ===========================
-
-Llama's RoPE in the Hugging Face layout is the half-split rotation lmjax uses, so q and k
-need no permutation.
+:mod:`lmjax.hf_layout` holds the mapping between the two layouts (config fields, tensor names
+and shapes); this module reads and writes the files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -47,26 +30,28 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from lmjax import config as config_lib
 from lmjax.checkpoint import SHAPE_KEYS, Checkpointer
 from lmjax.data.tokenizer import Tokenizer
+from lmjax.hf_layout import (ARCHITECTURES, IGNORED, ConversionError, config_from_hf, hf_config,
+                             hf_kind, mappings)
 from lmjax.model import Transformer
 from lmjax.rundir import run_config
 from lmjax.trained import load
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
+__all__ = ["ARCHITECTURES", "INDEX", "SINGLE", "TOKENIZER", "ConversionError", "Weights",
+           "config_from_hf", "export_checkpoint", "hf_config", "import_checkpoint",
+           "params_from_hf", "params_to_hf", "read_config", "write_safetensors"]
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER = "tokenizer.model"
 
 
-class ConversionError(ValueError):
-  """A checkpoint cannot be converted; the message names the file or field and why."""
-
-
-# -- configs -------------------------------------------------------------------------------
+# -- reading -------------------------------------------------------------------------------
 
 
 def read_config(hf_dir: str | Path) -> dict[str, Any]:
@@ -79,244 +64,6 @@ def read_config(hf_dir: str | Path) -> dict[str, Any]:
   except ValueError as e:
     raise ConversionError(f"{path}: not valid JSON ({e}).") from None
 
-
-def _rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
-  """lmjax RoPE fields from ``rope_theta`` + ``rope_scaling`` (transformers 4) or
-  ``rope_parameters`` (transformers 5)."""
-  params = dict(hf.get("rope_parameters") or {})
-  scaling = dict(hf.get("rope_scaling") or params)
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-  kind = scaling.get("rope_type", scaling.get("type", "default"))
-  out = {"rope_theta": float(theta), "rope_scaling": "none"}
-  if kind == "default":
-    return out
-  if kind == "linear":
-    return {**out, "rope_scaling": "linear", "rope_scaling_factor": float(scaling["factor"])}
-  if kind == "llama3":
-    return {**out, "rope_scaling": "llama3", "rope_scaling_factor": float(scaling["factor"]),
-            "rope_low_freq_factor": float(scaling["low_freq_factor"]),
-            "rope_high_freq_factor": float(scaling["high_freq_factor"]),
-            "rope_original_max_len": int(scaling["original_max_position_embeddings"])}
-  raise ConversionError(f"config.json: rope scaling {kind!r} is not supported (lmjax has "
-                        "default, linear and llama3 RoPE).")
-
-
-def _compute_dtype(hf: dict[str, Any]) -> str:
-  """bfloat16 compute for checkpoints stored in 16 bits, float32 for float32 ones."""
-  dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
-  return "bfloat16" if dtype in ("bfloat16", "float16") else "float32"
-
-
-def config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The lmjax config of a Hugging Face ``config.json`` (Llama, Mistral or GPT-2); raises
-  ConversionError naming a field lmjax cannot represent."""
-  kind = hf.get("model_type")
-  cfg = config_lib.default_config()
-  m = cfg.model
-  if kind in ("llama", "mistral"):
-    if hf.get("hidden_act", "silu") != "silu":
-      raise ConversionError(f"config.json: hidden_act {hf['hidden_act']!r}; lmjax's SwiGLU uses silu.")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-      raise ConversionError("config.json: partial_rotary_factor != 1 is not supported.")
-    heads = hf["num_attention_heads"]
-    m.vocab_size, m.num_layers, m.embed_dim = hf["vocab_size"], hf["num_hidden_layers"], hf["hidden_size"]
-    m.num_heads, m.num_kv_heads = heads, hf.get("num_key_value_heads") or heads
-    m.head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    m.mlp_dim = hf["intermediate_size"]
-    m.max_seq_len = hf.get("max_position_embeddings", 2048)
-    m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
-    m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
-    m.attention_bias = bool(hf.get("attention_bias", False))
-    m.mlp_bias = bool(hf.get("mlp_bias", False))
-    m.sliding_window = int(hf.get("sliding_window") or 0) if kind == "mistral" else 0
-    for key, value in _rope_settings(hf).items():
-      m[key] = value
-  elif kind == "gpt2":
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-      raise ConversionError(f"config.json: activation_function {act!r}; lmjax's GELU MLP is the "
-                            "tanh approximation (gelu_new).")
-    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-      if hf.get(flag):
-        raise ConversionError(f"config.json: {flag}=true is not supported.")
-    if not hf.get("scale_attn_weights", True):
-      raise ConversionError("config.json: scale_attn_weights=false is not supported.")
-    d, heads = hf["n_embd"], hf["n_head"]
-    m.vocab_size, m.num_layers, m.embed_dim = hf["vocab_size"], hf["n_layer"], d
-    m.num_heads = m.num_kv_heads = heads
-    m.head_dim = d // heads
-    m.mlp_dim = hf.get("n_inner") or 4 * d
-    m.max_seq_len = hf.get("n_positions", 1024)
-    m.norm, m.mlp, m.position_embedding = "layernorm", "gelu", "learned"
-    m.norm_eps = float(hf.get("layer_norm_epsilon", 1e-5))
-    m.attention_bias = m.mlp_bias = True
-    m.tie_embeddings = bool(hf.get("tie_word_embeddings", True))
-  else:
-    raise ConversionError(f"config.json: model_type {kind!r} is not supported; lmjax converts "
-                          f"{', '.join(ARCHITECTURES)}.")
-  m.compute_dtype = _compute_dtype(hf)
-  cfg.data.seq_len = min(cfg.data.seq_len, m.max_seq_len)
-  return cfg
-
-
-def hf_config(cfg: ml_collections.ConfigDict, dtype: str = "float32",
-              bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
-  """The Hugging Face ``config.json`` of an lmjax model; ConversionError if no supported
-  Hugging Face architecture computes the same function."""
-  m = cfg.model
-  kind = _hf_kind(m)
-  common = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "vocab_size": m.vocab_size,
-            "tie_word_embeddings": m.tie_embeddings, "torch_dtype": dtype,
-            "bos_token_id": bos_id, "eos_token_id": eos_id}
-  if kind == "gpt2":
-    return {**common, "n_embd": m.embed_dim, "n_layer": m.num_layers, "n_head": m.num_heads,
-            "n_inner": m.mlp_dim, "n_positions": m.max_seq_len, "activation_function": "gelu_new",
-            "layer_norm_epsilon": m.norm_eps, "scale_attn_weights": True,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-  out = {**common, "hidden_size": m.embed_dim, "num_hidden_layers": m.num_layers,
-         "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
-         "head_dim": m.head_dim, "intermediate_size": m.mlp_dim,
-         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
-         "rope_theta": m.rope_theta, "rope_scaling": _hf_rope_scaling(m), "attention_dropout": 0.0}
-  if kind == "mistral":
-    return {**out, "sliding_window": m.sliding_window}
-  return {**out, "attention_bias": m.attention_bias, "mlp_bias": m.mlp_bias}
-
-
-def _hf_rope_scaling(m: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  if m.rope_scaling == "linear":
-    return {"rope_type": "linear", "factor": m.rope_scaling_factor}
-  if m.rope_scaling == "llama3":
-    return {"rope_type": "llama3", "factor": m.rope_scaling_factor,
-            "low_freq_factor": m.rope_low_freq_factor, "high_freq_factor": m.rope_high_freq_factor,
-            "original_max_position_embeddings": m.rope_original_max_len}
-  return None
-
-
-def _hf_kind(m: ml_collections.ConfigDict) -> str:
-  """"llama", "mistral" or "gpt2": the Hugging Face architecture of model config ``m``."""
-  llama = {"norm": "rmsnorm", "mlp": "swiglu", "position_embedding": "rope"}
-  gpt2 = {"norm": "layernorm", "mlp": "gelu", "position_embedding": "learned",
-          "attention_bias": True, "mlp_bias": True, "sliding_window": 0}
-  if all(m[k] == v for k, v in llama.items()):
-    if m.sliding_window == 0:
-      return "llama"
-    if not (m.attention_bias or m.mlp_bias):
-      return "mistral"
-    raise ConversionError("model.sliding_window with projection biases has no Hugging Face "
-                          "architecture here (Mistral has no biases).")
-  if all(m[k] == v for k, v in gpt2.items()):
-    if m.num_kv_heads != m.num_heads or m.num_heads * m.head_dim != m.embed_dim:
-      raise ConversionError("GPT-2 needs model.num_kv_heads == model.num_heads and "
-                            "num_heads * head_dim == embed_dim.")
-    return "gpt2"
-  options = {k: m[k] for k in ("norm", "mlp", "position_embedding", "attention_bias", "mlp_bias",
-                               "sliding_window")}
-  raise ConversionError(f"no Hugging Face architecture matches this model ({options}): Llama "
-                        f"and Mistral are {llama}, GPT-2 is {gpt2}.")
-
-
-# -- weight names --------------------------------------------------------------------------
-# One entry per lmjax parameter: (lmjax path, the HF tensor name ("{i}" for the layer),
-# to_lmjax(tensor, m) -> array, to_hf(array, m) -> tensor). GPT-2's fused q/k/v tensors
-# (c_attn) are split on import and joined again in params_to_hf (to_hf None).
-
-Mapping = tuple[tuple[str, ...], str, Callable, Callable | None]
-
-
-def _same(t: np.ndarray, m: ml_collections.ConfigDict) -> np.ndarray:
-  return t
-
-
-def _transposed(t: np.ndarray, m: ml_collections.ConfigDict) -> np.ndarray:
-  return t.T
-
-
-def _linear_in(heads: str) -> tuple[Callable, Callable]:
-  """An (out, in) nn.Linear weight of (heads * h) outputs <-> lmjax (d, heads, h)."""
-  count = lambda m: m.num_heads if heads == "n" else m.num_kv_heads
-  return (lambda t, m: t.T.reshape(m.embed_dim, count(m), m.head_dim),
-          lambda a, m: a.reshape(m.embed_dim, -1).T)
-
-
-def _heads(heads: str) -> tuple[Callable, Callable]:
-  """A bias of (heads * h) <-> lmjax (heads, h)."""
-  count = lambda m: m.num_heads if heads == "n" else m.num_kv_heads
-  return (lambda t, m: t.reshape(count(m), m.head_dim), lambda a, m: a.reshape(-1))
-
-
-def _llama_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
-  layer = "model.layers.{i}."
-  maps: list[Mapping] = [
-      (("embed", "table"), "model.embed_tokens.weight", _same, _same),
-      (("final_norm", "scale"), "model.norm.weight", _same, _same),
-      (("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", _same, _same),
-      (("blocks", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same),
-      (("blocks", "attn", "q"), layer + "self_attn.q_proj.weight", *_linear_in("n")),
-      (("blocks", "attn", "k"), layer + "self_attn.k_proj.weight", *_linear_in("k")),
-      (("blocks", "attn", "v"), layer + "self_attn.v_proj.weight", *_linear_in("k")),
-      (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight",  # (d, n*h) <-> (n, h, d)
-       lambda t, m: t.T.reshape(m.num_heads, m.head_dim, m.embed_dim),
-       lambda a, m: a.reshape(-1, m.embed_dim).T),
-  ] + [(("blocks", "mlp", p), layer + f"mlp.{p}_proj.weight", _transposed, _transposed)
-       for p in ("gate", "up", "down")]
-  if m.attention_bias:
-    maps += [
-        (("blocks", "attn", "q_bias"), layer + "self_attn.q_proj.bias", *_heads("n")),
-        (("blocks", "attn", "k_bias"), layer + "self_attn.k_proj.bias", *_heads("k")),
-        (("blocks", "attn", "v_bias"), layer + "self_attn.v_proj.bias", *_heads("k")),
-        (("blocks", "attn", "o_bias"), layer + "self_attn.o_proj.bias", _same, _same),
-    ]
-  if m.mlp_bias:
-    maps += [(("blocks", "mlp", f"{p}_bias"), layer + f"mlp.{p}_proj.bias", _same, _same)
-             for p in ("gate", "up", "down")]
-  if not m.tie_embeddings:
-    maps.append((("lm_head", "table"), "lm_head.weight", _same, _same))
-  return maps
-
-
-def _gpt2_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
-  layer = "transformer.h.{i}."
-
-  def part(i: int, shape: Callable) -> Callable:  # q, k or v of a fused (..., 3d) tensor
-    return lambda t, m: np.split(t, 3, axis=-1)[i].reshape(shape(m))
-
-  maps: list[Mapping] = [
-      (("embed", "table"), "transformer.wte.weight", _same, _same),
-      (("pos_embed",), "transformer.wpe.weight", _same, _same),
-      (("final_norm", "scale"), "transformer.ln_f.weight", _same, _same),
-      (("final_norm", "bias"), "transformer.ln_f.bias", _same, _same),
-      (("blocks", "attn", "o"), layer + "attn.c_proj.weight",  # Conv1D (n*h, d) <-> (n, h, d)
-       lambda t, m: t.reshape(m.num_heads, m.head_dim, m.embed_dim),
-       lambda a, m: a.reshape(-1, m.embed_dim)),
-      (("blocks", "attn", "o_bias"), layer + "attn.c_proj.bias", _same, _same),
-      (("blocks", "mlp", "up"), layer + "mlp.c_fc.weight", _same, _same),
-      (("blocks", "mlp", "up_bias"), layer + "mlp.c_fc.bias", _same, _same),
-      (("blocks", "mlp", "down"), layer + "mlp.c_proj.weight", _same, _same),
-      (("blocks", "mlp", "down_bias"), layer + "mlp.c_proj.bias", _same, _same),
-  ]
-  for norm, ln in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-    maps += [(("blocks", norm, "scale"), layer + f"{ln}.weight", _same, _same),
-             (("blocks", norm, "bias"), layer + f"{ln}.bias", _same, _same)]
-  for i, name in enumerate("qkv"):
-    maps += [(("blocks", "attn", name), layer + "attn.c_attn.weight",
-              part(i, lambda m: (m.embed_dim, m.num_heads, m.head_dim)), None),
-             (("blocks", "attn", f"{name}_bias"), layer + "attn.c_attn.bias",
-              part(i, lambda m: (m.num_heads, m.head_dim)), None)]
-  if not m.tie_embeddings:
-    maps.append((("lm_head", "table"), "lm_head.weight", _same, _same))
-  return maps
-
-
-def _mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
-  return _gpt2_mappings(m) if m.position_embedding == "learned" else _llama_mappings(m)
-
-
-# Tensors a checkpoint may hold that carry no weights (buffers of older transformers).
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|(^|\.)attn\.masked_bias|(^|\.)attn\.bias)$")
-
-
-# -- reading -------------------------------------------------------------------------------
 
 
 class Weights:
@@ -332,7 +79,6 @@ class Weights:
       except (ValueError, KeyError) as e:
         raise ConversionError(f"{index}: unreadable index ({e}).") from None
     elif single.is_file():
-      from safetensors import safe_open
       try:
         with safe_open(str(single), "numpy") as f:
           self.files = {k: single for k in f.keys()}
@@ -353,7 +99,6 @@ class Weights:
   def get(self, name: str) -> np.ndarray:
     if name not in self.files:
       raise ConversionError(f"{self.dir}: no tensor {name!r} (the config says it should be there).")
-    from safetensors import safe_open
     self.used.add(name)
     try:
       with jax.default_device(jax.devices("cpu")[0]), safe_open(str(self.files[name]), "flax") as f:
@@ -362,7 +107,7 @@ class Weights:
       raise ConversionError(f"{self.files[name]}: cannot read tensor {name!r} ({e}).") from None
 
   def unused(self) -> list[str]:
-    return sorted(k for k in self.files if k not in self.used and not _IGNORED.search(k))
+    return sorted(k for k in self.files if k not in self.used and not IGNORED.search(k))
 
 
 def _gpt2_prefix(weights: Weights) -> str:
@@ -383,7 +128,7 @@ def params_from_hf(hf_dir: str | Path, cfg: ml_collections.ConfigDict,
   want = nnx.split(abstract)[1].to_pure_dict()
   out_dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
   params: dict[str, Any] = {}
-  for path, name, to_lmjax, _ in _mappings(m):
+  for path, name, to_lmjax, _ in mappings(m):
     name = rename(name)
     if "{i}" in name:
       value = np.stack([to_lmjax(weights.get(name.format(i=i)), m) for i in range(m.num_layers)])
@@ -451,7 +196,7 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   cfg = config_from_hf(read_config(hf_dir))
   shape = {k: cfg.model[k] for k in SHAPE_KEYS if k != "param_dtype"}
   for key, value in (overrides or {}).items():
-    _set(cfg, key, value)
+    _override(cfg, key, value)
   changed = [k for k, v in shape.items() if cfg.model[k] != v]
   if changed:
     raise ConversionError(f"overrides change the model's shape ({', '.join('model.' + k for k in changed)}): "
@@ -484,24 +229,21 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   return cfg
 
 
-def _set(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  *parents, leaf = dotted.split(".")
-  node = cfg
-  for p in parents:
-    if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-      raise ConversionError(f"override {dotted}: no such config field.")
-    node = node[p]
-  if leaf not in node:
-    raise ConversionError(f"override {dotted}: no such config field.")
-  current = node[leaf]
-  if isinstance(value, str) and not isinstance(current, str):  # from the command line
-    try:
-      value = json.loads(value.lower() if isinstance(current, bool) else value)
-    except ValueError:
-      raise ConversionError(f"override {dotted}={value}: not a {type(current).__name__}.") from None
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  node[leaf] = value
+def _override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """:func:`lmjax.config.override`; its ConfigError becomes a ConversionError naming the key."""
+  try:
+    config_lib.override(cfg, key, value)
+  except config_lib.ConfigError as e:
+    problem = "bad value" if _is_field(cfg, key) else "no such config field"
+    raise ConversionError(f"override {key}: {problem} ({e})") from None
+
+
+def _is_field(cfg: ml_collections.ConfigDict, key: str) -> bool:
+  try:
+    cfg[key]  # a ConfigDict reads dotted keys
+    return True
+  except (KeyError, TypeError):
+    return False
 
 
 # -- export --------------------------------------------------------------------------------
@@ -511,11 +253,11 @@ def params_to_hf(params: dict[str, Any], cfg: ml_collections.ConfigDict,
                  dtype: str = "float32") -> dict[str, np.ndarray]:
   """Hugging Face tensors (name -> NumPy array in ``dtype``) of lmjax ``params``."""
   m = cfg.model
-  kind = _hf_kind(m)
+  kind = hf_kind(m)
   out_dtype = np.dtype(jax.numpy.dtype(dtype))
   get = lambda path: np.asarray(_dig(params, path))
   tensors: dict[str, np.ndarray] = {}
-  for path, name, _, to_hf in _mappings(m):
+  for path, name, _, to_hf in mappings(m):
     if to_hf is None:
       continue
     value = get(path)
@@ -534,26 +276,14 @@ def params_to_hf(params: dict[str, Any], cfg: ml_collections.ConfigDict,
   return {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}
 
 
-def _parse_size(text: str | int) -> int:
-  if isinstance(text, int):
-    return text
-  match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
-  if not match:
-    raise ConversionError(f"size {text!r}: use e.g. 5GB, 500MB or 2GiB.")
-  number, unit, suffix = match.groups()
-  base = 1024 if suffix and suffix.lower() == "ib" else 1000
-  return int(float(number) * base ** " KMGT".index((unit or " ").upper()))
-
-
 def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str | Path,
                       max_shard_size: str | int = "5GB") -> list[str]:
   """Writes ``tensors`` as ``model.safetensors`` or, over ``max_shard_size``, as numbered
   shards with ``model.safetensors.index.json`` (the layout ``save_pretrained`` writes).
   Returns the file names."""
-  from safetensors.numpy import save_file
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  limit = _parse_size(max_shard_size)
+  limit = config_lib.parse_size(max_shard_size)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, t in tensors.items():
@@ -585,7 +315,7 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   bfloat16 for bf16-compute runs, else float32) and the run's ``tokenizer.model`` if it
   has a sentencepiece tokenizer. Returns the written ``config.json`` contents."""
   cfg = run_config(workdir, step)
-  _hf_kind(cfg.model)  # fail before restoring anything
+  hf_kind(cfg.model)  # fail before restoring anything
   # Onto the host: the weights go to NumPy anyway, and no accelerator need hold them whole.
   cfg.model.attention = "xla"  # any backend restores the same parameters; xla runs on the CPU
   run = load(workdir, step, cfg=cfg, devices=jax.devices("cpu")[:1],
