@@ -43,8 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tools.reference_step, tools.step_profile
+ROOT = Path(__file__).resolve().parents[1]  # configs/ lives there
 
 SECTIONS = ("mfu", "compile", "memory", "layouts", "pipeline", "checkpoint", "processes", "all")
 _FAKE_DEVICES = {"memory", "layouts", "pipeline", "checkpoint", "all"}
@@ -98,7 +97,8 @@ from lmjax.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 from lmjax.model.pipeline import bubble_fraction  # noqa: E402
 from lmjax.state import build, init_state  # noqa: E402
 from lmjax.trainer import compile_train_step  # noqa: E402
-from tools import reference_step, step_profile  # noqa: E402
+import reference_step  # noqa: E402  (a sibling: Python puts this script's directory on sys.path)
+import step_profile  # noqa: E402
 
 LAYOUTS = [
     ("data=8", dict(data=8), {}),

@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
@@ -114,12 +111,15 @@ def bench_train(config: str, arg: str | None) -> float:
 def gpt2_small_h100_estimate() -> tuple[float, float, int]:
   """(tokens/s, FLOPs per token, parameters) of configs/gpt2_small.py on one H100 at the
   assumed MFU."""
+  import importlib.util
+
   from flax import nnx
 
   from lmjax.metrics import flops_per_token
   from lmjax.model import Transformer, count_params
-  sys.path.insert(0, "configs")
-  import gpt2_small  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("gpt2_small", os.path.join("configs", "gpt2_small.py"))
+  gpt2_small = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gpt2_small)
   cfg = gpt2_small.get_config()
   abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   params = count_params(nnx.split(abstract)[1].to_pure_dict())

@@ -20,8 +20,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from lmjax.config import BAD_RECORD_POLICIES, LONG_DOCUMENT_POLICIES, TXT_SPLITS  # noqa: E402
 from lmjax.data import DataError, Tokenizer, load_documents, prepare, train_tokenizer  # noqa: E402
 from lmjax.data.sources import REASONS  # noqa: E402

@@ -17,11 +17,8 @@ encoded by vocabulary pieces rather than by byte fallback; tokens/char is the co
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS  # noqa: E402
 from lmjax.data import DataError, SkipLog, Tokenizer, load_documents, train_tokenizer  # noqa: E402
