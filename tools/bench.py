@@ -462,7 +462,6 @@ def pipeline(quick: bool, steps: int) -> None:
 
 def checkpoint(quick: bool) -> None:
   """Save/restore throughput of a few-hundred-MB train state against the disk (dd)."""
-  import shutil
   import subprocess
   import tempfile
   from lmjax.checkpoint import Checkpointer
