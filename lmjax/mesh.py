@@ -2,7 +2,9 @@
 
 Model code names array axes logically (``"embed"``, ``"mlp"``, ``"act_batch"`` ...).
 :data:`RULES` is the one table that maps those names onto the mesh axes
-``data``, ``stage``, ``fsdp`` and ``tensor``; ``config.mesh.rules`` overrides entries.
+``data``, ``stage``, ``fsdp`` and ``tensor``: an activation name ``act_X`` without a rule
+follows ``X``, and a name without any rule is replicated. ``config.mesh.rules`` overrides
+entries (overriding ``heads`` also moves ``act_heads``, unless that is overridden too).
 
 A logical axis whose mesh axes do not divide the array dimension is replicated
 along that dimension (e.g. 2 KV heads on a 4-way ``tensor`` axis), so every
@@ -26,43 +28,54 @@ from lmjax.config import MESH_AXES, ConfigError, resolve_mesh_shape
 
 MeshAxes = str | tuple[str, ...] | None
 
-# logical name -> mesh axes. Parameters first, then activations ("act_" prefix).
+# logical name -> mesh axes: parameters, then activations ("act_" prefix). An activation
+# name act_X without a rule of its own follows X's (act_vocab, act_heads, act_kv_heads,
+# act_mlp); a known name without any rule (head_dim, norm, act_seq) is replicated.
 RULES: tuple[tuple[str, MeshAxes], ...] = (
-    # parameters
     ("layers", "stage"),  # stacked-block axis: contiguous groups of layers per pipeline stage
     ("stage", "stage"),  # the stage axis of pipelined parameters and activations
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
-    ("head_dim", None),
     ("mlp", "tensor"),
-    ("norm", None),
-    # activations
     ("act_batch", ("data", "stage", "fsdp")),  # inside the pipeline, "stage" is taken
-    ("act_seq", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+    ("act_embed", None),  # the residual stream stays whole (FSDP splits only the weights)
 )
+# Every logical name model code uses, ruled or not; anything else is a typo.
+LOGICAL_AXES = ("layers", "stage", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
+                "norm", "act_batch", "act_seq", "act_embed", "act_heads", "act_kv_heads",
+                "act_mlp", "act_vocab")
+
+
+def make_rules(overrides: Sequence[tuple[str, Any]] = ()) -> dict[str, MeshAxes]:
+  """Every logical name's mesh axes: its rule in ``overrides`` or :data:`RULES`, else for
+  act_X the rule X ends up with, else None (replicated). An unknown name is an error.
+
+  >>> make_rules((("heads", None),))["act_heads"]  # None: act_heads follows heads
+  """
+  table = dict(RULES)
+  for i, (name, axes) in enumerate(overrides):
+    if name not in LOGICAL_AXES:
+      raise ConfigError(f"config.mesh.rules[{i}]: unknown logical axis {name!r}; known: "
+                        f"{', '.join(LOGICAL_AXES)}.")
+    table[name] = tuple(axes) if isinstance(axes, list) else axes
+  return {name: table[name] if name in table else table.get(name.removeprefix("act_"))
+          for name in LOGICAL_AXES}
+
 
 UNCONSTRAINED = P.UNCONSTRAINED  # a logical-axes entry that leaves the dimension to the compiler
 
 _current_rules: contextvars.ContextVar[dict[str, MeshAxes]] = contextvars.ContextVar(
-    "lmjax_rules", default=dict(RULES))
+    "lmjax_rules", default=make_rules())
 # Mesh axes a surrounding vmap already maps over (spmd_axis_name), e.g. inside pipeline stages.
 _taken_axes: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "lmjax_taken_axes", default=())
 
 
 def rules_from_config(cfg: ml_collections.ConfigDict) -> dict[str, MeshAxes]:
-  """The default table with ``config.mesh.rules`` applied on top."""
-  rules = dict(RULES)
-  for name, axes in cfg.mesh.rules:
-    rules[name] = tuple(axes) if isinstance(axes, list) else axes
-  return rules
+  """:func:`make_rules` with ``config.mesh.rules`` as the overrides."""
+  return make_rules(cfg.mesh.rules)
 
 
 @contextlib.contextmanager
@@ -163,6 +176,18 @@ def activation_spec(shape: Sequence[int], logical_axes: Sequence[Any]) -> P:
   mesh = jax.sharding.get_abstract_mesh()
   return logical_to_spec(logical_axes, _current_rules.get(), shape, dict(mesh.shape),
                          exclude=_taken_axes.get())
+
+
+def activation_axes(shape: Sequence[int], logical_axes: Sequence[Any]) -> list[tuple[str, ...]]:
+  """Per dimension of an activation of ``shape``, the mesh axes :func:`constrain` shards it
+  over (none outside a mesh), e.g. to split a kernel's inputs the same way in ``shard_map``.
+
+  >>> rows, heads = activation_axes((b, n), ("act_batch", "act_heads"))
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return [()] * len(shape)
+  return [() if e is None else (e,) if isinstance(e, str) else tuple(e)
+          for e in activation_spec(shape, logical_axes)]
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

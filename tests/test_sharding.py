@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lmjax.config import ConfigError
+from lmjax.mesh import LOGICAL_AXES, RULES, make_rules
 from lmjax.state import build
 from tests.layouts import LAYOUTS, assert_same_step, config, run
 
@@ -63,6 +65,23 @@ def test_config_rules_override_the_table():
   assert params["embed"]["table"].sharding.spec == P("tensor", None)
   cfg.mesh.rules = (("embed", "pipeline"),)
   with pytest.raises(Exception, match=r"config.mesh.rules\[0\]: unknown mesh axis 'pipeline'"):
+    build(cfg, jax.devices())
+
+
+def test_activation_rules_follow_the_parameter_rules():
+  assert len(RULES) <= 10 and {name for name, _ in RULES} <= set(LOGICAL_AXES)
+  rules = make_rules()
+  assert set(rules) == set(LOGICAL_AXES)
+  assert rules["act_heads"] == rules["heads"] == "tensor" and rules["act_vocab"] == "tensor"
+  assert rules["head_dim"] is rules["norm"] is rules["act_seq"] is rules["act_embed"] is None
+  moved = make_rules((("heads", "fsdp"), ("mlp", ["fsdp", "tensor"])))
+  assert moved["heads"] == moved["act_heads"] == "fsdp"  # act_heads follows heads
+  assert moved["act_mlp"] == ("fsdp", "tensor") and moved["act_kv_heads"] == "tensor"
+  alone = make_rules((("act_heads", None),))
+  assert alone["act_heads"] is None and alone["heads"] == "tensor"
+  cfg = config("data2_fsdp2_tensor2")
+  cfg.mesh.rules = (("act_seq", "tensor"), ("emebd", None))  # a typo
+  with pytest.raises(ConfigError, match=r"config.mesh.rules\[1\]: unknown logical axis 'emebd'"):
     build(cfg, jax.devices())
 
 
