@@ -45,7 +45,8 @@ import ml_collections
 from lmjax import config as config_lib
 from lmjax import cpu_compile
 from lmjax.metrics import flops_per_token
-from lmjax.model.attention import BLOCK, check_backend
+from lmjax.model.attention import check_backend
+from lmjax.model.kernels import BLOCK
 from lmjax.plan_report import (ACCELERATORS, GiB, JAX_GPU_PREALLOCATE, Accelerator, Candidate,
                                Measured, Memory, Plan, format_bytes, format_plan)
 from lmjax.state import build

@@ -15,10 +15,10 @@ from jax.sharding import AxisType
 
 from lmjax.config import ATTENTION_BACKENDS, MESH_AXES
 from lmjax.mesh import axes_taken
-from lmjax.model import attention as attn
+from lmjax.model import attention as attn, kernels
 
-cudnn_on_xla = functools.partial(attn.cudnn_attention, implementation="xla")
-splash_interpreted = functools.partial(attn.splash_attention, interpret=True)
+cudnn_on_xla = functools.partial(kernels.cudnn_attention, implementation="xla")
+splash_interpreted = functools.partial(kernels.splash_attention, interpret=True)
 
 
 def _inputs(b, t, n, k, h, seed=0):
@@ -83,7 +83,7 @@ def test_per_shard_splits_rows_and_heads(kv_heads):
     return cudnn_on_xla(q, k, v, seg)
 
   with jax.set_mesh(_mesh(data=2, fsdp=2, tensor=2)):
-    out = jax.jit(lambda *a: attn.per_shard(local, *a))(q, k, v, seg)
+    out = jax.jit(lambda *a: kernels.per_shard(local, *a))(q, k, v, seg)
   assert seen == [((1, 16, 2, 8), (1, 16, 1, 8), (1, 16))]
   np.testing.assert_allclose(out, _reference(q, k, v, seg), rtol=1e-6, atol=1e-6)
 
@@ -91,7 +91,7 @@ def test_per_shard_splits_rows_and_heads(kv_heads):
 def test_per_shard_splash_on_a_mesh():
   q, k, v, seg = _inputs(4, 128, 4, 2, 64, seed=2)
   with jax.set_mesh(_mesh(data=2, fsdp=2, tensor=2)):
-    out = jax.jit(lambda *a: attn.per_shard(splash_interpreted, *a))(q, k, v, seg)
+    out = jax.jit(lambda *a: kernels.per_shard(splash_interpreted, *a))(q, k, v, seg)
   np.testing.assert_allclose(out, _reference(q, k, v, seg), rtol=1e-5, atol=1e-5)
 
 
@@ -102,7 +102,7 @@ def test_per_shard_inside_pipeline_stage_vmap():
 
   def staged(*args):
     with axes_taken("stage") as stage_axes:
-      fn = lambda *a: attn.per_shard(cudnn_on_xla, *a)
+      fn = lambda *a: kernels.per_shard(cudnn_on_xla, *a)
       return jax.vmap(fn, spmd_axis_name=stage_axes)(*args)
 
   with jax.set_mesh(_mesh(stage=2, fsdp=2, tensor=2)):
@@ -170,7 +170,7 @@ def test_blockwise_matches_reference_forward_and_backward(kv_heads, window):
   gradients as the XLA reference, which holds all scores at once."""
   q, k, v, seg = _inputs(3, 48, 4, kv_heads, 8, seed=4)
   ref = jax.jit(lambda *a: attn.xla_attention(*a[:3], attn.attention_mask(a[3], window)))
-  blockwise = functools.partial(attn.blockwise_attention, window=window, block=16)
+  blockwise = functools.partial(kernels.blockwise_attention, window=window, block=16)
   np.testing.assert_allclose(jax.jit(blockwise)(q, k, v, seg), ref(q, k, v, seg), rtol=1e-5, atol=1e-5)
   for got, want in zip(_grads(blockwise, q, k, v, seg), _grads(ref, q, k, v, seg)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -182,7 +182,7 @@ def test_blockwise_keeps_no_scores_for_the_backward():
   q, k, v, seg = _inputs(2, 256, 4, 2, 8, seed=5)
   saved = lambda fn: sum(x.size for x in jax.tree.leaves(jax.vjp(lambda *a: fn(*a, seg), q, k, v)[1]))
   reference = saved(lambda q, k, v, s: attn.xla_attention(q, k, v, attn.attention_mask(s)))
-  blockwise = saved(attn.blockwise_attention)
+  blockwise = saved(kernels.blockwise_attention)
   inputs = q.size + k.size + v.size + seg.size
   assert blockwise <= inputs + q.size + 2 * 4 * 256 + 16  # + output + lse (b, n, t) + counters
   assert reference > 2 * 4 * 256 * 256  # the reference keeps probabilities (b, n, t, s)
