@@ -147,3 +147,30 @@ def test_blockwise_attention_backend_gives_the_same_logits():
   want, _ = _forward(_cfg(sliding_window=6), tokens, positions, segment_ids)
   got, _ = _forward(_cfg(sliding_window=6, attention="blockwise"), tokens, positions, segment_ids)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_config_is_frozen_hashable_and_has_the_config_keys():
+  import dataclasses
+  from lmjax.model import ModelConfig
+  fields = [f.name for f in dataclasses.fields(ModelConfig)]
+  assert sorted(fields) == sorted(default_config().model.keys())
+  cfg = ModelConfig.from_config(default_config().model)
+  assert cfg == ModelConfig.from_config(default_config().model.to_dict())  # a dict works too
+  assert hash(cfg) == hash(ModelConfig.from_config(default_config().model))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.num_layers = 3
+  assert dataclasses.replace(cfg, num_layers=3) != cfg
+  model = nnx.eval_shape(lambda: Transformer(_cfg(), rngs=nnx.Rngs(0)))
+  assert isinstance(model.cfg, ModelConfig) and model.cfg.num_layers == 3
+  assert hash(nnx.graphdef(model)) == hash(nnx.graphdef(nnx.eval_shape(
+      lambda: Transformer(_cfg(), rngs=nnx.Rngs(1)))))  # the GraphDef can be a jit key
+  raw = default_config().model.to_dict()
+  raw["num_layer"] = 3  # misspelt
+  with pytest.raises(ValueError, match=r"unknown keys \['num_layer'\]"):
+    ModelConfig.from_config(raw)
+  del raw["num_layer"], raw["mlp_dim"]
+  with pytest.raises(ValueError, match=r"missing keys \['mlp_dim'\]"):
+    ModelConfig.from_config(raw)
+  raw["mlp_dim"] = "wide"
+  with pytest.raises(TypeError, match="config.model.mlp_dim: expected int"):
+    ModelConfig.from_config(raw)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from lmjax.mesh import constrain
+from lmjax.model.config import ModelConfig
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
@@ -166,8 +167,8 @@ class Rope:
     return out.astype(np.float32)
 
   @classmethod
-  def from_config(cls, cfg) -> Rope:
-    """The settings of a ``config.model``."""
+  def from_config(cls, cfg: ModelConfig) -> Rope:
+    """The settings of a :class:`ModelConfig`."""
     return cls(theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_scaling_factor,
                low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                original_max_len=cfg.rope_original_max_len)

@@ -11,6 +11,7 @@ import ml_collections
 
 from lmjax.mesh import constrain
 from lmjax.model.attention import STACKED_CACHE_AXES, Attention, KVCache
+from lmjax.model.config import ModelConfig
 from lmjax.model.layers import MLP, Embed, Rope, make_norm, param
 from lmjax.model.pipeline import run_pipeline
 
@@ -24,9 +25,13 @@ _ACT = ("act_batch", "act_seq", "act_embed")
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  >>> block = Block(ModelConfig.from_config(default_config().model), rngs=nnx.Rngs(0))
+  >>> y = block(x, positions, segment_ids)  # x (b, t, d) -> (b, t, d)
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
     self.attn_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
@@ -55,9 +60,10 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Llama-style decoder LM. ``cfg`` is ``config.model``; its ``norm``, ``mlp``,
-  ``position_embedding`` and bias options also make it GPT-2 (LayerNorm, GELU MLP, learned
-  positions, biases).
+  """Llama-style decoder LM. ``cfg`` is ``config.model`` (a ConfigDict, a dict or a
+  :class:`ModelConfig`), kept as a frozen :class:`ModelConfig` in ``self.cfg``; its ``norm``,
+  ``mlp``, ``position_embedding`` and bias options also make it GPT-2 (LayerNorm, GELU MLP,
+  learned positions, biases).
 
   >>> model = Transformer(default_config().model, rngs=nnx.Rngs(0))
   >>> logits = model(tokens)  # tokens (b, t) int32 -> (b, t, v) float32
@@ -69,8 +75,9 @@ class Transformer(nnx.Module):
   >>> logits, cache = model.decode(next_tokens, cache)  # one step: next_tokens (2, 1)
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, num_stages: int = 1):
-    self.cfg = cfg
+  def __init__(self, cfg: ModelConfig | ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               num_stages: int = 1):
+    self.cfg = cfg = ModelConfig.from_config(cfg)  # hashable: the GraphDef is a jit key
     self.num_stages = num_stages  # pipeline stages the blocks are spread over (mesh "stage")
     pdt = jnp.dtype(cfg.param_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt)
