@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +35,7 @@ from flax import nnx
 
 from lmjax import config as config_lib
 from lmjax import data as data_lib
-from lmjax.mesh import RULES, use_rules
+from lmjax.mesh import make_rules, use_rules
 from lmjax.model import Transformer
 from lmjax.model.attention import KVCache
 from lmjax.rundir import LOAD_MESH
@@ -46,6 +45,9 @@ from lmjax.trained import TrainedRun, load
 # What the generation functions accept as the model: a Setup (uses its mesh and rules),
 # a Transformer, or its nnx.GraphDef. The parameters are passed separately.
 Model = Setup | Transformer | nnx.GraphDef
+# The static jit argument standing for the model: a Setup (hashed by identity) or a GraphDef
+# (hashed by value: its frozen ModelConfig is hashable), so equal models share programs.
+Static = Setup | nnx.GraphDef
 
 
 class Generation(NamedTuple):
@@ -85,38 +87,16 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax
   return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-class _ByIdentity:
-  """Makes the model a static jit argument: a GraphDef holds a ConfigDict, not hashable."""
-
-  def __init__(self, value: Any):
-    self.value = value
-
-  def __hash__(self) -> int:
-    return id(self.value)
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, _ByIdentity) and other.value is self.value
+def _static(model: Model) -> Static:
+  return nnx.graphdef(model) if isinstance(model, nnx.Module) else model
 
 
-# A Transformer's GraphDef, made once so that calls with the same module reuse the compiled
-# programs (a jit key on the module itself would keep its weights alive).
-_GRAPHDEFS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _static(model: Model) -> _ByIdentity:
-  if isinstance(model, nnx.Module):
-    if model not in _GRAPHDEFS:
-      _GRAPHDEFS[model] = nnx.graphdef(model)
-    model = _GRAPHDEFS[model]
-  return _ByIdentity(model)
-
-
-def _graphdef(model: Setup | nnx.GraphDef) -> nnx.GraphDef:
+def _graphdef(model: Static) -> nnx.GraphDef:
   return model.graphdef if isinstance(model, Setup) else model
 
 
-def _rules(model: Setup | nnx.GraphDef) -> dict:
-  return model.rules if isinstance(model, Setup) else dict(RULES)
+def _rules(model: Static) -> dict:
+  return model.rules if isinstance(model, Setup) else make_rules()
 
 
 def _context(model: Model):
@@ -124,35 +104,35 @@ def _context(model: Model):
   return jax.set_mesh(model.mesh) if isinstance(model, Setup) else contextlib.nullcontext()
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "max_len"))
-def _init_cache(spec: _ByIdentity, params: Any, start: jax.Array, max_len: int) -> KVCache:
-  with use_rules(_rules(spec.value)):
-    model = nnx.merge(_graphdef(spec.value), params)
+@functools.partial(jax.jit, static_argnames=("static", "max_len"))
+def _init_cache(static: Static, params: Any, start: jax.Array, max_len: int) -> KVCache:
+  with use_rules(_rules(static)):
+    model = nnx.merge(_graphdef(static), params)
     return model.init_cache(start.shape[0], max_len, start)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
-def _prefill(spec: _ByIdentity, params: Any, cache: KVCache,
+@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("cache",))
+def _prefill(static: Static, params: Any, cache: KVCache,
              tokens: jax.Array) -> tuple[jax.Array, KVCache]:
   """tokens (b, t) into the cache -> logits of the last token (b, v) and the cache."""
-  with use_rules(_rules(spec.value)):
-    model = nnx.merge(_graphdef(spec.value), params)
+  with use_rules(_rules(static)):
+    model = nnx.merge(_graphdef(static), params)
     logits, cache = model.decode(tokens, cache, last_only=True)  # (b, 1, v)
     return logits[:, 0], cache
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",),
-                   static_argnames=("spec", "max_new_tokens", "top_k", "nucleus", "pad_id",
+                   static_argnames=("static", "max_new_tokens", "top_k", "nucleus", "pad_id",
                                     "return_logits"))
-def _decode(spec: _ByIdentity, params: Any, cache: KVCache, logits: jax.Array, key: jax.Array,
+def _decode(static: Static, params: Any, cache: KVCache, logits: jax.Array, key: jax.Array,
             stop: jax.Array, temperature: jax.Array, top_p: jax.Array, *, max_new_tokens: int,
             top_k: int, nucleus: bool, pad_id: int,
             return_logits: bool) -> tuple[jax.Array, jax.Array | None, KVCache]:
   """From the prefill's logits (b, v): new tokens (b, N), if asked their logits (b, N, v),
   and the cache (returned so that the donated buffers hold it throughout). Compiled per
   ``top_k`` and ``nucleus`` (top_p < 1); temperature and top_p are traced."""
-  with use_rules(_rules(spec.value)):
-    model = nnx.merge(_graphdef(spec.value), params)
+  with use_rules(_rules(static)):
+    model = nnx.merge(_graphdef(static), params)
     b, v = logits.shape
     n = max_new_tokens
     draw = lambda logits, i: sample_logits(logits, jax.random.fold_in(key, i),
@@ -191,15 +171,16 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
 
   ``model`` is a Setup (the parameters stay on its mesh), a Transformer or its GraphDef;
   ``params`` the parameters (a pure dict such as ``state["params"]``, or an nnx.State).
-  Sampling as in :func:`sample_logits`. Compiled once per model, batch size, padded
+  Sampling as in :func:`sample_logits`. Compiled once per Setup or model architecture
+  (Transformers or GraphDefs of equal configs share the programs), batch size, padded
   prompt length, ``max_new_tokens``, ``top_k`` and whether ``top_p < 1``.
 
   >>> out = generate_ids(model, nnx.state(model), [[2, 17, 9], [2, 5]], max_new_tokens=8,
   ...                    temperature=0)
   >>> out.tokens  # (2, 8)
   """
-  spec = _static(model)
-  module = nnx.merge(_graphdef(spec.value), params)
+  static = _static(model)
+  module = nnx.merge(_graphdef(static), params)
   if module.num_stages != 1:
     raise ValueError(f"generation needs an unpipelined model (num_stages == 1), got "
                      f"{module.num_stages}; build it on a mesh with mesh.stage=1.")
@@ -231,9 +212,9 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
   stop = np.asarray(sorted(set(map(int, stop_tokens))) or [-1], np.int32)  # -1: none
   with _context(model):
     # The last new token is never fed back: the cache holds t + N - 1 slots.
-    cache = _init_cache(spec, params, jnp.asarray(start), max_len=longest + max_new_tokens - 1)
-    logits, cache = _prefill(spec, params, cache, jnp.asarray(tokens))
-    out, seen, _ = _decode(spec, params, cache, logits, jax.random.key(seed), jnp.asarray(stop),
+    cache = _init_cache(static, params, jnp.asarray(start), max_len=longest + max_new_tokens - 1)
+    logits, cache = _prefill(static, params, cache, jnp.asarray(tokens))
+    out, seen, _ = _decode(static, params, cache, logits, jax.random.key(seed), jnp.asarray(stop),
                            jnp.float32(temperature), jnp.float32(top_p),
                            max_new_tokens=max_new_tokens, top_k=int(top_k), nucleus=top_p < 1,
                            pad_id=int(pad_id), return_logits=return_logits)

@@ -251,3 +251,29 @@ def test_cli_generate_prints_the_continuations_of_a_trained_run(tmp_path):
   assert given.step == run.step == 2
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(given.params),
                jax.device_get(run.params))
+
+
+def test_an_equal_model_reuses_the_compiled_programs(monkeypatch):
+  """The programs are keyed on the model's GraphDef, which its frozen ModelConfig makes
+  hashable: a second, separately built model of the same config traces nothing again."""
+  traces = []
+  decode = Transformer.decode
+
+  def counted(self, *args, **kwargs):  # runs only while a program is traced
+    traces.append(1)
+    return decode(self, *args, **kwargs)
+
+  monkeypatch.setattr(Transformer, "decode", counted)
+  cfg = _model_cfg()
+  cfg.max_seq_len = 31  # programs of their own, not shared with the other tests
+  params = _model()[1]
+  build = lambda seed: nnx.merge(nnx.graphdef(nnx.eval_shape(
+      lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))), params)
+  first, second = build(0), build(1)
+  assert first is not second and nnx.graphdef(first) == nnx.graphdef(second)
+  want = generate_ids(first, params, PROMPTS[:2], max_new_tokens=3, temperature=0.0)
+  traced = len(traces)
+  assert traced > 0  # the prefill and the decode loop
+  got = generate_ids(second, params, PROMPTS[:2], max_new_tokens=3, temperature=0.0)
+  assert len(traces) == traced  # nothing traced again
+  np.testing.assert_array_equal(got.tokens, want.tokens)
