@@ -5,10 +5,23 @@ Argument plumbing only: every command calls a function of the library.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lmjax import distributed, runs, sweep
+from lmjax.checkpoint import CheckpointError
+from lmjax.config import ConfigError, validate
+from lmjax.data import DataError
+from lmjax.generate import generate, load_run
+from lmjax.plan import format_plan, plan
+from lmjax.rundir import check_vocab
+from lmjax.trained import load
+from lmjax.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file defining get_config(); override fields with --config.a.b=v.",
@@ -71,7 +84,6 @@ commands:
 
 def _train(argv) -> None:
   del argv
-  from lmjax.trainer import train
   if not _WORKDIR.value:
     raise app.UsageError("train needs --workdir")
   history = train(_CONFIG.value, _WORKDIR.value)
@@ -86,9 +98,6 @@ def _train(argv) -> None:
 
 def _eval(argv) -> None:
   del argv
-  import json
-  from pathlib import Path
-  from lmjax.trained import load
   if not _WORKDIR.value:
     raise app.UsageError("eval needs --workdir (a trained run)")
   run = load(_WORKDIR.value, _STEP.value)
@@ -103,14 +112,11 @@ def _eval(argv) -> None:
 
 def _validate(argv) -> None:
   del argv
-  from lmjax.config import validate
   validate(_CONFIG.value)
   print(_CONFIG.value)
 
 
 def _sweep(argv) -> None:
-  from lmjax import sweep
-  from lmjax.runs import format_table
   if _CONFIG.value is None or len(argv) > 1:
     raise app.UsageError("usage: lmjax sweep experiments/x/sweep.py[:arg] --workdir DIR "
                          "[--config.KEY=VALUE ...] [--print_commands] [--search]")
@@ -126,22 +132,21 @@ def _sweep(argv) -> None:
       raise app.UsageError("a search picks each rung's runs from the previous rung's results, so "
                            "it has no fixed list of commands; run it without --print_commands")
     result = sweep.search_from_file(path, arg).run(_CONFIG.value, _WORKDIR.value)
-    print(format_table(result.rows))
+    print(runs.format_table(result.rows))
     print(f"best: {_WORKDIR.value}/{result.best}; results in {_WORKDIR.value}/results.md")
     return
-  runs = sweep.sweep_from_file(path, arg)
+  trials = sweep.sweep_from_file(path, arg)
   if _PRINT_COMMANDS.value:
     base = config_flags.get_override_values(flags.FLAGS["config"])  # --config.* given here
-    for name, overrides in zip(sweep.run_names(runs), runs):
+    for name, overrides in zip(sweep.run_names(trials), trials):
       print(sweep.train_command(spec, {**base, **overrides}, f"{_WORKDIR.value}/{name}"))
     return
-  rows = sweep.run_sweep(_CONFIG.value, runs, _WORKDIR.value)
-  print(format_table(rows))
+  rows = sweep.run_sweep(_CONFIG.value, trials, _WORKDIR.value)
+  print(runs.format_table(rows))
   print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/results.md")
 
 
 def _runs(argv) -> None:
-  from lmjax import runs
   dirs = argv[1:] or ([_WORKDIR.value] if _WORKDIR.value else [])
   if len(dirs) != 1:
     raise app.UsageError("usage: lmjax runs DIR [--plot curves.png]")
@@ -157,10 +162,6 @@ def _runs(argv) -> None:
 
 def _generate(argv) -> None:
   del argv
-  from lmjax.checkpoint import CheckpointError
-  from lmjax.config import ConfigError
-  from lmjax.generate import generate, load_run
-  from lmjax.rundir import check_vocab
   if not _WORKDIR.value:
     raise app.UsageError("generate needs --workdir (a trained run)")
   if not _PROMPT.value:
@@ -184,13 +185,12 @@ def _generate(argv) -> None:
 
 def _plan(argv) -> None:
   del argv
-  import jax
   if not _DEVICES.value or _DEVICES.value < 1:
     raise app.UsageError("plan needs --devices N, the number of devices of the target mesh")
-  # N fake CPU devices; must happen before anything initialises a JAX backend.
+  # N fake CPU devices; must happen before anything initialises a JAX backend (importing
+  # lmjax initialises none).
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-  from lmjax.plan import format_plan, plan
   try:
     result = plan(_CONFIG.value, _DEVICES.value, memory_bytes=_MEMORY.value,
                   accelerator=_ACCELERATOR.value, mfu=_MFU.value,
@@ -220,9 +220,6 @@ def main() -> None:
   def run(argv):
     if _CONFIG.value is None and sys.argv[1] in NEEDS_CONFIG:
       raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-    from lmjax import distributed
-    from lmjax.config import ConfigError
-    from lmjax.data import DataError
     if sys.argv[1] not in LOCAL_ONLY:
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                              heartbeat_timeout=_HEARTBEAT.value)
