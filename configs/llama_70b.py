@@ -14,40 +14,35 @@ batch must divide into data*fsdp*8). `lmjax plan` on 512 H100s: 16 GiB per devic
 
 bf16 compute, fp32 master weights, full remat, sequence 8192, global batch 512 (4.2M
 tokens/step), cuDNN flash attention (on TPUs add --config.model.attention=splash and
---config.mesh.tensor=4 or so). 70.55B parameters.
+--config.mesh.tensor=4 or so); the family's settings are in ``llama.py``. 70.55B parameters.
+Runtime and final loss of the full run: not measured for lmjax (they depend on the data).
+
+``runlocal`` (``--config configs/llama_70b.py:runlocal``) is the same family shrunk for a CPU
+(``common.py``: 2 layers, width 128, 8 heads of 16 / 1 KV head, SwiGLU 448, untied, no
+tensor axis; 200 steps of 16 x 128 tokens of the default corpus):
+
+  lmjax train --config configs/llama_70b.py:runlocal --workdir /tmp/llama70b-local
+
+Measured on this repository's 2-core CPU while other jobs shared it (load average 6-10,
+4-6k tokens/s against ~22k idle, so about 30 s is expected on two idle cores): 136 s
+wall; the loss falls from 6.9 to 4.46 at step 200, eval loss 4.35.
 """
 
-from lmjax.config import default_config
+import runpy
+from pathlib import Path
+
+from lmjax.config import parse_arg
+
+_here = Path(__file__).parent
+llama = runpy.run_path(str(_here / "llama.py"))
+common = runpy.run_path(str(_here / "common.py"))
 
 
 def get_config(arg: str | None = None):
-  c = default_config()
-  m = c.model
-  m.vocab_size = 128256
-  m.num_layers = 80
-  m.embed_dim = 8192
-  m.num_heads = 64
-  m.num_kv_heads = 8
-  m.head_dim = 128
-  m.mlp_dim = 28672
-  m.max_seq_len = 8192
-  m.rope_theta = 500000.0
-  m.norm_eps = 1e-5
-  m.tie_embeddings = False
-  m.compute_dtype = "bfloat16"
-  m.remat = "full"
-  m.attention = "cudnn"
-  c.data.seq_len = 8192
-  c.data.global_batch_size = 512
-  c.data.worker_count = 8
+  args = parse_arg(arg, runlocal=False)
+  c = llama["base"]()
+  c.model.update(num_layers=80, embed_dim=8192, num_heads=64, mlp_dim=28672, remat="full")
   c.optim.learning_rate = 1.5e-4
-  c.optim.warmup_steps = 2000
-  c.optim.weight_decay = 0.1
   c.optim.grad_accum_steps = 8
-  c.train.steps = 100_000
-  c.train.log_every = 20
-  c.train.eval_every = 1000
-  c.train.checkpoint_every = 1000
-  c.mesh.fsdp = -1
   c.mesh.tensor = 8
-  return c
+  return common["runlocal"](c) if args.runlocal else c

@@ -286,8 +286,9 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
   ``arg`` is comma-separated ``key=value`` items (``--config configs/x.py:runlocal,variant=gpt2``);
   a bare ``key`` sets a bool to True. Each value takes its default's type (bool: true/false
-  in any case, int, float, str). A first bare word that is not a key is the value of the first
-  key when that one is a string: ``finetune.py:runs/tiny,runlocal`` reads as
+  in any case, int, float, str). When the first key's default is a string, a first item that
+  names no key is its value, with any following ``k=v`` items whose ``k`` is no key (a sweep
+  run's directory, ``runs/sweep/lr=0.001,seed=1``): ``finetune.py:runs/tiny,runlocal`` reads as
   ``run=runs/tiny,runlocal``. An unknown key, a value of the wrong type or a key given twice
   raises ConfigError naming the key and listing the known ones.
   """
@@ -295,29 +296,30 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     if not isinstance(default, (bool, int, float, str)):
       raise TypeError(f"parse_arg default {name}={default!r}: use a bool, int, float or str.")
   known = ", ".join(f"{k} ({type(v).__name__})" for k, v in defaults.items()) or "none"
-  values = dict(defaults)
-  seen = set()
-  for i, item in enumerate((arg or "").split(",")):
-    if not item.strip():
-      continue
-    name, sep, text = item.partition("=")
-    name = name.strip()
-    first = next(iter(defaults), None)
-    if (not sep and i == 0 and name not in defaults and first is not None
-        and isinstance(defaults[first], str)):
-      name, text, sep = first, item, "="  # positional: the first (string) argument
+  key_of = lambda item: item.partition("=")[0].strip()
+  items = [item for item in (arg or "").split(",") if item.strip()]
+  values, seen = dict(defaults), set()
+  first = next(iter(defaults), None)
+  if items and isinstance(defaults.get(first), str) and key_of(items[0]) not in defaults:
+    n = 1  # positional: the first (string) argument
+    while n < len(items) and "=" in items[n] and key_of(items[n]) not in defaults:
+      n += 1
+    values[first], items = ",".join(items[:n]), items[n:]
+    seen.add(first)
+  for item in items:
+    name, sep, text = key_of(item), "=" in item, item.partition("=")[2]
     if name not in defaults:
       raise ConfigError(f"config argument {name!r}: unknown. Known arguments: {known}.")
     if name in seen:
       raise ConfigError(f"config argument {name!r}: given twice in {arg!r}.")
     seen.add(name)
-    if not sep:
-      if not isinstance(defaults[name], bool):
-        raise ConfigError(f"config argument {name!r}: needs a value, {name}=... "
-                          f"({type(defaults[name]).__name__}). Known arguments: {known}.")
+    if sep:
+      values[name] = _parse_arg_value(name, text, defaults[name], known)
+    elif isinstance(defaults[name], bool):
       values[name] = True
     else:
-      values[name] = _parse_arg_value(name, text, defaults[name], known)
+      raise ConfigError(f"config argument {name!r}: needs a value, {name}=... "
+                        f"({type(defaults[name]).__name__}). Known arguments: {known}.")
   return ml_collections.ConfigDict(values)
 
 

@@ -16,11 +16,20 @@ from lmjax.state import build
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+def _module(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def _load(name, arg=None):
+  return _module(ROOT / "configs" / f"{name}.py").get_config(arg)
+
+
+# Every config file in configs/ (the others there are shared helpers: common.py, llama.py).
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if "def get_config" in p.read_text())
+STANDALONE = [name for name in CONFIGS if name != "finetune"]  # finetune needs a run directory
 
 
 def test_defaults_and_shipped_configs_validate():
@@ -148,7 +157,9 @@ def test_cli_overrides_and_errors():
   out = _cli("validate", "--config", "configs/tiny.py", "--config.model.num_kv_heads=3")
   assert out.returncode == 2 and "config.model.num_kv_heads" in out.stderr
   out = _cli("validate", "--config", "configs/tiny.py:runlocal")
-  assert out.returncode == 0 and "steps: 20" in out.stdout
+  assert out.returncode == 0 and "steps: 200" in out.stdout
+  out = _cli("validate", "--config", "configs/tiny.py:bogus")  # an unknown argument is an error
+  assert out.returncode != 0 and "config argument 'bogus': unknown. Known arguments: runlocal" in out.stderr
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -241,6 +252,8 @@ def test_parse_arg_types_flags_and_errors():
   assert parse_arg("runs/tiny,runlocal", run="", runlocal=False).to_dict() == {
       "run": "runs/tiny", "runlocal": True}
   assert parse_arg("run=runs/a", run="", runlocal=False).run == "runs/a"
+  assert parse_arg("runs/s/lr=0.1,seed=1,runlocal", run="", runlocal=False).to_dict() == {
+      "run": "runs/s/lr=0.1,seed=1", "runlocal": True}  # a sweep run's directory
   known = r"Known arguments: runlocal \(bool\), steps \(int\)"
   for arg, needle in (("bogus", r"config argument 'bogus': unknown. " + known),
                       ("runlocal,bogus=1", r"'bogus': unknown"),
@@ -253,3 +266,97 @@ def test_parse_arg_types_flags_and_errors():
       parse_arg(arg, runlocal=False, steps=3)
   with pytest.raises(ConfigError, match="'runs/tiny': unknown"):  # positional only for strings
     parse_arg("runs/tiny", runlocal=False)
+
+
+# -- the shipped configs: arguments, runlocal variants --------------------------------------
+
+
+def test_config_files_are_found():
+  assert set(CONFIGS) >= {"tiny", "gpt2_small", "llama_1b", "llama_8b", "llama_70b", "finetune"}
+
+
+@pytest.mark.parametrize("name", STANDALONE)
+def test_every_config_validates_plain_and_runlocal(name):
+  full = _load(name)
+  validate(full, num_devices=8)
+  local = _load(name, "runlocal")
+  validate(local, num_devices=1)
+  validate(local, num_devices=8)
+  # The same family, shrunk: architecture options and head/MLP ratios kept.
+  fm, lm = full.model, local.model
+  for key in ("norm", "mlp", "position_embedding", "tie_embeddings", "attention_bias", "mlp_bias",
+              "rope_theta", "rope_scaling", "sliding_window"):
+    assert lm[key] == fm[key], key
+  assert lm.num_heads // lm.num_kv_heads == fm.num_heads // fm.num_kv_heads
+  assert abs(lm.mlp_dim / lm.embed_dim - fm.mlp_dim / fm.embed_dim) < 0.05
+  assert (lm.compute_dtype, lm.attention, lm.remat) == ("float32", "xla", "none")  # what a CPU runs
+
+
+@pytest.mark.parametrize("name", STANDALONE)
+def test_runlocal_is_small_enough_for_a_cpu(name):
+  cfg = _load(name, "runlocal")
+  assert cfg.train.steps * cfg.data.global_batch_size * cfg.data.seq_len <= 1_000_000  # tokens
+  assert build(cfg, jax.devices()).num_params < 1_000_000
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_unknown_config_argument_is_an_error(name):
+  with pytest.raises(ConfigError, match="config argument 'bogus': unknown. Known arguments: "):
+    _load(name, "runlocal,bogus")
+
+
+def test_gpt2_small_variants_combine():
+  for arg in ("gpt2", "gpt2,runlocal", "runlocal,gpt2", "gpt2=true,runlocal=false"):
+    cfg = _load("gpt2_small", arg)
+    assert (cfg.model.norm, cfg.model.mlp, cfg.model.position_embedding) == ("layernorm", "gelu", "learned")
+  assert _load("gpt2_small", "gpt2").model.num_layers == 12
+  assert _load("gpt2_small", "gpt2,runlocal").model.mlp_dim == 512  # GELU 4x width, shrunk
+  with pytest.raises(ConfigError, match="runlocal='maybe': expected bool"):
+    _load("gpt2_small", "runlocal=maybe")
+
+
+def test_llama_family_shares_one_base():
+  base = _module(ROOT / "configs" / "llama.py").base()
+  for name in ("llama_1b", "llama_8b", "llama_70b"):
+    cfg = _load(name)
+    assert (cfg.model.vocab_size, cfg.model.rope_theta, cfg.model.num_kv_heads) == (128256, 5e5, 8)
+    assert cfg.data.global_batch_size == base.data.global_batch_size == 512
+  assert _load("llama_8b").to_dict() == {**base.to_dict(), "model": {
+      **base.model.to_dict(), "num_layers": 32, "embed_dim": 4096, "num_heads": 32, "mlp_dim": 14336}}
+
+
+def _fake_run(tmp_path):
+  """A run directory holding only config.json (what run_config reads without a checkpoint)."""
+  saved = default_config()
+  saved.model.num_layers, saved.model.compute_dtype = 3, "bfloat16"
+  (tmp_path / "config.json").write_text(saved.to_json())
+  return tmp_path
+
+
+def test_finetune_takes_a_run_directory_and_flags(tmp_path):
+  run = str(_fake_run(tmp_path))
+  cfg = _load("finetune", run)  # the documented configs/finetune.py:RUN_DIR
+  validate(cfg, num_devices=8)
+  assert cfg.model.num_layers == 3 and cfg.train.init_from == run and cfg.train.steps == 2000
+  assert cfg.optim.learning_rate == 2e-5
+  for arg in (f"{run},runlocal", f"run={run},runlocal", f"runlocal,run={run}"):
+    local = _load("finetune", arg)
+    validate(local, num_devices=1)
+    assert local.model.num_layers == 3 and local.train.init_from == run  # the run's model as it is
+    assert local.model.compute_dtype == "float32" and local.train.steps == 100
+  with pytest.raises(ConfigError, match="needs the run to start from"):
+    _load("finetune")
+  with pytest.raises(ConfigError, match="config argument 'bogus': unknown"):
+    _load("finetune", f"{run},bogus")
+  with pytest.raises(FileNotFoundError, match="not an lmjax run"):
+    _load("finetune", str(tmp_path / "missing"))
+
+
+def test_experiment_configs_parse_their_argument():
+  for path in sorted(ROOT.glob("experiments/*/sweep.py")):
+    module = _module(path)
+    validate(module.get_config())
+    with pytest.raises(ConfigError, match="config argument 'bogus': unknown"):
+      module.get_config("bogus")
+  smoke = _module(ROOT / "experiments" / "gqa_vs_mha" / "sweep.py").get_config("smoke")
+  assert smoke.train.steps == 4

@@ -12,10 +12,11 @@ steps (what the tests execute).
 """
 
 from lmjax import sweep as sw
-from lmjax.config import default_config
+from lmjax.config import default_config, parse_arg
 
 
 def get_config(arg: str | None = None):
+  args = parse_arg(arg, smoke=False)
   c = default_config()
   c.model.num_heads = 4
   c.train.steps = 100
@@ -24,7 +25,7 @@ def get_config(arg: str | None = None):
   c.train.eval_batches = 4
   c.train.checkpoint_every = 0  # the last step is always saved
   c.optim.warmup_steps = 20
-  if arg == "smoke":
+  if args.smoke:
     c.data.global_batch_size = 8
     c.data.seq_len = c.model.max_seq_len = 64
     c.train.steps = 4
@@ -32,8 +33,6 @@ def get_config(arg: str | None = None):
     c.train.eval_every = 2
     c.train.eval_batches = 1
     c.optim.warmup_steps = 2
-  elif arg:
-    raise ValueError(f"unknown argument {arg!r}; use 'smoke' or nothing")
   return c
 
 

@@ -16,20 +16,19 @@ narrow win.
 """
 
 from lmjax import sweep as sw
-from lmjax.config import default_config
+from lmjax.config import default_config, parse_arg
 
 SPACE = {"optim.learning_rate": sw.log_uniform(3e-4, 3e-2),
          "optim.warmup_steps": sw.choice(0, 10, 30, 60)}
 
 
 def get_config(arg: str | None = None):
+  parse_arg(arg)  # takes no argument: any is an error
   c = default_config()
   c.train.log_every = 10
   c.train.eval_every = 40  # every rung ends on a multiple of 40
   c.train.eval_batches = 4
   c.train.checkpoint_every = 0  # each rung's last step is saved
-  if arg:
-    raise ValueError(f"unknown argument {arg!r}")
   return c
 
 
