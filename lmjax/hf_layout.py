@@ -183,7 +183,7 @@ def hf_kind(m: ml_collections.ConfigDict) -> str:
 # -- weight names --------------------------------------------------------------------------
 # One entry per lmjax parameter: (lmjax path, the HF tensor name ("{i}" for the layer),
 # to_lmjax(tensor, m) -> array, to_hf(array, m) -> tensor). GPT-2's fused q/k/v tensors
-# (c_attn) are split on import and joined again in params_to_hf (to_hf None).
+# (c_attn) are split on import and joined again in lmjax.hf.params_to_hf (to_hf None).
 
 Mapping = tuple[tuple[str, ...], str, Callable, Callable | None]
 
@@ -273,6 +273,7 @@ def _gpt2_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
 
 
 def mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
+  """Every parameter's mapping for model config ``m`` (GPT-2's when positions are learned)."""
   return _gpt2_mappings(m) if m.position_embedding == "learned" else _llama_mappings(m)
 
 
