@@ -18,7 +18,10 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """``config.model``, frozen. Dimension letters as in shape comments."""
+  """``config.model``, frozen. Dimension letters as in shape comments.
+
+  >>> ModelConfig.from_config(default_config().model).head_dim  # 32
+  """
   vocab_size: int  # v
   num_layers: int  # l
   embed_dim: int  # d
