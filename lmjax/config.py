@@ -9,6 +9,7 @@ sets one dotted key, checked (sweeps, conversions, plans); :func:`parse_size` re
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import math
 import re
@@ -246,6 +247,14 @@ def override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
     node[leaf] = value
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.{key}: cannot set {value!r}: {e}") from None
+
+
+def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``cfg`` with each dotted key of ``overrides`` set by :func:`override`."""
+  cfg = copy.deepcopy(cfg)
+  for key, value in overrides.items():
+    override(cfg, key, value)
+  return cfg
 
 
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(?:([kmgtp])(i?b)?|b)?\s*", re.IGNORECASE)

@@ -228,14 +228,6 @@ def _layout(setup, stand_in: bool) -> dict[str, Any]:
 
 # --- suggestions ---------------------------------------------------------------------------
 
-def _with(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of ``cfg`` with the dotted ``overrides`` set (ConfigError naming a bad key)."""
-  cfg = copy.deepcopy(cfg)
-  for key, value in overrides.items():
-    config_lib.override(cfg, key, value)
-  return cfg
-
-
 def _into_fsdp(cfg: ml_collections.ConfigDict, shape: dict[str, int], axes: tuple[str, ...]) -> dict:
   """Overrides that fold mesh ``axes`` into fsdp."""
   change = {f"mesh.{a}": 1 for a in axes}
@@ -282,7 +274,7 @@ def _search(cfg, devices: int, base: Measured, usable: int,
 
   def valid(overrides: dict) -> bool:
     try:
-      config_lib.validate(_with(cfg, overrides), num_devices=devices)
+      config_lib.validate(config_lib.with_overrides(cfg, overrides), num_devices=devices)
       return True
     except config_lib.ConfigError:
       return False
@@ -290,7 +282,7 @@ def _search(cfg, devices: int, base: Measured, usable: int,
   def attempt(overrides: dict, family: str, rank: tuple[int, int]) -> Candidate | None:
     if _measure_saved.cache_info().misses - compiled_before >= budget:
       return None  # the budget is spent; configs compiled earlier in the process were free
-    measured = _measure(_with(cfg, overrides), devices)
+    measured = _measure(config_lib.with_overrides(cfg, overrides), devices)
     tried.append(Candidate(overrides, family, _cost(base, measured), measured, rank))
     return tried[-1]
 

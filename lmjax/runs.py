@@ -27,6 +27,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from lmjax import config as config_lib
 from lmjax.metrics import read_metrics
 from lmjax.model import Transformer, count_params
 
@@ -126,7 +127,8 @@ def _natural_key(name: str) -> list[Any]:
 
 @functools.lru_cache(maxsize=64)
 def _count_parameters(model_json: str) -> int:
-  model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+  # On today's defaults, as every saved config is read: fields added since the run keep them.
+  model_cfg = config_lib.from_saved({"model": json.loads(model_json)}).model
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   return count_params(jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 

@@ -12,7 +12,6 @@ A sweep is a list of override dicts (dotted keys to values)::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import itertools
@@ -151,14 +150,9 @@ def _merge(parts: Iterable[Overrides]) -> Overrides:
 
 # -- applying, naming, commands ----------------------------------------------------------
 
-def apply_overrides(cfg: ml_collections.ConfigDict,
-                    overrides: Overrides) -> ml_collections.ConfigDict:
-  """A copy of ``cfg`` with the dotted keys set by :func:`lmjax.config.override`; an unknown
-  key or a value of the wrong type raises ConfigError naming the key."""
-  cfg = copy.deepcopy(cfg)
-  for key, value in overrides.items():
-    config_lib.override(cfg, key, value)
-  return cfg
+# A copy of a config with dotted keys set, each checked (ConfigError naming a bad key).
+apply_overrides = config_lib.with_overrides
+
 
 def _value_text(value: Any) -> str:
   text = repr(value) if isinstance(value, float) else str(value)
