@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 from flax import nnx
 
 from lmjax import config as config_lib
