@@ -150,6 +150,12 @@ def _runs(argv) -> None:
   dirs = argv[1:] or ([_WORKDIR.value] if _WORKDIR.value else [])
   if len(dirs) != 1:
     raise app.UsageError("usage: lmjax runs DIR [--plot curves.png]")
+  if _PLOT.value:
+    try:
+      import matplotlib  # noqa: F401 - optional: the notebook extra
+    except ImportError:
+      raise ConfigError('--plot draws with matplotlib, which is not installed: '
+                        'pip install "lmjax[notebook]".') from None
   try:
     found = runs.list_runs(dirs[0])
   except FileNotFoundError as e:

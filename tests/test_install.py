@@ -31,3 +31,14 @@ def test_core_imports_need_neither_torch_transformers_nor_pyarrow():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=False)
   assert result.returncode == 0, result.stderr
+
+
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path):
+  code = ("import sys; sys.modules['matplotlib'] = None; "
+          f"sys.argv = ['lmjax', 'runs', {str(tmp_path)!r}, '--plot', 'curves.png']; "
+          "from lmjax.cli import main; main()")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip() == ('error: --plot draws with matplotlib, which is not installed: '
+                                   'pip install "lmjax[notebook]".')
