@@ -28,10 +28,10 @@ import os
 import tempfile
 import time
 
-import jax  # noqa: E402
+import jax
 
-from lmjax.config import default_config  # noqa: E402
-from lmjax.data import default_documents, make_iterator, prepare, train_tokenizer  # noqa: E402
+from lmjax.config import default_config
+from lmjax.data import default_documents, make_iterator, prepare, train_tokenizer
 
 SHAPES = {"tiny (16 x 128)": (16, 128), "gpt2_small (256 x 1024)": (256, 1024)}
 H100_BF16_PEAK = 989e12

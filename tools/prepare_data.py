@@ -20,9 +20,9 @@ import os
 import sys
 import time
 
-from lmjax.config import BAD_RECORD_POLICIES, LONG_DOCUMENT_POLICIES, TXT_SPLITS  # noqa: E402
-from lmjax.data import DataError, Tokenizer, load_documents, prepare, train_tokenizer  # noqa: E402
-from lmjax.data.sources import REASONS  # noqa: E402
+from lmjax.config import BAD_RECORD_POLICIES, LONG_DOCUMENT_POLICIES, TXT_SPLITS
+from lmjax.data import DataError, Tokenizer, load_documents, prepare, train_tokenizer
+from lmjax.data.sources import REASONS
 
 
 def _mib(n: float) -> str:

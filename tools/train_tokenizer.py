@@ -20,9 +20,9 @@ import argparse
 import sys
 import time
 
-from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS  # noqa: E402
-from lmjax.data import DataError, SkipLog, Tokenizer, load_documents, train_tokenizer  # noqa: E402
-from lmjax.data.tokenizer import MODEL_TYPES  # noqa: E402
+from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS
+from lmjax.data import DataError, SkipLog, Tokenizer, load_documents, train_tokenizer
+from lmjax.data.tokenizer import MODEL_TYPES
 
 
 def fit_stats(tok: Tokenizer, documents: list[str]) -> tuple[float, float]:
