@@ -6,6 +6,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 
 from lmjax.optim import learning_rate_schedule
 from lmjax.state import build, init_state, token_losses
@@ -22,6 +23,7 @@ def _compiled(jitted, *args):
   return jitted.lower(*args).compile(_QUICK)
 
 
+@pytest.mark.slow
 def test_reference_step_equals_lmjax_train_step():
   cfg = layouts.config("single")  # packed rows with two documents and padding (layouts.batch)
   setup = build(cfg, jax.devices()[:1])

@@ -147,6 +147,7 @@ def _cli(*args):
                         text=True, timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow
 def test_cli_overrides_and_errors():
   out = _cli("validate", "--config", "configs/tiny.py", "--config.model.num_layers=3",
              "--config.optim.learning_rate=0.01")

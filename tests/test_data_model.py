@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from lmjax.config import default_config
@@ -27,6 +28,7 @@ def _tiny_model_cfg(cfg):
   return cfg
 
 
+@pytest.mark.slow
 def test_packed_batch_gives_each_document_its_loss_alone(tmp_path, tok):
   docs = TINY_DOCS + [" ".join(default_documents()[3].split()[:60])]  # one spans rows
   cfg = _tiny_model_cfg(data_cfg(write_corpus(tmp_path, docs, "jsonl"), seq_len=48,
@@ -78,6 +80,7 @@ def _train_cfg(source: str, steps: int):
   return c
 
 
+@pytest.mark.slow
 def test_training_from_prepared_data_resumes_on_another_mesh(tmp_path, tok):
   src = write_corpus(tmp_path / "src", default_documents()[:30] + [""], "jsonl")
   ds = str(tmp_path / "ds")

@@ -113,6 +113,7 @@ def test_resume_for_every_source_format(tmp_path, tok, fmt):
   _check_resume(cfg, tok, len(batches), [1, per_epoch, per_epoch + 1, 2 * per_epoch])
 
 
+@pytest.mark.slow
 def test_workers_resume_and_report_counts(tmp_path, tok):
   docs = TINY_DOCS + ["long " * 40]  # one document longer than a row, dropped and counted
   source = write_corpus(tmp_path, docs, "jsonl")

@@ -246,6 +246,7 @@ def test_mixture_of_prepared_datasets(tmp_path, prepared, tok):
     make_iterator(cfg, tok, split="train")
 
 
+@pytest.mark.slow
 def test_workers_and_prefetch_keep_the_order(prepared):
   cfg = _elastic_cfg(prepared)
   reference, _ = _run(cfg, 1, None, 9)

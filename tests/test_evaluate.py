@@ -17,6 +17,8 @@ from lmjax import data as data_lib
 from lmjax.config import default_config
 from lmjax.evaluate import choice_loglikelihoods, document_batches, multiple_choice, read_choices, target_bytes
 
+pytestmark = pytest.mark.slow  # each test here trains or runs a whole program
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -14,6 +14,8 @@ from lmjax.data import finetune
 from lmjax.mesh import host_to_global
 from lmjax.state import build, token_losses
 
+pytestmark = pytest.mark.slow  # each test here trains or runs a whole program
+
 
 def _cfg(steps, **mesh):
   c = default_config()

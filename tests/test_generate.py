@@ -107,6 +107,7 @@ def test_prefill_and_decode_give_the_forward_logits_at_every_position():
   assert int(cache.index) == 8
 
 
+@pytest.mark.slow
 def test_batched_prompts_of_different_lengths_match_each_prompt_alone():
   batched = _greedy()
   for row, prompt in enumerate(PROMPTS):
@@ -223,6 +224,7 @@ def _run_cfg(steps):
   return c
 
 
+@pytest.mark.slow
 def test_cli_generate_prints_the_continuations_of_a_trained_run(tmp_path):
   # One CPU device throughout (compiles faster than 8): for training, for the CLI (a
   # subprocess without the fake-device flag) and for the same generation in-process.

@@ -186,6 +186,7 @@ def test_lmjax_models_export_to_transformers(options, tmp_path):
   np.testing.assert_allclose(_hf_logits(back, TOKENS), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sentencepiece_tokenizer_comes_along_and_fine_tuning_starts(tmp_path):
   """A Llama checkpoint with its tokenizer.model (unk 0, bos 1, eos 2, as Llama's): the run
   uses it as it is, evaluates text and fine-tunes from the imported weights."""
@@ -272,6 +273,7 @@ def test_bad_checkpoints_fail_with_the_file_and_reason(converted, tmp_path):
     hf.hf_config(cfg)
 
 
+@pytest.mark.slow
 def test_command_line_imports_and_exports(converted, tmp_path, capsys):
   _, hf_dir, _ = converted["gpt2"]
   tool = [sys.executable, str(ROOT / "tools" / "convert_hf.py")]

@@ -24,6 +24,7 @@ def test_parquet_without_pyarrow_names_the_file_and_the_extra(tmp_path, monkeypa
   assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+@pytest.mark.slow
 def test_core_imports_need_neither_torch_transformers_nor_pyarrow():
   code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
           "sys.modules['pyarrow'] = None; "
@@ -33,6 +34,7 @@ def test_core_imports_need_neither_torch_transformers_nor_pyarrow():
   assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path):
   code = ("import sys; sys.modules['matplotlib'] = None; "
           f"sys.argv = ['lmjax', 'runs', {str(tmp_path)!r}, '--plot', 'curves.png']; "

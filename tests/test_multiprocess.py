@@ -17,7 +17,7 @@ from lmjax import data as data_lib
 from lmjax.config import default_config
 from lmjax.metrics import read_metrics
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 

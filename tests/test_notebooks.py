@@ -7,6 +7,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # each test here trains or runs a whole program
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(ROOT.glob("experiments/**/*.ipynb"))
 # Collection fails rather than the test below silently running for no notebook.

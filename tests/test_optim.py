@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from lmjax.config import default_config
 from lmjax.mesh import host_to_global
@@ -29,6 +30,7 @@ def test_weight_decay_skips_norms_and_embeddings_unless_asked():
   assert all(jax.tree.leaves(weight_decay_mask(params, decay_norms_and_embeddings=True)))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_large_batch():
   def run(accum):
     c = default_config()

@@ -18,6 +18,7 @@ SCHEDULES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_pipeline_schedules_equal_the_plain_model(name):
   assert_same_step(run("single"), run(name))

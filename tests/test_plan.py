@@ -37,6 +37,7 @@ def plan_8b():
   return plan_lib.plan(cfg, 8, accelerator="h100", suggest=False)
 
 
+@pytest.mark.slow
 def test_state_bytes_per_device_are_exact(plan_8b):
   mem = plan_8b.measured.memory
   norms = 2 * 32 * 4096 + 4096  # attn_norm, mlp_norm per layer, final norm: replicated
@@ -79,6 +80,7 @@ def test_verdict_flips_with_the_memory(plan_8b):
     assert needle in report, needle
 
 
+@pytest.mark.slow
 def test_suggestion_is_the_cheapest_that_fits_and_fits_when_planned_again():
   cfg = _load("llama_1b", data__global_batch_size=16, data__seq_len=2048)  # 2 rows/device
   base = plan_lib.plan(cfg, 8, suggest=False)
@@ -102,6 +104,7 @@ def test_suggestion_is_the_cheapest_that_fits_and_fits_when_planned_again():
   assert again.fits and again.total_bytes == p.suggestion.measured.memory.total
 
 
+@pytest.mark.slow
 def test_nothing_fits_says_how_many_devices_the_state_needs():
   p = plan_lib.plan(default_config(), 8, memory_bytes="1MiB", max_compiles=0)
   state = 3 * 4 * p.num_params  # fp32 parameters and two moments
@@ -139,6 +142,7 @@ def test_parse_size():
   assert plan_lib.ACCELERATORS["tpu-v5e"].memory_bytes == 16 * GiB
 
 
+@pytest.mark.slow
 def test_matmul_flops_count_loops_by_trip_count():
   cfg = default_config()
   cfg.model.num_layers = 4
@@ -156,6 +160,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_cli_plans_on_more_fake_devices_than_the_tests_have():
   out = _cli("--config", "configs/llama_1b.py", "--devices", "16", "--memory", "24GiB",
              "--accelerator", "a100-80gb", "--mfu", "0.5",
@@ -166,6 +171,7 @@ def test_cli_plans_on_more_fake_devices_than_the_tests_have():
     assert needle in out.stdout, needle
 
 
+@pytest.mark.slow
 def test_cli_bad_config_fails_naming_the_key():
   out = _cli("--config", "configs/llama_8b.py", "--devices", "256", "--config.model.num_kv_heads=5")
   assert out.returncode == 2 and "error: config.model.num_kv_heads" in out.stderr

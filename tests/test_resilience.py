@@ -105,6 +105,7 @@ def _after_commit(workdir):
   return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", [_during_step, _during_save, _after_commit])
 def test_sigkill_at_any_moment_resumes_bit_exact(tmp_path, uninterrupted, moment):
   what = _kill_when(tmp_path, moment)
@@ -118,6 +119,7 @@ def test_sigkill_at_any_moment_resumes_bit_exact(tmp_path, uninterrupted, moment
              Checkpointer(checkpoints, default_config()).all_steps())
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
   p = _start(tmp_path)
   while not [r for r in read_metrics(tmp_path) if r["step"] >= 5]:
@@ -173,6 +175,7 @@ def _save_steps(directory, cfg, steps=(1, 2, 3)):
   return jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_restore_onto_other_meshes_gives_the_same_parameters(tmp_path):
   cfg = _cfg(fsdp=8)
   saved = _save_steps(tmp_path, cfg, steps=(1,))
@@ -198,6 +201,7 @@ def _largest_file(step_dir: Path) -> Path:
              key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow
 def test_truncated_or_tampered_checkpoints_fall_back_to_the_previous_good_one(tmp_path):
   cfg = _cfg(fsdp=8)
   _save_steps(tmp_path, cfg)
@@ -218,6 +222,7 @@ def test_truncated_or_tampered_checkpoints_fall_back_to_the_previous_good_one(tm
     _restore_latest(tmp_path, cfg, [])
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_or_format_is_refused_by_name(tmp_path):
   cfg = _cfg(fsdp=8)
   _save_steps(tmp_path, cfg, steps=(1,))
@@ -232,6 +237,7 @@ def test_checkpoint_of_another_model_or_format_is_refused_by_name(tmp_path):
     _restore_latest(tmp_path, cfg, [])
 
 
+@pytest.mark.slow
 def test_keep_last_k_plus_every_mth(tmp_path):
   cfg = _cfg(fsdp=8)
   cfg.train.keep_checkpoints, cfg.train.keep_every = 2, 4
@@ -254,11 +260,13 @@ def _run_cfg(steps, **train):
   return c
 
 
+@pytest.mark.slow
 def test_nan_halts_naming_the_step(tmp_path):
   with pytest.raises(TrainingHalted, match=r"step 3: loss nan"):
     train(_run_cfg(5, debug_nan_at_step=3), tmp_path)
 
 
+@pytest.mark.slow
 def test_nan_skip_leaves_the_state_untouched_and_counts(tmp_path):
   history = train(_run_cfg(5, debug_nan_at_step=3, nan_policy="skip"), tmp_path / "skip")
   assert [int(r["skipped_steps"]) for r in history] == [0, 0, 1, 1, 1]
@@ -272,6 +280,7 @@ def test_nan_skip_leaves_the_state_untouched_and_counts(tmp_path):
   assert history[2]["param_norm"] == history[1]["param_norm"] == clean[1]["param_norm"]
 
 
+@pytest.mark.slow
 def test_loss_spike_is_skipped():
   cfg = _run_cfg(1, skip_spikes=True, spike_window=4)
   setup = build(cfg)
@@ -287,6 +296,7 @@ def test_loss_spike_is_skipped():
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new["params"]), params)
 
 
+@pytest.mark.slow
 def test_inspect_checkpoint_tool(tmp_path):
   cfg = _cfg(fsdp=8)
   _save_steps(tmp_path / "checkpoints", cfg, steps=(1, 2))

@@ -23,11 +23,14 @@ EIGHT = ["single_unrolled_remat", "data8", "fsdp8", "tensor8", "data2_fsdp2_tens
          "data2_fsdp2_tensor2_seq", "stage4_data2", "stage2_fsdp2_tensor2"]
 
 
-@pytest.mark.parametrize("name", EIGHT)
+# One layout of three axes in the fast lane; the others with the slow tests.
+@pytest.mark.parametrize("name", [n if n == "data2_fsdp2_tensor2" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in EIGHT])
 def test_same_loss_gradients_and_update_as_one_device(name):
   assert_same_step(run("single"), run(name))
 
 
+@pytest.mark.slow
 def test_all_four_axes_on_sixteen_devices():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=16"}
   out = subprocess.run([sys.executable, "-m", "tests.layouts", "data2_stage2_fsdp2_tensor2"],

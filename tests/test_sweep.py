@@ -177,6 +177,7 @@ def swept(tmp_path_factory):
   return tmp, out
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_config_and_writes_results(swept):
   tmp, out = swept
   names = ["num_kv_heads=4,learning_rate=0.01", "num_kv_heads=1,learning_rate=0.003"]
@@ -208,6 +209,7 @@ def test_sweep_runs_each_config_and_writes_results(swept):
   assert len(md) == 4
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_skips_finished_runs(swept):
   tmp, _ = swept
   before = {p: p.stat().st_mtime_ns for p in (tmp / "runs").glob("*/metrics.jsonl")}
@@ -219,6 +221,7 @@ def test_rerunning_a_sweep_skips_finished_runs(swept):
   assert (tmp / "runs" / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_printed_commands_parse_back_to_the_overrides(swept, monkeypatch):
   tmp, _ = swept
   spec = f"{tmp / 'sweep.py'}:print"
@@ -250,6 +253,7 @@ def test_printed_commands_parse_back_to_the_overrides(swept, monkeypatch):
     validate(cfg)
 
 
+@pytest.mark.slow
 def test_lmjax_runs_prints_the_table_and_plots(swept):
   tmp, _ = swept
   out = _lmjax("runs", tmp / "runs", "--plot", tmp / "curves.png")
@@ -365,6 +369,7 @@ def test_successive_halving_keeps_the_best_by_eval_loss(tmp_path):
   assert again.rungs == result.rungs
 
 
+@pytest.mark.slow
 def test_search_through_the_cli_continues_the_best_run(swept):
   tmp, _ = swept
   out = _lmjax("sweep", tmp / "sweep.py", "--search", "--workdir", tmp / "search")

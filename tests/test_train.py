@@ -30,6 +30,7 @@ def _cfg(steps):
   return c
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
   cfg = _cfg(40)
   cfg.train.eval_every, cfg.train.log_every = 20, 5
@@ -51,6 +52,7 @@ def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
   assert train(cfg, tmp_path) == []
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
   full = train(_cfg(8), tmp_path / "full")
   first = train(_cfg(4), tmp_path / "split")  # "stopped" after 4 steps
@@ -93,6 +95,7 @@ def test_vocab_size_must_match_the_tokenizer(tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was written
 
 
+@pytest.mark.slow
 def test_trains_on_user_jsonl_and_txt_files(tmp_path):
   docs = data_lib.default_documents()
   src = tmp_path / "corpus"
