@@ -96,6 +96,13 @@ def run(name):
               step=int(new_state["step"]))
 
 
+def param_specs(name):
+  """The PartitionSpec of every parameter of layout ``name``: what init_state creates them
+  with (its out_shardings), read without compiling anything."""
+  setup = build(config(name), jax.devices()[: LAYOUTS[name][2]])
+  return jax.tree.map(lambda s: s.spec, setup.state_shardings["params"])
+
+
 def assert_same_step(want, got):
   """``got`` equals ``want`` up to fp32 reordering of sums across devices."""
   # Same initial parameters: initialisation does not depend on the layout.

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from lmjax.config import ConfigError
 from lmjax.mesh import LOGICAL_AXES, RULES, make_rules
 from lmjax.state import build
-from tests.layouts import LAYOUTS, assert_same_step, config, run
+from tests.layouts import LAYOUTS, assert_same_step, config, param_specs, run
 
 ROOT = Path(__file__).resolve().parents[1]
 EIGHT = ["single_unrolled_remat", "data8", "fsdp8", "tensor8", "data2_fsdp2_tensor2",
@@ -40,23 +40,23 @@ def test_all_four_axes_on_sixteen_devices():
 
 
 def test_parameter_shardings_follow_the_rules_table():
-  specs = run("fsdp8")["specs"]
+  specs = param_specs("fsdp8")
   assert specs["embed"]["table"] == P(None, "fsdp")  # (vocab, embed): embed -> fsdp
   assert specs["blocks"]["mlp"]["gate"] == P(None, "fsdp", None)  # (layers, embed, mlp)
   assert specs["blocks"]["attn_norm"]["scale"] == P(None, None)  # norms replicated
-  specs = run("data2_fsdp2_tensor2")["specs"]
+  specs = param_specs("data2_fsdp2_tensor2")
   assert specs["embed"]["table"] == P("tensor", "fsdp")
   assert specs["blocks"]["mlp"]["gate"] == P(None, "fsdp", "tensor")
   assert specs["blocks"]["mlp"]["down"] == P(None, "tensor", "fsdp")
   assert specs["blocks"]["attn"]["q"] == P(None, "fsdp", "tensor", None)
   assert specs["blocks"]["attn"]["k"] == P(None, "fsdp", "tensor", None)
-  specs = run("tensor8")["specs"]
+  specs = param_specs("tensor8")
   assert specs["blocks"]["attn"]["q"] == P(None, None, "tensor", None)  # 8 heads / 8
   assert specs["blocks"]["attn"]["k"] == P(None, None, None, None)  # 4 kv heads: replicated
-  specs = run("stage4_data2")["specs"]
+  specs = param_specs("stage4_data2")
   assert specs["blocks"]["mlp"]["gate"] == P("stage", None, None)  # one layer per stage
   assert specs["embed"]["table"] == P(None, None)
-  data_specs = jax.tree.leaves(run("data8")["specs"], is_leaf=lambda x: isinstance(x, P))
+  data_specs = jax.tree.leaves(param_specs("data8"), is_leaf=lambda x: isinstance(x, P))
   assert data_specs and all(all(a is None for a in s) for s in data_specs)  # replicated
 
 
@@ -92,6 +92,7 @@ def _state_bytes(name):
   return run(name)["compiled"].memory_analysis().argument_size_in_bytes
 
 
+@pytest.mark.slow
 def test_per_device_memory_falls_with_the_mesh():
   """From the compiled step's memory analysis: the state each device holds."""
   single = _state_bytes("single")
@@ -111,6 +112,7 @@ def test_per_device_memory_falls_with_the_mesh():
   assert abs(_state_bytes("stage4_data2") - expected) / single < 0.01
 
 
+@pytest.mark.slow
 def test_compiled_state_bytes_match_the_shardings():
   for name in ("fsdp8", "tensor8", "stage4_data2"):
     r = run(name)
