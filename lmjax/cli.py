@@ -231,7 +231,7 @@ def main() -> None:
                              heartbeat_timeout=_HEARTBEAT.value)
     try:
       command(argv)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
       sys.stderr.write(f"error: {e}\n")
       sys.exit(2)
 

@@ -127,3 +127,10 @@ def test_eval_cli(run, tmp_path):
   assert results["step"] == 12 and results["held_out"]["loss"] > 0
   assert results["choices"]["items"] == 1
   assert "bits_per_byte" in out.stdout
+
+
+def test_eval_of_a_directory_that_is_no_run_is_one_line(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "lmjax.cli", "eval", "--workdir", str(tmp_path / "none")],
+                       capture_output=True, text=True, cwd=ROOT, check=False)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip() == f"error: {tmp_path / 'none'} holds no checkpoint and no config.json: not an lmjax run"
