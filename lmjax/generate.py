@@ -34,7 +34,6 @@ import numpy as np
 from flax import nnx
 
 from lmjax import config as config_lib
-from lmjax import data as data_lib
 from lmjax.mesh import make_rules, use_rules
 from lmjax.model import Transformer
 from lmjax.model.attention import KVCache

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
 import ml_collections
 
 from lmjax import config as config_lib

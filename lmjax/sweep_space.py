@@ -22,7 +22,6 @@ import shlex
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import ml_collections
 import numpy as np
 
 from lmjax import config as config_lib
