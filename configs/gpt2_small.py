@@ -17,7 +17,7 @@ of 32, MLP 344 or, with ``gpt2``, 512; 200 steps of 16 x 128 tokens of the defau
   lmjax train --config configs/gpt2_small.py:runlocal --workdir /tmp/gpt2s-local
 
 Measured on this repository's 2-core CPU while other jobs shared it (load average 6-10,
-4-6k tokens/s against ~22k idle, so about 30 s is expected on two idle cores): ``runlocal`` 112 s
+4-6k tokens/s against ~22k idle, unshared on 2026-12-02, tiny's and llama_8b's runlocal took 37 s and 36 s): ``runlocal`` 112 s
 wall, loss 6.9 -> 5.11 at step 200, eval loss 5.02; ``gpt2,runlocal`` 109 s, loss 5.44, eval
 loss 5.41.
 """
