@@ -26,7 +26,8 @@ a quarter of the idle speed): 72 s wall for the fine-tune; the loss went from th
 (eval 4.89) to 4.66 at step 100, eval loss 4.73.
 """
 
-from lmjax.config import ConfigError, parse_arg
+from lmjax.config import ConfigError
+from lmjax.config_file import parse_arg
 from lmjax.rundir import run_config
 
 

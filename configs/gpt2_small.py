@@ -25,7 +25,8 @@ loss 5.41.
 import runpy
 from pathlib import Path
 
-from lmjax.config import default_config, parse_arg
+from lmjax.config import default_config
+from lmjax.config_file import parse_arg
 
 common = runpy.run_path(str(Path(__file__).with_name("common.py")))
 

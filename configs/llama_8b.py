@@ -27,7 +27,7 @@ wall; the loss falls from 6.9 to 4.39 at step 200, eval loss 4.28.
 import runpy
 from pathlib import Path
 
-from lmjax.config import parse_arg
+from lmjax.config_file import parse_arg
 
 _here = Path(__file__).parent
 llama = runpy.run_path(str(_here / "llama.py"))

@@ -20,7 +20,8 @@ wall in two runs; the loss falls from 6.9 to 4.99 at step 200, eval loss 4.89.
 import runpy
 from pathlib import Path
 
-from lmjax.config import default_config, parse_arg
+from lmjax.config import default_config
+from lmjax.config_file import parse_arg
 
 common = runpy.run_path(str(Path(__file__).with_name("common.py")))
 

@@ -1,241 +1,361 @@
-"""``lmjax <command> --config configs/x.py [--config.a.b=value ...] --workdir DIR``.
+"""``lmjax <command> [--config configs/x.py[:arg]] [--config.KEY=VALUE ...] [flags]``.
 
-Argument plumbing only: every command calls a function of the library.
+Argument plumbing only: every command calls a function of the library. Each command takes
+its own flags (``lmjax <command> --help`` lists them) and refuses any other; ``--config.KEY=VALUE``
+(or ``--config.KEY VALUE``) overrides one field of the config file, parsed by the field's type.
+A mistake the user can fix is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from lmjax import distributed, runs, sweep
+from lmjax import config_file, distributed, runs, sweep
 from lmjax.checkpoint import CheckpointError
-from lmjax.config import ConfigError, validate
+from lmjax.config import ConfigError
 from lmjax.data import DataError
 from lmjax.generate import generate, load_run
 from lmjax.plan import format_plan, plan
+from lmjax.preflight import input_problems
 from lmjax.rundir import check_vocab
 from lmjax.trained import load
 from lmjax.trainer import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file defining get_config(); override fields with --config.a.b=v.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
-_PRINT_COMMANDS = flags.DEFINE_bool(
-    "print_commands", False, "sweep: print one `lmjax train` command per run instead of running them.")
-_SEARCH = flags.DEFINE_bool("search", False, "sweep: run the file's search() even if it defines sweep().")
-_PLOT = flags.DEFINE_string("plot", None, "runs: also draw the loss and eval-loss curves into this image.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process "
-                                   "job (else detected: SLURM, Open MPI, TPU pods, torchrun env).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
-_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which a silent process "
-                                  "is taken for dead and the others stop with an error.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (eval, generate); default newest.")
-_EVAL_SOURCE = flags.DEFINE_string("eval_source", None, "eval: text/JSONL file, dir or glob to "
-                                   "score instead of the run's held-out split.")
-_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "eval: batches of held-out data "
-                                     "(default: all of the split).")
-_CHOICES = flags.DEFINE_string("choices", None, "eval: multiple-choice JSONL "
-                               '({"context", "choices", "label"} per line) to score for accuracy.')
-
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "generate: a prompt to continue; repeat "
-                                    "for a batch.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: new tokens per prompt, "
-                                       "at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "generate: sampling temperature; 0 is "
-                                  "greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: draw from the k most likely tokens; 0 = all.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: draw from the fewest most likely tokens that "
-                            "hold this probability; 1 = all.")
-_SEED = flags.DEFINE_integer("seed", 0, "generate: seed of the random draws.")
-
-_DEVICES = flags.DEFINE_integer("devices", None, "plan: devices of the target mesh (faked on the CPU).")
-_ACCELERATOR = flags.DEFINE_string("accelerator", "h100", "plan: h100, h200, a100-40gb, a100-80gb, "
-                                   "l4, tpu-v4, tpu-v5e, tpu-v5p or tpu-v6e (peak FLOP/s, memory).")
-_MEMORY = flags.DEFINE_string("memory", None, "plan: memory per device: 80GiB or 16G (binary), "
-                              "80GB (10^9 bytes); default: the accelerator's.")
-_MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "plan: the share of --memory the run "
-                                      "may use (set XLA_PYTHON_CLIENT_MEM_FRACTION to match on GPUs).")
-_MFU = flags.DEFINE_float("mfu", 0.4, "plan: model FLOPs utilisation for the expected step time.")
-
-USAGE = """usage: lmjax <command> [--config configs/tiny.py] [--config.KEY=VALUE ...] [flags]
-
-commands:
-  train      train (or resume) the config in --workdir
-  validate   check the config and print it, without touching devices
-  eval       held-out loss, perplexity, bits per byte (and --choices accuracy) of --workdir
-  sweep      lmjax sweep experiments/x/sweep.py --workdir DIR [--print_commands] [--search]:
-             train each run of the file's sweep() (or its search()) in DIR/<run name>
-  runs       lmjax runs DIR [--plot curves.png]: the runs under DIR with their final metrics
-  generate   continue each --prompt with the model in --workdir (the run's config, or --config):
-             [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--seed S] [--step N]
-  plan       per-device memory and step time on --devices N [--accelerator h100] [--memory 80GiB]
-             [--memory_fraction 0.9] [--mfu 0.4], compiled on fake CPU devices; if it does not
-             fit, the cheapest --config change that does
-"""
+COMMANDS: dict[str, tuple[str, Callable]] = {}  # name -> (one-line help, function(args))
+PARSERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
 
 
-def _train(argv) -> None:
-  del argv
-  if not _WORKDIR.value:
-    raise app.UsageError("train needs --workdir")
-  history = train(_CONFIG.value, _WORKDIR.value)
+class _Parser(argparse.ArgumentParser):
+  """argparse with lmjax's error convention (one line, exit status 2) and no abbreviated
+  flags (``--temp`` is no ``--temperature``)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, allow_abbrev=False, **kwargs)
+
+  def error(self, message: str):
+    sys.stderr.write(f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+    sys.exit(2)
+
+
+def command(name: str, help: str):
+  def register(fn):
+    COMMANDS[name] = (help, fn)
+    return fn
+  return register
+
+
+def flags(name: str):
+  def register(fn):
+    PARSERS[name] = fn
+    return fn
+  return register
+
+
+# -- shared flag groups --------------------------------------------------------------------
+
+def _config_flags(p: argparse.ArgumentParser, required: bool, what: str = "config file") -> None:
+  p.add_argument("--config", required=required, metavar="FILE[:ARG]",
+                 help=f"{what} defining get_config(arg=None); FILE:ARG passes ARG. Override any "
+                      "field with --config.KEY=VALUE (e.g. --config.optim.learning_rate=3e-4).")
+
+
+def _workdir_flag(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+  p.add_argument("--workdir", required=required, metavar="DIR", help=help)
+
+
+def _distributed_flags(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("multi-process jobs (else detected: SLURM, Open MPI, TPU pods, torchrun env)")
+  g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+  g.add_argument("--num_processes", type=int, help="processes in the job (with --coordinator)")
+  g.add_argument("--process_id", type=int, help="this process's index (with --coordinator)")
+  g.add_argument("--heartbeat_timeout", type=int, default=100, metavar="SEC",
+                 help="seconds after which a silent process is taken for dead and the others stop "
+                      "with an error (default 100)")
+
+
+def _step_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--step", type=int, help="checkpoint step to load (default: the newest)")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+@flags("train")
+def _train_flags(p):
+  _config_flags(p, required=True)
+  _workdir_flag(p, "run directory: checkpoints, metrics, config; rerun to resume")
+  _distributed_flags(p)
+
+
+@command("train", "train (or resume) the config in --workdir")
+def _train(args) -> None:
+  _refuse(input_problems(args.cfg))
+  history = train(args.cfg, args.workdir)
   if history:
     last = history[-1]
     print(f"done: step {int(last['step'])}, loss {last['loss']:.4f}"
           + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
-          + f"; run directory {_WORKDIR.value}")
+          + f"; run directory {args.workdir}")
   else:
-    print(f"nothing to do: {_WORKDIR.value} already holds the final step")
+    print(f"nothing to do: {args.workdir} already holds the final step")
 
 
-def _eval(argv) -> None:
-  del argv
-  if not _WORKDIR.value:
-    raise app.UsageError("eval needs --workdir (a trained run)")
-  run = load(_WORKDIR.value, _STEP.value)
+@flags("validate")
+def _validate_flags(p):
+  _config_flags(p, required=True)
+  p.add_argument("--devices", type=int, metavar="N",
+                 help="also check that the mesh covers N devices")
+
+
+@command("validate", "check the config against itself, its data and its tokenizer (every "
+                     "mismatch at once) and print it, without touching devices")
+def _validate(args) -> None:
+  _refuse(input_problems(args.cfg, args.devices))
+  print(args.cfg)
+
+
+def _refuse(problems: list[str]) -> None:
+  """Exits with status 2 after one ``error:`` line per problem, if there are any."""
+  for problem in problems:
+    sys.stderr.write(f"error: {problem}\n")
+  if problems:
+    sys.exit(2)
+
+
+@flags("eval")
+def _eval_flags(p):
+  _workdir_flag(p, "a trained run (its eval.json is written there)")
+  _step_flag(p)
+  p.add_argument("--eval_source", metavar="PATH", help="text/JSONL file, dir or glob to score "
+                 "instead of the run's held-out split")
+  p.add_argument("--eval_batches", type=int, metavar="N",
+                 help="batches of held-out data (default: all of the split)")
+  p.add_argument("--choices", metavar="JSONL", help='multiple-choice JSONL ({"context", '
+                 '"choices", "label"} per line) to score for accuracy')
+  _distributed_flags(p)
+
+
+@command("eval", "held-out loss, perplexity, bits per byte (and --choices accuracy) of --workdir")
+def _eval(args) -> None:
+  run = load(args.workdir, args.step)
   results = {"step": run.step}
-  name = "source" if _EVAL_SOURCE.value else "held_out"
-  results[name] = run.evaluate(_EVAL_SOURCE.value, _EVAL_BATCHES.value)
-  if _CHOICES.value:
-    results["choices"] = run.multiple_choice(_CHOICES.value)
-  (Path(_WORKDIR.value) / "eval.json").write_text(json.dumps(results, indent=2))
+  name = "source" if args.eval_source else "held_out"
+  results[name] = run.evaluate(args.eval_source, args.eval_batches)
+  if args.choices:
+    results["choices"] = run.multiple_choice(args.choices)
+  (Path(args.workdir) / "eval.json").write_text(json.dumps(results, indent=2))
   print(json.dumps(results, indent=2))
 
 
-def _validate(argv) -> None:
-  del argv
-  validate(_CONFIG.value)
-  print(_CONFIG.value)
+@flags("sweep")
+def _sweep_flags(p):
+  p.add_argument("sweep_file", nargs="?", metavar="FILE[:ARG]",
+                 help="sweep file: get_config() (the base config) and sweep() or search()")
+  _config_flags(p, required=False, what="the sweep file, if not given as the first argument;")
+  _workdir_flag(p, "directory that holds one run per subdirectory")
+  p.add_argument("--print_commands", action="store_true",
+                 help="print one `lmjax train` command per run instead of running them")
+  p.add_argument("--search", action="store_true",
+                 help="run the file's search() even if it defines sweep()")
+  _distributed_flags(p)
 
 
-def _sweep(argv) -> None:
-  if _CONFIG.value is None or len(argv) > 1:
-    raise app.UsageError("usage: lmjax sweep experiments/x/sweep.py[:arg] --workdir DIR "
-                         "[--config.KEY=VALUE ...] [--print_commands] [--search]")
-  if not _WORKDIR.value:
-    raise app.UsageError("sweep needs --workdir, the directory that holds one run per subdirectory")
-  spec = config_flags.get_config_filename(flags.FLAGS["config"])
-  path, arg = sweep.split_path_arg(spec)
+@command("sweep", "train each run of a sweep file's sweep() (or its search()) in --workdir/<run name>")
+def _sweep(args) -> None:
+  path, arg = config_file.split_path_arg(args.spec)
   module = sweep.load_sweep_file(path)
-  if _SEARCH.value or not hasattr(module, "sweep"):
+  if args.search or not hasattr(module, "sweep"):
     if not hasattr(module, "search"):
-      raise app.UsageError(f"{path} defines neither sweep() nor search()")
-    if _PRINT_COMMANDS.value:
-      raise app.UsageError("a search picks each rung's runs from the previous rung's results, so "
-                           "it has no fixed list of commands; run it without --print_commands")
-    result = sweep.search_from_file(path, arg).run(_CONFIG.value, _WORKDIR.value)
+      raise ConfigError(f"{path} defines neither sweep() nor search()")
+    if args.print_commands:
+      raise ConfigError("--print_commands: a search picks each rung's runs from the previous "
+                        "rung's results, so it has no fixed list of commands; run it without")
+    result = sweep.search_from_file(path, arg).run(args.cfg, args.workdir)
     print(runs.format_table(result.rows))
-    print(f"best: {_WORKDIR.value}/{result.best}; results in {_WORKDIR.value}/results.md")
+    print(f"best: {args.workdir}/{result.best}; results in {args.workdir}/results.md")
     return
   trials = sweep.sweep_from_file(path, arg)
-  if _PRINT_COMMANDS.value:
-    base = config_flags.get_override_values(flags.FLAGS["config"])  # --config.* given here
+  if args.print_commands:
     for name, overrides in zip(sweep.run_names(trials), trials):
-      print(sweep.train_command(spec, {**base, **overrides}, f"{_WORKDIR.value}/{name}"))
+      print(sweep.train_command(args.spec, {**args.overrides, **overrides}, f"{args.workdir}/{name}"))
     return
-  rows = sweep.run_sweep(_CONFIG.value, trials, _WORKDIR.value)
+  rows = sweep.run_sweep(args.cfg, trials, args.workdir)
   print(runs.format_table(rows))
-  print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/results.md")
+  print(f"results: {args.workdir}/results.csv, {args.workdir}/results.md")
 
 
-def _runs(argv) -> None:
-  dirs = argv[1:] or ([_WORKDIR.value] if _WORKDIR.value else [])
-  if len(dirs) != 1:
-    raise app.UsageError("usage: lmjax runs DIR [--plot curves.png]")
-  if _PLOT.value:
+@flags("runs")
+def _runs_flags(p):
+  p.add_argument("dir", nargs="?", metavar="DIR", help="a run directory or a directory of runs")
+  _workdir_flag(p, "the same as DIR", required=False)
+  p.add_argument("--plot", metavar="PNG", help="also draw the loss and eval-loss curves into this image")
+
+
+@command("runs", "the runs under DIR with their final metrics [--plot curves.png]")
+def _runs(args) -> None:
+  directory = args.dir or args.workdir
+  if not directory or (args.dir and args.workdir):
+    raise ConfigError("runs: give one directory, lmjax runs DIR")
+  if args.plot:
     try:
       import matplotlib  # noqa: F401 - optional: the notebook extra
     except ImportError:
       raise ConfigError('--plot draws with matplotlib, which is not installed: '
                         'pip install "lmjax[notebook]".') from None
-  try:
-    found = runs.list_runs(dirs[0])
-  except FileNotFoundError as e:
-    raise app.UsageError(str(e)) from None
+  found = runs.list_runs(directory)
   print(runs.format_table(runs.runs_table(found)))
-  if _PLOT.value:
-    runs.plot_runs(found, _PLOT.value)
-    print(f"curves: {_PLOT.value}")
+  if args.plot:
+    runs.plot_runs(found, args.plot)
+    print(f"curves: {args.plot}")
 
 
-def _generate(argv) -> None:
-  del argv
-  if not _WORKDIR.value:
-    raise app.UsageError("generate needs --workdir (a trained run)")
-  if not _PROMPT.value:
-    raise app.UsageError("generate needs at least one --prompt")
+@flags("generate")
+def _generate_flags(p):
+  _workdir_flag(p, "a trained run")
+  _config_flags(p, required=False, what="optional: a config file instead of the run's own;")
+  p.add_argument("--prompt", action="append", required=True,
+                 help="a prompt to continue; repeat for a batch")
+  p.add_argument("--max_new_tokens", type=int, default=64, help="new tokens per prompt, at most (64)")
+  p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (1)")
+  p.add_argument("--top_k", type=int, default=0, help="draw from the k most likely tokens; 0 = all")
+  p.add_argument("--top_p", type=float, default=1.0,
+                 help="draw from the fewest most likely tokens that hold this probability; 1 = all")
+  p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+  _step_flag(p)
+  _distributed_flags(p)
+
+
+@command("generate", "continue each --prompt with the model in --workdir")
+def _generate(args) -> None:
+  run = load_run(args.workdir, args.cfg, args.step)
+  run.text_tokenizer()
+  check_vocab(run.cfg, run.tokenizer)
   try:
-    run = load_run(_WORKDIR.value, _CONFIG.value, _STEP.value)
-    run.text_tokenizer()
-    check_vocab(run.cfg, run.tokenizer)
-    texts = generate(run.setup, run.params, run.tokenizer, _PROMPT.value,
-                     max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                     top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
-  except (FileNotFoundError, CheckpointError, ValueError) as e:  # ConfigError, DataError: ValueErrors
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
-  print(f"# {_WORKDIR.value} step {run.step}: temperature {_TEMPERATURE.value}, top_k "
-        f"{_TOP_K.value}, top_p {_TOP_P.value}, seed {_SEED.value}")
-  for i, (prompt, text) in enumerate(zip(_PROMPT.value, texts)):
+    texts = generate(run.setup, run.params, run.tokenizer, args.prompt,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  except ValueError as e:  # a sampling setting out of range, a prompt too long
+    raise ConfigError(str(e)) from None
+  print(f"# {args.workdir} step {run.step}: temperature {args.temperature}, top_k "
+        f"{args.top_k}, top_p {args.top_p}, seed {args.seed}")
+  for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
     print(f"--- {i + 1}/{len(texts)}")
     print(prompt + text)
 
 
-def _plan(argv) -> None:
-  del argv
-  if not _DEVICES.value or _DEVICES.value < 1:
-    raise app.UsageError("plan needs --devices N, the number of devices of the target mesh")
+@flags("plan")
+def _plan_flags(p):
+  _config_flags(p, required=True)
+  p.add_argument("--devices", type=int, required=True, metavar="N",
+                 help="devices of the target mesh (faked on the CPU)")
+  p.add_argument("--accelerator", default="h100", help="h100, h200, a100-40gb, a100-80gb, l4, "
+                 "tpu-v4, tpu-v5e, tpu-v5p or tpu-v6e (peak FLOP/s, memory); default h100")
+  p.add_argument("--memory", help="memory per device: 80GiB or 16G (binary), 80GB (10^9 bytes); "
+                 "default: the accelerator's")
+  p.add_argument("--memory_fraction", type=float, default=0.9, help="the share of --memory the "
+                 "run may use (set XLA_PYTHON_CLIENT_MEM_FRACTION to match on GPUs); default 0.9")
+  p.add_argument("--mfu", type=float, default=0.4,
+                 help="model FLOPs utilisation for the expected step time (0.4)")
+
+
+@command("plan", "per-device memory and step time on --devices N, compiled on fake CPU devices; "
+                 "if it does not fit, the cheapest --config change that does")
+def _plan(args) -> None:
+  if args.devices < 1:
+    raise ConfigError(f"--devices: the number of devices of the target mesh, got {args.devices}")
   # N fake CPU devices; must happen before anything initialises a JAX backend (importing
   # lmjax initialises none).
   jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+  jax.config.update("jax_num_cpu_devices", args.devices)
   try:
-    result = plan(_CONFIG.value, _DEVICES.value, memory_bytes=_MEMORY.value,
-                  accelerator=_ACCELERATOR.value, mfu=_MFU.value,
-                  memory_fraction=_MEMORY_FRACTION.value)
-  except ValueError as e:  # ConfigError is a ValueError
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
+    result = plan(args.cfg, args.devices, memory_bytes=args.memory, accelerator=args.accelerator,
+                  mfu=args.mfu, memory_fraction=args.memory_fraction)
+  except ValueError as e:  # an unknown accelerator, a size that does not parse
+    raise ConfigError(str(e)) from None
   print(format_plan(result))
 
 
-COMMANDS = {"train": _train, "validate": _validate, "eval": _eval, "sweep": _sweep, "runs": _runs,
-            "generate": _generate, "plan": _plan}
-NEEDS_CONFIG = {"train", "validate", "plan"}  # the others read the run's own config
-LOCAL_ONLY = {"plan"}  # one process, fake devices: no jax.distributed
+# -- parsing -------------------------------------------------------------------------------
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """``argv`` without its ``--config.KEY=VALUE`` / ``--config.KEY VALUE`` items, and those
+  as (KEY, VALUE) pairs in order."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      key, sep, value = arg[len("--config."):].partition("=")
+      if not sep:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"{arg}: needs a value, {arg}=VALUE")
+        value, i = argv[i + 1], i + 1
+      if not key:
+        raise ConfigError(f"{arg}: name a field, e.g. --config.optim.learning_rate=3e-4")
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
 
 
-def main() -> None:
-  if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-    sys.stderr.write(USAGE)
-    sys.exit(2)
-  command = COMMANDS[sys.argv[1]]
-  args = sys.argv[2:]
-  if sys.argv[1] == "sweep" and args and not args[0].startswith("-"):
-    args = [f"--config={args[0]}"] + args[1:]  # the sweep file is also the base config
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+  """The ``lmjax`` parser and each command's own."""
+  top = _Parser(prog="lmjax", description="Train, evaluate and sample Transformer language "
+                "models with JAX; `lmjax COMMAND --help` lists a command's flags.",
+                epilog="Config fields are overridden with --config.KEY=VALUE after --config.")
+  sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+  subs = {}
+  for name, (help_text, _) in COMMANDS.items():
+    subs[name] = sub.add_parser(name, help=help_text, description=help_text)
+    PARSERS[name](subs[name])
+  return top, subs
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+  """The namespace of ``lmjax`` arguments ``argv`` (without the program name), with the
+  loaded config as ``cfg`` (None when the command has none)."""
+  rest, overrides = split_overrides(argv)
+  top, subs = parser()
+  if not rest or rest[0] not in COMMANDS:
+    if not rest or rest[0] in ("-h", "--help"):
+      top.print_help(sys.stdout if rest else sys.stderr)
+      sys.exit(0 if rest else 2)
+    top.error(f"{rest[0]!r} is no command; choose one of {', '.join(COMMANDS)}")
+  args, unknown = top.parse_known_args(rest)
+  if unknown:
+    subs[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+  if args.command == "sweep":
+    if args.sweep_file and args.config:
+      raise ConfigError("sweep: give the sweep file once, as the first argument or as --config")
+    args.config = args.sweep_file or args.config
+    if not args.config:
+      raise ConfigError("sweep: give the sweep file, lmjax sweep experiments/x/sweep.py --workdir DIR")
+  args.spec, args.overrides = getattr(args, "config", None), dict(overrides)
+  if overrides and not args.spec:
+    raise ConfigError(f"--config.{overrides[0][0]}: an override needs --config FILE "
+                      f"(`lmjax {args.command}` has no config here)")
+  args.cfg = config_file.load(args.spec, overrides) if args.spec else None
+  return args
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain are chatty at INFO
-
-  def run(argv):
-    if _CONFIG.value is None and sys.argv[1] in NEEDS_CONFIG:
-      raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-    if sys.argv[1] not in LOCAL_ONLY:
-      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                             heartbeat_timeout=_HEARTBEAT.value)
-    try:
-      command(argv)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-      sys.stderr.write(f"error: {e}\n")
-      sys.exit(2)
-
-  app.run(run, argv=[f"lmjax {sys.argv[1]}"] + args)
+  try:
+    args = parse(argv)
+    if args.command not in ("validate", "runs", "plan"):  # these touch no devices
+      distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                             heartbeat_timeout=args.heartbeat_timeout)
+    COMMANDS[args.command][1](args)
+  except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Every config field with its default, validation with clear errors, derived values.
 
 A config file in ``configs/`` starts from :func:`default_config` and changes a few
-fields; it reads its argument with :func:`parse_arg`. :func:`validate` runs before anything
+fields; it reads its argument with :func:`lmjax.config_file.parse_arg`. :func:`validate` runs before anything
 is compiled and raises :class:`ConfigError` naming the offending key. :func:`override`
-sets one dotted key, checked (sweeps, conversions, plans); :func:`parse_size` reads byte sizes.
+sets one dotted key, checked (command lines, sweeps, conversions, plans). Reading config files
+and command lines is :mod:`lmjax.config_file`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import ast
 import copy
 import json
 import math
-import re
 from typing import Any
 
 import ml_collections
@@ -255,81 +255,6 @@ def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) ->
   for key, value in overrides.items():
     override(cfg, key, value)
   return cfg
-
-
-_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(?:([kmgtp])(i?b)?|b)?\s*", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-  """Bytes from a size such as '80GiB', '16G', '80GB', '500MB', '1.5TiB' or a plain number.
-
-  One rule: a unit with ``iB`` or a bare letter K/M/G/T/P is binary ('16G' = 16 GiB, as
-  ``free`` and XLA print); a letter with ``B`` alone is decimal ('80GB' = 80 * 10^9, as
-  disks and Hugging Face's ``max_shard_size``); case is ignored.
-  """
-  if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
-    return text
-  match = _SIZE.fullmatch(text) if isinstance(text, str) else None
-  if not match:
-    raise ValueError(f"cannot read {text!r} as a size; write e.g. 80GiB, 80GB, 16G or 1.5TiB.")
-  number, letter, suffix = match.groups()
-  if not letter:
-    return int(float(number))
-  power = "kmgtp".index(letter.lower()) + 1
-  decimal = suffix is not None and suffix.lower() == "b"
-  return int(float(number) * (10**(3 * power) if decimal else 2**(10 * power)))
-
-
-def _parse_arg_value(name: str, text: str, default: Any, known: str) -> Any:
-  try:
-    if isinstance(default, bool):
-      return _parse_text(text, default)
-    return type(default)(text)
-  except ValueError:
-    raise ConfigError(f"config argument {name}={text!r}: expected {type(default).__name__}. "
-                      f"Known arguments: {known}.") from None
-
-
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """The ``get_config(arg)`` string as typed values, as big_vision's ``parse_arg``.
-
-  ``arg`` is comma-separated ``key=value`` items (``--config configs/x.py:runlocal,variant=gpt2``);
-  a bare ``key`` sets a bool to True. Each value takes its default's type (bool: true/false
-  in any case, int, float, str). When the first key's default is a string, a first item that
-  names no key is its value, with any following ``k=v`` items whose ``k`` is no key (a sweep
-  run's directory, ``runs/sweep/lr=0.001,seed=1``): ``finetune.py:runs/tiny,runlocal`` reads as
-  ``run=runs/tiny,runlocal``. An unknown key, a value of the wrong type or a key given twice
-  raises ConfigError naming the key and listing the known ones.
-  """
-  for name, default in defaults.items():
-    if not isinstance(default, (bool, int, float, str)):
-      raise TypeError(f"parse_arg default {name}={default!r}: use a bool, int, float or str.")
-  known = ", ".join(f"{k} ({type(v).__name__})" for k, v in defaults.items()) or "none"
-  key_of = lambda item: item.partition("=")[0].strip()
-  items = [item for item in (arg or "").split(",") if item.strip()]
-  values, seen = dict(defaults), set()
-  first = next(iter(defaults), None)
-  if items and isinstance(defaults.get(first), str) and key_of(items[0]) not in defaults:
-    n = 1  # positional: the first (string) argument
-    while n < len(items) and "=" in items[n] and key_of(items[n]) not in defaults:
-      n += 1
-    values[first], items = ",".join(items[:n]), items[n:]
-    seen.add(first)
-  for item in items:
-    name, sep, text = key_of(item), "=" in item, item.partition("=")[2]
-    if name not in defaults:
-      raise ConfigError(f"config argument {name!r}: unknown. Known arguments: {known}.")
-    if name in seen:
-      raise ConfigError(f"config argument {name!r}: given twice in {arg!r}.")
-    seen.add(name)
-    if sep:
-      values[name] = _parse_arg_value(name, text, defaults[name], known)
-    elif isinstance(defaults[name], bool):
-      values[name] = True
-    else:
-      raise ConfigError(f"config argument {name!r}: needs a value, {name}=... "
-                        f"({type(defaults[name]).__name__}). Known arguments: {known}.")
-  return ml_collections.ConfigDict(values)
 
 
 def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lmjax import config as config_lib
+from lmjax import config_file
 from lmjax.checkpoint import SHAPE_KEYS, Checkpointer
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.hf_layout import (ARCHITECTURES, IGNORED, ConversionError, config_from_hf, hf_config,
@@ -283,7 +284,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str | Path,
   Returns the file names."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  limit = config_lib.parse_size(max_shard_size)
+  limit = config_file.parse_size(max_shard_size)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, t in tensors.items():

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lmjax import config as config_lib
-from lmjax import cpu_compile
+from lmjax import config_file, cpu_compile
 from lmjax.metrics import flops_per_token
 from lmjax.model.attention import check_backend
 from lmjax.model.kernels import BLOCK
@@ -79,7 +79,7 @@ def plan(cfg: ml_collections.ConfigDict, devices: int, *, memory_bytes: int | st
     raise ValueError(f"unknown accelerator {accelerator!r}; known: {', '.join(ACCELERATORS)} "
                      "(for another, pass the nearest and --memory).")
   acc = ACCELERATORS[accelerator]
-  memory = acc.memory_bytes if memory_bytes is None else config_lib.parse_size(memory_bytes)
+  memory = acc.memory_bytes if memory_bytes is None else config_file.parse_size(memory_bytes)
   if not 0 < memory_fraction <= 1:
     raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}.")
   if not 0 < mfu <= 1:

@@ -28,8 +28,6 @@ The helpers that build sweeps (search spaces, grids, products, run names) live i
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import inspect
 import json
 import math
 from pathlib import Path
@@ -38,7 +36,10 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_collections
 
+from lmjax import config_file
 from lmjax import runs as runs_lib
+from lmjax.config import ConfigError
+from lmjax.config_file import split_path_arg
 from lmjax.checkpoint import MANIFEST
 from lmjax.sweep_space import (Choice, IntUniform, LogUniform, Overrides, Uniform, apply_overrides,
                                chain, choice, grid, int_uniform, log_uniform, product,
@@ -62,42 +63,22 @@ RESULT_COLUMNS = ("train_loss", "eval_loss", "tokens_per_sec", "params", "steps"
 # -- sweep files -------------------------------------------------------------------------
 
 def load_sweep_file(path: str | Path) -> Any:
-  """Imports a sweep file (``path`` without any ``:arg``) as a module."""
-  path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no such sweep file")
-  spec = importlib.util.spec_from_file_location(f"lmjax_sweep_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  """Imports a sweep file (``path`` without any ``:arg``) as a module; mistakes in it are
+  ConfigErrors naming ``file:line``."""
+  module = config_file.load_file(path, kind="sweep")
   if not hasattr(module, "get_config"):
-    raise ValueError(f"{path}: a sweep file defines get_config(arg=None), the base config")
+    raise ConfigError(f"{path}: a sweep file defines get_config(arg=None), the base config")
   return module
-
-
-def split_path_arg(spec: str) -> tuple[str, str | None]:
-  """``"experiments/x/sweep.py:smoke"`` -> ``("experiments/x/sweep.py", "smoke")``."""
-  path, sep, arg = spec.partition(":")
-  return path, (arg if sep else None)
-
-
-def _call(fn: Callable, arg: str | None) -> Any:
-  return fn(arg) if inspect.signature(fn).parameters else fn()
 
 
 def sweep_from_file(path: str | Path, arg: str | None = None) -> list[Overrides]:
   """The overrides the file's ``sweep()`` (or ``sweep(arg)``) yields, as a list."""
-  module = load_sweep_file(path)
-  if not hasattr(module, "sweep"):
-    raise ValueError(f"{path}: defines no sweep()")
-  return [dict(o) for o in _call(module.sweep, arg)]
+  return [dict(o) for o in config_file.call(load_sweep_file(path), "sweep", arg)]
 
 
 def search_from_file(path: str | Path, arg: str | None = None) -> "SuccessiveHalving":
   """The :class:`SuccessiveHalving` the file's ``search()`` (or ``search(arg)``) returns."""
-  module = load_sweep_file(path)
-  if not hasattr(module, "search"):
-    raise ValueError(f"{path}: defines no search()")
-  return _call(module.search, arg)
+  return config_file.call(load_sweep_file(path), "search", arg)
 
 
 # -- running -----------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import jax
 import ml_collections
 import pytest
 
-from lmjax.config import (ConfigError, default_config, override, parse_arg, parse_size,
+from lmjax.config import (ConfigError, default_config, override,
                           resolve_mesh_shape, validate)
+from lmjax.config_file import parse_arg, parse_size
 from lmjax.state import build
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
+from lmjax import cli
 from lmjax import runs as runs_lib
 from lmjax import sweep as sw
 from lmjax.config import ConfigError, default_config, validate
@@ -222,7 +221,7 @@ def test_rerunning_a_sweep_skips_finished_runs(swept):
 
 
 @pytest.mark.slow
-def test_printed_commands_parse_back_to_the_overrides(swept, monkeypatch):
+def test_printed_commands_parse_back_to_the_overrides(swept):
   tmp, _ = swept
   spec = f"{tmp / 'sweep.py'}:print"
   out = _lmjax("sweep", spec, "--workdir", tmp / "cluster", "--print_commands",
@@ -236,14 +235,8 @@ def test_printed_commands_parse_back_to_the_overrides(swept, monkeypatch):
     args = shlex.split(line)
     assert args[:2] == ["lmjax", "train"]
     assert args[-2:] == ["--workdir", f"{tmp / 'cluster'}/{name}"]
-    # Parse the arguments with the same absl/ml_collections flags as `lmjax train`.
-    # (config_flags reads the override flags from sys.argv.)
-    argv = ["lmjax"] + args[2:-2]
-    monkeypatch.setattr(sys, "argv", argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
-    fv(argv)
-    cfg = fv.config
+    # Parse the arguments as `lmjax train` does.
+    cfg = cli.parse(args[1:]).cfg
     assert cfg.train.steps == 7  # the command line's own override is kept
     for key, value in overrides.items():
       got = cfg

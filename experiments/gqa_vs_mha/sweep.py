@@ -12,7 +12,8 @@ steps (what the tests execute).
 """
 
 from lmjax import sweep as sw
-from lmjax.config import default_config, parse_arg
+from lmjax.config import default_config
+from lmjax.config_file import parse_arg
 
 
 def get_config(arg: str | None = None):

@@ -16,7 +16,8 @@ narrow win.
 """
 
 from lmjax import sweep as sw
-from lmjax.config import default_config, parse_arg
+from lmjax.config import default_config
+from lmjax.config_file import parse_arg
 
 SPACE = {"optim.learning_rate": sw.log_uniform(3e-4, 3e-2),
          "optim.warmup_steps": sw.choice(0, 10, 30, 60)}

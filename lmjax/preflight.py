@@ -1,0 +1,82 @@
+"""Checks a config against itself, its data and its tokenizer before anything is compiled,
+and reports every mismatch at once, with the overrides that fix them.
+
+  for problem in input_problems(cfg):
+    print(problem)
+
+A prepared dataset fixes the sequence length and the tokenizer (hence the vocabulary) it was
+made with; ``lmjax validate`` and ``lmjax train`` name each field that disagrees and the
+value it needs, rather than one error per attempt.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lmjax import rundir
+from lmjax.checkpoint import CheckpointError
+from lmjax.config import ConfigError, validate
+from lmjax.data import DataError, read_metadata
+from lmjax.data.sources import SkipLog, resolve_paths, sources_of, uses_prepared
+
+
+def _prepared_problems(cfg: ml_collections.ConfigDict, fixes: dict[str, int]) -> list[str]:
+  problems = []
+  for source, _ in sources_of(cfg.data):
+    try:
+      meta = read_metadata(source)
+    except DataError as e:
+      problems.append(str(e))
+      continue
+    rows = meta["seq_len"]
+    if rows != cfg.data.seq_len:
+      problems.append(f"config.data.seq_len={cfg.data.seq_len}, but the prepared dataset {source} "
+                      f"holds rows of {rows} tokens; set --config.data.seq_len={rows} (or prepare "
+                      "the data again with --seq_len).")
+      fixes["data.seq_len"] = rows
+    if rows > cfg.model.max_seq_len:
+      problems.append(f"config.model.max_seq_len={cfg.model.max_seq_len} is shorter than the "
+                      f"{rows}-token rows of {source}; set --config.model.max_seq_len={rows}.")
+      fixes["model.max_seq_len"] = rows
+    if not meta["splits"]["train"]["rows"]:
+      problems.append(f"{source}: the train split holds no rows; prepare it from more documents.")
+  return problems
+
+
+def _raw_problems(cfg: ml_collections.ConfigDict) -> list[str]:
+  problems = []
+  for source, _ in sources_of(cfg.data):
+    if source == "default":
+      continue
+    skips = SkipLog("skip", quiet=True)
+    resolve_paths(source, skips)
+    for reason, examples in skips.examples.items():
+      problems.extend(f"config.data.source: {e}" for e in examples)
+  return problems
+
+
+def input_problems(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> list[str]:
+  """One line per problem of ``cfg`` (its fields, its data sources, its tokenizer's vocabulary
+  against the model's), ending with the overrides that fix them all where they are known;
+  empty if none. Trains no tokenizer: a raw-text run without ``data.tokenizer`` gets one made
+  for its vocabulary."""
+  problems, fixes = [], {}
+  try:
+    validate(cfg, num_devices)
+  except ConfigError as e:
+    problems.append(str(e))
+  try:
+    prepared = uses_prepared(cfg.data)
+    problems += _prepared_problems(cfg, fixes) if prepared else _raw_problems(cfg)
+    if prepared or cfg.data.tokenizer or cfg.train.init_from:
+      tokenizer = rundir.run_tokenizer(cfg)
+      if tokenizer.vocab_size != cfg.model.vocab_size:
+        problems.append(f"config.model.vocab_size={cfg.model.vocab_size}, but the tokenizer "
+                        f"{tokenizer.path} has {tokenizer.vocab_size} pieces; set "
+                        f"--config.model.vocab_size={tokenizer.vocab_size}.")
+        fixes["model.vocab_size"] = tokenizer.vocab_size
+  except (DataError, ConfigError, CheckpointError, FileNotFoundError) as e:
+    problems.append(str(e))
+  if len(fixes) > 1:
+    problems.append("all at once: " + " ".join(f"--config.{k}={v}" for k, v in fixes.items()))
+  return problems
