@@ -37,8 +37,8 @@ from lmjax import config as config_lib
 from lmjax import config_file
 from lmjax.checkpoint import SHAPE_KEYS, Checkpointer
 from lmjax.data.tokenizer import Tokenizer
-from lmjax.hf_layout import (ARCHITECTURES, IGNORED, ConversionError, config_from_hf, hf_config,
-                             hf_kind, mappings)
+from lmjax.hf_layout import (ARCHITECTURES, FIX_CONFIG, IGNORED, ConversionError, check_shape,
+                             config_from_hf, hf_config, hf_kind, mappings)
 from lmjax.model import Transformer
 from lmjax.rundir import run_config
 from lmjax.trained import load
@@ -50,6 +50,7 @@ __all__ = ["ARCHITECTURES", "INDEX", "SINGLE", "TOKENIZER", "ConversionError", "
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER = "tokenizer.model"
+FLOATS = ("F32", "BF16", "F16", "F64")  # safetensors dtypes that import (cast to param_dtype)
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -61,10 +62,13 @@ def read_config(hf_dir: str | Path) -> dict[str, Any]:
     raise ConversionError(f"{path}: no such file; a Hugging Face checkpoint directory holds "
                           "config.json and *.safetensors (save_pretrained writes both).")
   try:
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
   except ValueError as e:
     raise ConversionError(f"{path}: not valid JSON ({e}).") from None
-
+  if not isinstance(config, dict):
+    raise ConversionError(f"{path}: a JSON {type(config).__name__.replace('dict', 'object')}; "
+                          "expected an object of fields, as save_pretrained writes it.")
+  return config
 
 
 class Weights:
@@ -74,6 +78,7 @@ class Weights:
   def __init__(self, hf_dir: str | Path):
     self.dir = Path(hf_dir)
     index, single = self.dir / INDEX, self.dir / SINGLE
+    self.source = index if index.is_file() else single  # named for a missing tensor
     if index.is_file():
       try:
         self.files = {k: self.dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -97,18 +102,34 @@ class Weights:
   def __contains__(self, name: str) -> bool:
     return name in self.files
 
-  def get(self, name: str) -> np.ndarray:
+  def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Tensor ``name``, checked to be a float tensor of ``shape`` before it is read."""
     if name not in self.files:
-      raise ConversionError(f"{self.dir}: no tensor {name!r} (the config says it should be there).")
+      raise ConversionError(f"{self.source}: no tensor {name}, which {self.dir / 'config.json'} "
+                            f"implies; {_FIX_WEIGHTS}.")
     self.used.add(name)
+    file = self.files[name]
     try:
-      with jax.default_device(jax.devices("cpu")[0]), safe_open(str(self.files[name]), "flax") as f:
+      with jax.default_device(jax.devices("cpu")[0]), safe_open(str(file), "flax") as f:
+        header = f.get_slice(name)
+        if header.get_dtype() not in FLOATS:
+          raise ConversionError(f"{file}: tensor {name} has dtype {header.get_dtype()}; lmjax "
+                                f"imports {', '.join(FLOATS)} weights (dequantize a quantized "
+                                "checkpoint first).")
+        check_shape(f"{file}: tensor {name}", header.get_shape(), shape, "config.json",
+                    _FIX_WEIGHTS)
         return np.asarray(f.get_tensor(name))
+    except ConversionError:
+      raise
     except Exception as e:  # noqa: BLE001 - a damaged file: name it
-      raise ConversionError(f"{self.files[name]}: cannot read tensor {name!r} ({e}).") from None
+      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise ConversionError(f"{file}: cannot read tensor {name} ({reason}).") from None
 
   def unused(self) -> list[str]:
     return sorted(k for k in self.files if k not in self.used and not IGNORED.search(k))
+
+
+_FIX_WEIGHTS = FIX_CONFIG + ", or save the model again with save_pretrained"
 
 
 def _gpt2_prefix(weights: Weights) -> str:
@@ -125,20 +146,15 @@ def params_from_hf(hf_dir: str | Path, cfg: ml_collections.ConfigDict,
   weights = Weights(hf_dir)
   prefix = _gpt2_prefix(weights) if m.position_embedding == "learned" else "transformer."
   rename = lambda name: name.replace("transformer.", prefix, 1)
-  abstract = nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0)))
-  want = nnx.split(abstract)[1].to_pure_dict()
   out_dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
   params: dict[str, Any] = {}
-  for path, name, to_lmjax, _ in mappings(m):
+  for path, name, shape, to_lmjax, _ in mappings(m):
     name = rename(name)
     if "{i}" in name:
-      value = np.stack([to_lmjax(weights.get(name.format(i=i)), m) for i in range(m.num_layers)])
+      value = np.stack([to_lmjax(weights.get(name.format(i=i), shape), m)
+                        for i in range(m.num_layers)])
     else:
-      value = to_lmjax(weights.get(name), m)
-    target = _dig(want, path)
-    if value.shape != target.shape:
-      raise ConversionError(f"{hf_dir}: {name} gives lmjax {'.'.join(path)} the shape "
-                            f"{value.shape}; config.json implies {target.shape}.")
+      value = to_lmjax(weights.get(name, shape), m)
     _put(params, path, value.astype(out_dtype))
   if m.tie_embeddings and "lm_head.weight" in weights:
     weights.used.add("lm_head.weight")  # a tied copy of the embedding
@@ -147,10 +163,15 @@ def params_from_hf(hf_dir: str | Path, cfg: ml_collections.ConfigDict,
     raise ConversionError(f"{hf_dir}: tensors lmjax would not use: {', '.join(extra[:8])}"
                           f"{' ...' if len(extra) > 8 else ''} (an architecture feature lmjax "
                           "lacks, or a config.json that does not match the weights).")
-  missing = [".".join(p) for p in _paths(want) if _dig_or_none(params, p) is None]
+  missing = [".".join(p) for p in _paths(_shapes(m)) if _dig_or_none(params, p) is None]
   if missing:
     raise ConversionError(f"no Hugging Face tensor for lmjax parameters {missing}.")
   return params
+
+
+def _shapes(m: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The lmjax parameters of model config ``m`` as a dict of ShapeDtypeStructs."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))[1].to_pure_dict()
 
 
 def _paths(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -194,7 +215,7 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   becomes ``data.tokenizer``; other tokenizers (``tokenizer.json`` only) are not read.
   """
   hf_dir, workdir = Path(hf_dir), Path(workdir).absolute()
-  cfg = config_from_hf(read_config(hf_dir))
+  cfg = config_from_hf(read_config(hf_dir), str(hf_dir / "config.json"))
   shape = {k: cfg.model[k] for k in SHAPE_KEYS if k != "param_dtype"}
   for key, value in (overrides or {}).items():
     _override(cfg, key, value)
@@ -252,13 +273,21 @@ def _is_field(cfg: ml_collections.ConfigDict, key: str) -> bool:
 
 def params_to_hf(params: dict[str, Any], cfg: ml_collections.ConfigDict,
                  dtype: str = "float32") -> dict[str, np.ndarray]:
-  """Hugging Face tensors (name -> NumPy array in ``dtype``) of lmjax ``params``."""
+  """Hugging Face tensors (name -> NumPy array in ``dtype``) of lmjax ``params``, whose
+  shapes are checked against those ``cfg`` implies."""
   m = cfg.model
   kind = hf_kind(m)
   out_dtype = np.dtype(jax.numpy.dtype(dtype))
+  want = _shapes(m)
+  for path, *_ in mappings(m):
+    what = f"lmjax parameter {'.'.join(path)}"
+    if _dig_or_none(params, path) is None:
+      raise ConversionError(f"{what} is missing; pass the parameters of a model of this config.")
+    check_shape(what, np.shape(_dig(params, path)), _dig(want, path).shape, "the config",
+                "pass the parameters of a model of this config (lmjax.load(workdir).params)")
   get = lambda path: np.asarray(_dig(params, path))
   tensors: dict[str, np.ndarray] = {}
-  for path, name, _, to_hf in mappings(m):
+  for path, name, _, _, to_hf in mappings(m):
     if to_hf is None:
       continue
     value = get(path)

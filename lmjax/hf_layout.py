@@ -1,5 +1,6 @@
 """How lmjax and Hugging Face name and lay out the same model: config fields both ways, and
-one mapping per parameter between an lmjax path and a Hugging Face tensor name.
+one mapping per parameter between an lmjax path and a Hugging Face tensor name, with the
+tensor's shape the config implies (:func:`check_shape` compares before anything is reshaped).
 
 Layouts (HF stores ``nn.Linear`` weights as (out, in), GPT-2's ``Conv1D`` as (in, out)):
 
@@ -43,25 +44,51 @@ class ConversionError(ValueError):
 
 # -- configs -------------------------------------------------------------------------------
 
+FIX_CONFIG = "use the config.json that save_pretrained wrote with these weights"
 
-def _rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
+
+def _number(hf: dict[str, Any], key: str, source: str, needed_by: str, default: Any = None,
+            integer: bool = True, low: int = 1, label: str = "") -> Any:
+  """Field ``key`` (called ``label`` in messages) of ``source``, a config.json: an integer
+  >= ``low``, or a positive number; ``default`` when absent or null, else required."""
+  label, value = label or key, hf.get(key)
+  if value is None and default is not None:
+    return default
+  if key not in hf:
+    raise ConversionError(f"{source}: no {label}, which {needed_by} needs ({FIX_CONFIG}).")
+  number = not isinstance(value, bool) and isinstance(value, (int,) if integer else (int, float))
+  if not number or not (value >= low if integer else value > 0):
+    want = ("a positive integer" if low else "an integer >= 0") if integer else "a positive number"
+    raise ConversionError(f"{source}: {label} is {value!r}; expected {want} ({FIX_CONFIG}).")
+  return value if integer else float(value)
+
+
+def _rope_settings(hf: dict[str, Any], source: str) -> dict[str, Any]:
   """lmjax RoPE fields from ``rope_theta`` + ``rope_scaling`` (transformers 4) or
   ``rope_parameters`` (transformers 5)."""
+  for key in ("rope_parameters", "rope_scaling"):
+    if hf.get(key) is not None and not isinstance(hf[key], dict):
+      raise ConversionError(f"{source}: {key} is {hf[key]!r}; expected an object or null.")
   params = dict(hf.get("rope_parameters") or {})
   scaling = dict(hf.get("rope_scaling") or params)
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  parent = "rope_scaling." if hf.get("rope_scaling") else "rope_parameters."
+  src, label = ((params, "rope_parameters.rope_theta") if "rope_theta" in params
+                else (hf, "rope_theta"))
   kind = scaling.get("rope_type", scaling.get("type", "default"))
-  out = {"rope_theta": float(theta), "rope_scaling": "none"}
+  theta = _number(src, "rope_theta", source, "RoPE", 10000.0, integer=False, label=label)
+  out = {"rope_theta": theta, "rope_scaling": "none"}
   if kind == "default":
     return out
+  get = lambda key, integer=False: _number(scaling, key, source, f"{kind} RoPE scaling",
+                                           integer=integer, label=parent + key)
   if kind == "linear":
-    return {**out, "rope_scaling": "linear", "rope_scaling_factor": float(scaling["factor"])}
+    return {**out, "rope_scaling": "linear", "rope_scaling_factor": get("factor")}
   if kind == "llama3":
-    return {**out, "rope_scaling": "llama3", "rope_scaling_factor": float(scaling["factor"]),
-            "rope_low_freq_factor": float(scaling["low_freq_factor"]),
-            "rope_high_freq_factor": float(scaling["high_freq_factor"]),
-            "rope_original_max_len": int(scaling["original_max_position_embeddings"])}
-  raise ConversionError(f"config.json: rope scaling {kind!r} is not supported (lmjax has "
+    return {**out, "rope_scaling": "llama3", "rope_scaling_factor": get("factor"),
+            "rope_low_freq_factor": get("low_freq_factor"),
+            "rope_high_freq_factor": get("high_freq_factor"),
+            "rope_original_max_len": get("original_max_position_embeddings", True)}
+  raise ConversionError(f"{source}: rope scaling {kind!r} is not supported (lmjax has "
                         "default, linear and llama3 RoPE).")
 
 
@@ -71,53 +98,60 @@ def _compute_dtype(hf: dict[str, Any]) -> str:
   return "bfloat16" if dtype in ("bfloat16", "float16") else "float32"
 
 
-def config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The lmjax config of a Hugging Face ``config.json`` (Llama, Mistral or GPT-2); raises
-  ConversionError naming a field lmjax cannot represent."""
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ml_collections.ConfigDict:
+  """The lmjax config of a Hugging Face ``config.json`` (Llama, Mistral or GPT-2; read from
+  the file ``source``); raises ConversionError naming a field that is missing, of the wrong
+  type, or that lmjax cannot represent."""
   kind = hf.get("model_type")
   cfg = config_lib.default_config()
   m = cfg.model
+  need = lambda key, **kw: _number(hf, key, source, f"a model_type {kind!r} config", **kw)
   if kind in ("llama", "mistral"):
     if hf.get("hidden_act", "silu") != "silu":
-      raise ConversionError(f"config.json: hidden_act {hf['hidden_act']!r}; lmjax's SwiGLU uses silu.")
+      raise ConversionError(f"{source}: hidden_act {hf['hidden_act']!r}; lmjax's SwiGLU uses silu.")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
-      raise ConversionError("config.json: partial_rotary_factor != 1 is not supported.")
-    heads = hf["num_attention_heads"]
-    m.vocab_size, m.num_layers, m.embed_dim = hf["vocab_size"], hf["num_hidden_layers"], hf["hidden_size"]
-    m.num_heads, m.num_kv_heads = heads, hf.get("num_key_value_heads") or heads
-    m.head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    m.mlp_dim = hf["intermediate_size"]
-    m.max_seq_len = hf.get("max_position_embeddings", 2048)
-    m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+      raise ConversionError(f"{source}: partial_rotary_factor != 1 is not supported.")
+    d, heads = need("hidden_size"), need("num_attention_heads")
+    if d % heads and hf.get("head_dim") is None:
+      raise ConversionError(f"{source}: hidden_size {d} is no multiple of num_attention_heads "
+                            f"{heads} and there is no head_dim; {FIX_CONFIG}.")
+    m.vocab_size, m.num_layers, m.embed_dim = need("vocab_size"), need("num_hidden_layers"), d
+    m.num_heads, m.num_kv_heads = heads, need("num_key_value_heads", default=heads)
+    m.head_dim = need("head_dim", default=d // heads)
+    m.mlp_dim = need("intermediate_size")
+    m.max_seq_len = need("max_position_embeddings", default=2048)
+    m.norm_eps = need("rms_norm_eps", default=1e-6, integer=False)
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.attention_bias = bool(hf.get("attention_bias", False))
     m.mlp_bias = bool(hf.get("mlp_bias", False))
-    m.sliding_window = int(hf.get("sliding_window") or 0) if kind == "mistral" else 0
-    for key, value in _rope_settings(hf).items():
+    m.sliding_window = need("sliding_window", default=0, low=0) if kind == "mistral" else 0
+    for key, value in _rope_settings(hf, source).items():
       m[key] = value
   elif kind == "gpt2":
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-      raise ConversionError(f"config.json: activation_function {act!r}; lmjax's GELU MLP is the "
+      raise ConversionError(f"{source}: activation_function {act!r}; lmjax's GELU MLP is the "
                             "tanh approximation (gelu_new).")
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
       if hf.get(flag):
-        raise ConversionError(f"config.json: {flag}=true is not supported.")
+        raise ConversionError(f"{source}: {flag}=true is not supported.")
     if not hf.get("scale_attn_weights", True):
-      raise ConversionError("config.json: scale_attn_weights=false is not supported.")
-    d, heads = hf["n_embd"], hf["n_head"]
-    m.vocab_size, m.num_layers, m.embed_dim = hf["vocab_size"], hf["n_layer"], d
+      raise ConversionError(f"{source}: scale_attn_weights=false is not supported.")
+    d, heads = need("n_embd"), need("n_head")
+    if d % heads:
+      raise ConversionError(f"{source}: n_embd {d} is no multiple of n_head {heads}; {FIX_CONFIG}.")
+    m.vocab_size, m.num_layers, m.embed_dim = need("vocab_size"), need("n_layer"), d
     m.num_heads = m.num_kv_heads = heads
     m.head_dim = d // heads
-    m.mlp_dim = hf.get("n_inner") or 4 * d
-    m.max_seq_len = hf.get("n_positions", 1024)
+    m.mlp_dim = need("n_inner", default=4 * d)
+    m.max_seq_len = need("n_positions", default=1024)
     m.norm, m.mlp, m.position_embedding = "layernorm", "gelu", "learned"
-    m.norm_eps = float(hf.get("layer_norm_epsilon", 1e-5))
+    m.norm_eps = need("layer_norm_epsilon", default=1e-5, integer=False)
     m.attention_bias = m.mlp_bias = True
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", True))
   else:
-    raise ConversionError(f"config.json: model_type {kind!r} is not supported; lmjax converts "
-                          f"{', '.join(ARCHITECTURES)}.")
+    found = "no model_type" if kind is None else f"model_type {kind!r} is not supported"
+    raise ConversionError(f"{source}: {found}; lmjax converts {', '.join(ARCHITECTURES)}.")
   m.compute_dtype = _compute_dtype(hf)
   cfg.data.seq_len = min(cfg.data.seq_len, m.max_seq_len)
   return cfg
@@ -181,11 +215,23 @@ def hf_kind(m: ml_collections.ConfigDict) -> str:
 
 
 # -- weight names --------------------------------------------------------------------------
-# One entry per lmjax parameter: (lmjax path, the HF tensor name ("{i}" for the layer),
-# to_lmjax(tensor, m) -> array, to_hf(array, m) -> tensor). GPT-2's fused q/k/v tensors
-# (c_attn) are split on import and joined again in lmjax.hf.params_to_hf (to_hf None).
+# One entry per lmjax parameter: (lmjax path, the HF tensor name ("{i}" for the layer), the
+# HF tensor's shape (of one layer) that the config implies, to_lmjax(tensor, m) -> array,
+# to_hf(array, m) -> tensor). GPT-2's fused q/k/v tensors (c_attn) are split on import and
+# joined again in lmjax.hf.params_to_hf (to_hf None). Every tensor goes through check_shape
+# before it is reshaped.
 
-Mapping = tuple[tuple[str, ...], str, Callable, Callable | None]
+Mapping = tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable | None]
+
+
+def check_shape(what: str, found: Any, expected: Any, implied_by: str, fix: str) -> None:
+  """ConversionError "<what> has shape <found>; <implied_by> implies <expected> ... <fix>"
+  unless the shapes are equal: the one shape check of import and export."""
+  found, expected = tuple(found), tuple(expected)
+  if found != expected:
+    flipped = len(found) == 2 and found == expected[::-1]
+    raise ConversionError(f"{what} has shape {found}; {implied_by} implies {expected}"
+                          f"{' (stored transposed?)' if flipped else ''}: {fix}.")
 
 
 def _same(t: np.ndarray, m: ml_collections.ConfigDict) -> np.ndarray:
@@ -211,64 +257,69 @@ def _heads(heads: str) -> tuple[Callable, Callable]:
 
 def _llama_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
   layer = "model.layers.{i}."
+  d, f, v = m.embed_dim, m.mlp_dim, m.vocab_size
+  nh, kh = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
   maps: list[Mapping] = [
-      (("embed", "table"), "model.embed_tokens.weight", _same, _same),
-      (("final_norm", "scale"), "model.norm.weight", _same, _same),
-      (("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", _same, _same),
-      (("blocks", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same),
-      (("blocks", "attn", "q"), layer + "self_attn.q_proj.weight", *_linear_in("n")),
-      (("blocks", "attn", "k"), layer + "self_attn.k_proj.weight", *_linear_in("k")),
-      (("blocks", "attn", "v"), layer + "self_attn.v_proj.weight", *_linear_in("k")),
-      (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight",  # (d, n*h) <-> (n, h, d)
+      (("embed", "table"), "model.embed_tokens.weight", (v, d), _same, _same),
+      (("final_norm", "scale"), "model.norm.weight", (d,), _same, _same),
+      (("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", (d,), _same, _same),
+      (("blocks", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", (d,), _same,
+       _same),
+      (("blocks", "attn", "q"), layer + "self_attn.q_proj.weight", (nh, d), *_linear_in("n")),
+      (("blocks", "attn", "k"), layer + "self_attn.k_proj.weight", (kh, d), *_linear_in("k")),
+      (("blocks", "attn", "v"), layer + "self_attn.v_proj.weight", (kh, d), *_linear_in("k")),
+      (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight", (d, nh),  # <-> (n, h, d)
        lambda t, m: t.T.reshape(m.num_heads, m.head_dim, m.embed_dim),
        lambda a, m: a.reshape(-1, m.embed_dim).T),
-  ] + [(("blocks", "mlp", p), layer + f"mlp.{p}_proj.weight", _transposed, _transposed)
-       for p in ("gate", "up", "down")]
+  ] + [(("blocks", "mlp", p), layer + f"mlp.{p}_proj.weight", shape, _transposed, _transposed)
+       for p, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f)))]
   if m.attention_bias:
     maps += [
-        (("blocks", "attn", "q_bias"), layer + "self_attn.q_proj.bias", *_heads("n")),
-        (("blocks", "attn", "k_bias"), layer + "self_attn.k_proj.bias", *_heads("k")),
-        (("blocks", "attn", "v_bias"), layer + "self_attn.v_proj.bias", *_heads("k")),
-        (("blocks", "attn", "o_bias"), layer + "self_attn.o_proj.bias", _same, _same),
+        (("blocks", "attn", "q_bias"), layer + "self_attn.q_proj.bias", (nh,), *_heads("n")),
+        (("blocks", "attn", "k_bias"), layer + "self_attn.k_proj.bias", (kh,), *_heads("k")),
+        (("blocks", "attn", "v_bias"), layer + "self_attn.v_proj.bias", (kh,), *_heads("k")),
+        (("blocks", "attn", "o_bias"), layer + "self_attn.o_proj.bias", (d,), _same, _same),
     ]
   if m.mlp_bias:
-    maps += [(("blocks", "mlp", f"{p}_bias"), layer + f"mlp.{p}_proj.bias", _same, _same)
-             for p in ("gate", "up", "down")]
+    maps += [(("blocks", "mlp", f"{p}_bias"), layer + f"mlp.{p}_proj.bias", shape, _same, _same)
+             for p, shape in (("gate", (f,)), ("up", (f,)), ("down", (d,)))]
   if not m.tie_embeddings:
-    maps.append((("lm_head", "table"), "lm_head.weight", _same, _same))
+    maps.append((("lm_head", "table"), "lm_head.weight", (v, d), _same, _same))
   return maps
 
 
 def _gpt2_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
   layer = "transformer.h.{i}."
+  d, f, v = m.embed_dim, m.mlp_dim, m.vocab_size
+  nh = m.num_heads * m.head_dim
 
   def part(i: int, shape: Callable) -> Callable:  # q, k or v of a fused (..., 3d) tensor
     return lambda t, m: np.split(t, 3, axis=-1)[i].reshape(shape(m))
 
   maps: list[Mapping] = [
-      (("embed", "table"), "transformer.wte.weight", _same, _same),
-      (("pos_embed",), "transformer.wpe.weight", _same, _same),
-      (("final_norm", "scale"), "transformer.ln_f.weight", _same, _same),
-      (("final_norm", "bias"), "transformer.ln_f.bias", _same, _same),
-      (("blocks", "attn", "o"), layer + "attn.c_proj.weight",  # Conv1D (n*h, d) <-> (n, h, d)
+      (("embed", "table"), "transformer.wte.weight", (v, d), _same, _same),
+      (("pos_embed",), "transformer.wpe.weight", (m.max_seq_len, d), _same, _same),
+      (("final_norm", "scale"), "transformer.ln_f.weight", (d,), _same, _same),
+      (("final_norm", "bias"), "transformer.ln_f.bias", (d,), _same, _same),
+      (("blocks", "attn", "o"), layer + "attn.c_proj.weight", (nh, d),  # Conv1D <-> (n, h, d)
        lambda t, m: t.reshape(m.num_heads, m.head_dim, m.embed_dim),
        lambda a, m: a.reshape(-1, m.embed_dim)),
-      (("blocks", "attn", "o_bias"), layer + "attn.c_proj.bias", _same, _same),
-      (("blocks", "mlp", "up"), layer + "mlp.c_fc.weight", _same, _same),
-      (("blocks", "mlp", "up_bias"), layer + "mlp.c_fc.bias", _same, _same),
-      (("blocks", "mlp", "down"), layer + "mlp.c_proj.weight", _same, _same),
-      (("blocks", "mlp", "down_bias"), layer + "mlp.c_proj.bias", _same, _same),
+      (("blocks", "attn", "o_bias"), layer + "attn.c_proj.bias", (d,), _same, _same),
+      (("blocks", "mlp", "up"), layer + "mlp.c_fc.weight", (d, f), _same, _same),
+      (("blocks", "mlp", "up_bias"), layer + "mlp.c_fc.bias", (f,), _same, _same),
+      (("blocks", "mlp", "down"), layer + "mlp.c_proj.weight", (f, d), _same, _same),
+      (("blocks", "mlp", "down_bias"), layer + "mlp.c_proj.bias", (d,), _same, _same),
   ]
   for norm, ln in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-    maps += [(("blocks", norm, "scale"), layer + f"{ln}.weight", _same, _same),
-             (("blocks", norm, "bias"), layer + f"{ln}.bias", _same, _same)]
+    maps += [(("blocks", norm, "scale"), layer + f"{ln}.weight", (d,), _same, _same),
+             (("blocks", norm, "bias"), layer + f"{ln}.bias", (d,), _same, _same)]
   for i, name in enumerate("qkv"):
-    maps += [(("blocks", "attn", name), layer + "attn.c_attn.weight",
+    maps += [(("blocks", "attn", name), layer + "attn.c_attn.weight", (d, 3 * nh),
               part(i, lambda m: (m.embed_dim, m.num_heads, m.head_dim)), None),
-             (("blocks", "attn", f"{name}_bias"), layer + "attn.c_attn.bias",
+             (("blocks", "attn", f"{name}_bias"), layer + "attn.c_attn.bias", (3 * nh,),
               part(i, lambda m: (m.num_heads, m.head_dim)), None)]
   if not m.tie_embeddings:
-    maps.append((("lm_head", "table"), "lm_head.weight", _same, _same))
+    maps.append((("lm_head", "table"), "lm_head.weight", (v, d), _same, _same))
   return maps
 
 

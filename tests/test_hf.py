@@ -250,7 +250,8 @@ def test_bad_checkpoints_fail_with_the_file_and_reason(converted, tmp_path):
   with pytest.raises(hf.ConversionError, match="rope scaling 'yarn'"):
     hf.import_checkpoint(bad, tmp_path / "c")
   (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
-  with pytest.raises(hf.ConversionError, match=r"gate_proj.weight gives lmjax blocks.mlp.gate the shape"):
+  with pytest.raises(hf.ConversionError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight "
+                     r"has shape \(40, 32\); config.json implies \(64, 32\)"):
     hf.import_checkpoint(bad, tmp_path / "d")
   (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
   with pytest.raises(hf.ConversionError, match="tensors lmjax would not use: model.layers.2"):
