@@ -1,0 +1,156 @@
+"""The ``lmjax`` command line: each command's own flags, and every everyday mistake as one
+``error:`` line with exit status 2 (in process: no devices are touched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmjax import cli
+from lmjax.data import default_documents, prepare, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def _run(capsys, *argv):
+  """(exit status, stdout, stderr) of ``lmjax *argv`` in this process."""
+  try:
+    cli.main(list(argv))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def _one_error(capsys, *argv) -> str:
+  code, _, err = _run(capsys, *argv)
+  assert code == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+  return lines[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.model.nonexistent_key=1"], "config.model.nonexistent_key: unknown key. Known keys under model:"),
+    (["--config.optim.learning_rate=abc"], "config.optim.learning_rate: cannot set 'abc': expected float"),
+    (["--config.optim.learning_rate", "abc"], "config.optim.learning_rate: cannot set 'abc'"),
+    (["--config.model"], "--config.model: needs a value"),
+    (["--config.model.num_kv_heads=3"], "config.model.num_kv_heads: model.num_heads (4) must be divisible"),
+])
+def test_override_mistakes_name_the_key(capsys, args, needle):
+  assert needle in _one_error(capsys, "validate", "--config", TINY, *args)
+
+
+def test_config_file_mistakes_name_file_and_line(capsys, tmp_path):
+  line = _one_error(capsys, "validate", "--config", str(tmp_path / "nope.py"))
+  assert f"{tmp_path / 'nope.py'}: no such config file" in line
+  bad = tmp_path / "bad.py"
+  bad.write_text("from lmjax.config import default_config\n\ndef get_config(:\n  pass\n")
+  assert f"{bad}:3: syntax error" in _one_error(capsys, "validate", "--config", str(bad))
+  bad.write_text("from lmjax.config import default_config\n\ndef get_config():\n"
+                 "  c = default_config()\n  c.model.num_layers = num_layerz\n  return c\n")
+  line = _one_error(capsys, "validate", "--config", str(bad))
+  assert f"{bad}:5: NameError" in line and "num_layerz" in line
+  bad.write_text("import nonexistent_module_xyz\n")
+  assert f"{bad}:1: ModuleNotFoundError" in _one_error(capsys, "validate", "--config", str(bad))
+  bad.write_text("def get_config():\n  return {'model': 1}\n")
+  assert "get_config() returned dict" in _one_error(capsys, "validate", "--config", str(bad))
+  bad.write_text("x = 1\n")
+  assert f"{bad}: defines no get_config()" in _one_error(capsys, "validate", "--config", str(bad))
+  line = _one_error(capsys, "validate", "--config", f"{TINY}:bogus")
+  assert f"{TINY}:bogus: config argument 'bogus': unknown. Known arguments: runlocal" in line
+  line = _one_error(capsys, "validate", "--config", str(tmp_path))
+  assert "no such config file (a directory)" in line
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["validate", "--config", TINY, "--temperature", "0.5"], "lmjax validate: unrecognized arguments: --temperature 0.5"),
+    (["train", "--config", TINY, "--workdir", "w", "--plot", "x.png"], "lmjax train: unrecognized arguments: --plot"),
+    (["generate", "--workdir", "w", "--prompt", "a", "--temp", "0.5"], "unrecognized arguments: --temp"),
+    (["eval", "--workdir", "w", "--devices", "8"], "lmjax eval: unrecognized arguments: --devices"),
+    (["train", "--config", TINY], "lmjax train: the following arguments are required: --workdir"),
+    (["plan", "--config", TINY], "the following arguments are required: --devices"),
+    (["frobnicate"], "'frobnicate' is no command; choose one of train, validate"),
+    (["eval", "--workdir", "w", "--config.model.num_layers=2"], "--config.model.num_layers: an override needs --config FILE"),
+    (["sweep", "--workdir", "w"], "sweep: give the sweep file"),
+    (["runs"], "runs: give one directory"),
+])
+def test_each_command_takes_only_its_own_flags(capsys, argv, needle):
+  assert needle in _one_error(capsys, *argv)
+
+
+@pytest.mark.parametrize("command,flags", [
+    ("train", ["--config", "--workdir", "--coordinator"]),
+    ("validate", ["--config", "--devices"]),
+    ("eval", ["--workdir", "--step", "--eval_source", "--choices"]),
+    ("generate", ["--prompt", "--temperature", "--top_p", "--max_new_tokens"]),
+    ("sweep", ["--print_commands", "--search"]),
+    ("runs", ["--plot"]),
+    ("plan", ["--devices", "--accelerator", "--memory"]),
+])
+def test_help_lists_the_commands_own_flags(capsys, command, flags):
+  for flag in ("--help", "-h"):
+    code, out, _ = _run(capsys, command, flag)
+    assert code == 0 and out.startswith(f"usage: lmjax {command}")
+    assert all(f in out for f in flags), out
+    assert "--temperature" not in out or command == "generate"
+  code, out, _ = _run(capsys, "--help")
+  assert code == 0 and all(name in out for name in cli.COMMANDS)
+  code, _, err = _run(capsys)
+  assert code == 2 and "usage: lmjax" in err
+
+
+def test_missing_runs_and_directories_are_one_line(capsys, tmp_path):
+  assert "not an lmjax run" in _one_error(capsys, "eval", "--workdir", str(tmp_path / "none"))
+  assert str(tmp_path / "none") in _one_error(capsys, "runs", str(tmp_path / "none"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("prepared")
+  corpus = root / "docs.jsonl"
+  corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in default_documents()[:40]))
+  tok = train_tokenizer(default_documents(), 512, str(root / "tok.model"))
+  prepare([str(corpus)], str(root / "ds"), tok, seq_len=256)
+  return root
+
+
+def test_validate_reports_every_mismatch_with_the_data_at_once(capsys, prepared, tmp_path):
+  """Prepared data fixes seq_len and the vocabulary: one command names all three fields."""
+  code, _, err = _run(capsys, "validate", "--config", TINY, f"--config.data.source={prepared / 'ds'}")
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 4 and all(l.startswith("error: ") for l in lines), err
+  assert "config.data.seq_len=128, but the prepared dataset" in lines[0] and "--config.data.seq_len=256" in lines[0]
+  assert "config.model.max_seq_len=128 is shorter" in lines[1]
+  assert "config.model.vocab_size=1024, but the tokenizer" in lines[2] and "has 512 pieces" in lines[2]
+  fix = lines[3].split("all at once: ")[1].split()
+  assert sorted(fix) == ["--config.data.seq_len=256", "--config.model.max_seq_len=256",
+                         "--config.model.vocab_size=512"]
+  # With the suggested overrides the config validates; train refuses the same way before
+  # writing anything.
+  code, out, err = _run(capsys, "validate", "--config", TINY, f"--config.data.source={prepared / 'ds'}", *fix)
+  assert code == 0 and "seq_len: 256" in out, err
+  code, _, err = _run(capsys, "train", "--config", TINY, f"--config.data.source={prepared / 'ds'}",
+                      "--workdir", str(tmp_path / "run"))
+  assert code == 2 and len(err.strip().splitlines()) == 4 and not (tmp_path / "run").exists()
+  line = _one_error(capsys, "validate", "--config", TINY, "--config.data.source=/nonexistent/*.jsonl")
+  assert "config.data.source: /nonexistent/*.jsonl: the glob matches no files" in line
+
+
+@pytest.mark.slow
+def test_command_line_mistakes_in_a_real_process():
+  """The installed entry point: exit 2, one line, no traceback, nothing on stdout."""
+  for args in (["validate", "--config", "configs/tiny.py", "--config.model.nonexistent_key=1"],
+               ["validate", "--config", "configs/missing.py"],
+               ["train", "--config", "configs/tiny.py", "--workdir", "w", "--temperature", "1"]):
+    out = subprocess.run([sys.executable, "-m", "lmjax.cli", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2 and out.stdout == "", (args, out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
