@@ -52,7 +52,7 @@ POSITIVE = (
     "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_seq_len",
     "model.pipeline_repeats", "data.seq_len", "data.global_batch_size", "optim.learning_rate",
     "optim.grad_accum_steps", "train.steps", "train.log_every", "train.eval_batches",
-    "train.keep_checkpoints", "train.spike_threshold",
+    "train.keep_checkpoints", "train.spike_threshold", "train.spike_max_consecutive",
 )
 AT_LEAST = {  # key -> smallest allowed value
     "model.sliding_window": 0, "data.worker_count": 0, "data.prefetch": 0,
@@ -156,6 +156,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.skip_spikes = False  # skip updates whose loss exceeds mean + spike_threshold * std
   t.spike_window = 32  # steps in the rolling loss mean/std for spike detection
   t.spike_threshold = 6.0  # spike threshold in standard deviations
+  t.spike_max_consecutive = 8  # spikes skipped in a row before a new loss level is accepted: apply, restart the window
   t.init_from = ""  # fine-tuning: a run directory whose checkpoint's parameters (and tokenizer, if data.tokenizer is "") start this run
   t.init_step = -1  # the step of init_from to use; -1 = newest usable
   t.debug_nan_at_step = 0  # fault injection for tests: that step's loss and grads are NaN

@@ -73,6 +73,7 @@ def test_every_default_field_is_documented_where_defined():
     ("model.attention", "flash", "config.model.attention: must be one of"),
     ("model.sliding_window", -1, "config.model.sliding_window: must be >= 0, got -1."),
     ("train.spike_window", 1, "config.train.spike_window: must be >= 2, got 1."),
+    ("train.spike_max_consecutive", 0, "config.train.spike_max_consecutive: must be positive, got 0."),
     ("mesh.dcn_fsdp", 0, "config.mesh.dcn_fsdp: must be >= 1, got 0."),
     ("model.pipeline_microbatches", 0, "config.model.pipeline_microbatches: must be positive or -1"),
     ("data.eval_fraction", 1.0, "config.data.eval_fraction: must be in [0, 1), got 1.0."),
