@@ -62,6 +62,10 @@ def test_every_default_field_is_documented_where_defined():
     ("model.head_dim", 7, "config.model.head_dim: must be even"),
     ("model.remat", "some", "config.model.remat: must be one of"),
     ("model.param_dtype", "float64", "config.model.param_dtype"),
+    # No loss scaling: float16's small gradients would underflow, so it is refused, naming bfloat16.
+    ("model.compute_dtype", "float16", "config.model.compute_dtype: must be one of ('float32', "
+                                       "'bfloat16'), got 'float16'. float16 needs loss scaling"),
+    ("model.param_dtype", "float16", "(small gradients underflow): use bfloat16."),
     ("data.seq_len", 4096, "config.data.seq_len: must be in [1, model.max_seq_len=128]"),
     ("data.global_batch_size", 12, "config.data.global_batch_size: 12 must be divisible by mesh data*fsdp (8)"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate: must be positive"),
