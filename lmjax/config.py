@@ -24,7 +24,7 @@ MLPS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 is refused: without loss scaling its gradients underflow
 DATA_FORMATS = ("text", "prompt_response")
 TXT_SPLITS = ("file", "blank_line")  # this and the next two: imported by lmjax.data
 BAD_RECORD_POLICIES = ("skip", "fail")
@@ -47,12 +47,13 @@ CHOICES = {  # key -> allowed values
     "data.long_documents": LONG_DOCUMENT_POLICIES,
     "train.nan_policy": NAN_POLICIES,
 }
+CHOICE_HINTS = {"float16": " float16 needs loss scaling, which lmjax lacks (small gradients underflow): use bfloat16."}
 POSITIVE = (
     "model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads",
     "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_seq_len",
     "model.pipeline_repeats", "data.seq_len", "data.global_batch_size", "optim.learning_rate",
     "optim.grad_accum_steps", "train.steps", "train.log_every", "train.eval_batches",
-    "train.keep_checkpoints", "train.spike_threshold",
+    "train.keep_checkpoints", "train.spike_threshold", "train.spike_max_consecutive",
 )
 AT_LEAST = {  # key -> smallest allowed value
     "model.sliding_window": 0, "data.worker_count": 0, "data.prefetch": 0,
@@ -105,7 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.scan_layers = True  # stack blocks and run them with lax.scan (flat compile time)
   m.pipeline_microbatches = -1  # microbatches per pipeline pass when mesh.stage > 1; -1 = stages
   m.pipeline_repeats = 1  # circular pipeline: layer chunks per stage (1 = GPipe)
-  m.attention = "xla"  # xla | blockwise (any platform; memory-efficient) | cudnn (NVIDIA GPU, bf16/fp16) | splash (TPU)
+  m.attention = "xla"  # xla | blockwise (any platform; memory-efficient) | cudnn (NVIDIA GPU, bf16) | splash (TPU)
   m.init_std = 0.02  # normal init std of embeddings and projections
 
   c.data = d = ml_collections.ConfigDict()
@@ -156,6 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.skip_spikes = False  # skip updates whose loss exceeds mean + spike_threshold * std
   t.spike_window = 32  # steps in the rolling loss mean/std for spike detection
   t.spike_threshold = 6.0  # spike threshold in standard deviations
+  t.spike_max_consecutive = 8  # spikes skipped in a row before a new loss level is accepted: apply, restart the window
   t.init_from = ""  # fine-tuning: a run directory whose checkpoint's parameters (and tokenizer, if data.tokenizer is "") start this run
   t.init_step = -1  # the step of init_from to use; -1 = newest usable
   t.debug_nan_at_step = 0  # fault injection for tests: that step's loss and grads are NaN
@@ -295,7 +297,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
 
   for key, allowed in CHOICES.items():
     if given[key] not in allowed:
-      _fail(key, f"must be one of {allowed}, got {given[key]!r}.")
+      _fail(key, f"must be one of {allowed}, got {given[key]!r}." + CHOICE_HINTS.get(given[key], ""))
   for key in POSITIVE:
     if given[key] <= 0:
       _fail(key, f"must be positive, got {given[key]}.")
@@ -329,8 +331,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if m.rope_original_max_len <= 0:
       _fail("model.rope_original_max_len", f"must be positive, got {m.rope_original_max_len}.")
   if m.attention == "cudnn":
-    if m.compute_dtype not in ("bfloat16", "float16"):
-      _fail("model.compute_dtype", f"attention 'cudnn' needs bfloat16 or float16, got {m.compute_dtype!r}.")
+    if m.compute_dtype != "bfloat16":
+      _fail("model.compute_dtype", f"attention 'cudnn' needs bfloat16, got {m.compute_dtype!r}.")
     if m.head_dim % 8 or m.head_dim > 256:
       _fail("model.head_dim", f"attention 'cudnn' needs a multiple of 8 up to 256, got {m.head_dim}.")
     if d.seq_len % 2:

@@ -30,8 +30,9 @@ from lmjax.model.attention import check_backend
 from lmjax.optim import make_optimizer
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (+ weights): (b, t)
-# step, params, opt_state; loss_window (recent losses, for spike detection) and skipped
-# (updates not applied). The step draws no random numbers: everything it depends on is here.
+# step, params, opt_state; loss_window (recent losses, for spike detection), spike_run (spikes
+# skipped in a row) and skipped (updates not applied). The step draws no random numbers:
+# everything it depends on is here.
 State = dict[str, Any]
 
 
@@ -110,11 +111,11 @@ def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = Non
       optimizer, lambda _, s: s, abstract_opt, param_shardings,
       transform_non_params=lambda _: replicated(mesh))
   shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings,
-               "loss_window": replicated(mesh), "skipped": replicated(mesh)}
+               "loss_window": replicated(mesh), "spike_run": replicated(mesh), "skipped": replicated(mesh)}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
               "opt_state": abstract_opt,
               "loss_window": jax.ShapeDtypeStruct((cfg.train.spike_window,), jnp.float32),
-              "skipped": jax.ShapeDtypeStruct((), jnp.int32)}
+              "spike_run": jax.ShapeDtypeStruct((), jnp.int32), "skipped": jax.ShapeDtypeStruct((), jnp.int32)}
   return Setup(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer,
                abstract_state=abstract_with_shardings(abstract, shardings),
                state_shardings=shardings,
@@ -133,7 +134,7 @@ def init_state(setup: Setup) -> State:
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": setup.optimizer.init(params),
             "loss_window": jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32),
-            "skipped": jnp.zeros((), jnp.int32)}
+            "spike_run": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
 
   with setup.context():
     return init()

@@ -61,7 +61,7 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   if t.debug_nan_at_step:
     poison = jnp.where(state["step"] + 1 == t.debug_nan_at_step, jnp.nan, 1.0)
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.global_norm(grads)  # before clipping (the optimizer clips)
 
   # A non-finite loss or gradient (or, optionally, a loss spike) leaves parameters and
   # optimizer state untouched; the step still counts, so data and schedule move on.
@@ -72,7 +72,12 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   mean = jnp.sum(jnp.where(seen, window, 0.0)) / jnp.maximum(n, 1)
   std = jnp.sqrt(jnp.sum(jnp.where(seen, (window - mean) ** 2, 0.0)) / jnp.maximum(n, 1))
   spike = (n == window.shape[0]) & (loss > mean + t.spike_threshold * std) if t.skip_spikes else jnp.array(False)
-  apply = finite & ~spike
+  # The window only learns from applied steps, so a lasting new loss level would be a spike
+  # for ever: after spike_max_consecutive skipped in a row, the next spike is applied and the
+  # window restarts empty (no detection until it refills: at least spike_window updates).
+  accept_spike = state["spike_run"] >= t.spike_max_consecutive
+  apply = finite & (~spike | accept_spike)
+  window = jnp.where(apply & spike, jnp.full_like(window, jnp.nan), window)
 
   def update():
     updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
@@ -86,6 +91,7 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
       "params": params,
       "opt_state": opt_state,
       "loss_window": jnp.where(apply, window.at[state["step"] % window.shape[0]].set(loss), window),
+      "spike_run": jnp.where(apply, 0, state["spike_run"] + spike.astype(jnp.int32)),
       "skipped": state["skipped"] + (~apply).astype(jnp.int32),
   }
   metrics = {

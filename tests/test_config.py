@@ -63,6 +63,10 @@ def test_every_default_field_is_documented_where_defined():
     ("model.head_dim", 7, "config.model.head_dim: must be even"),
     ("model.remat", "some", "config.model.remat: must be one of"),
     ("model.param_dtype", "float64", "config.model.param_dtype"),
+    # No loss scaling: float16's small gradients would underflow, so it is refused, naming bfloat16.
+    ("model.compute_dtype", "float16", "config.model.compute_dtype: must be one of ('float32', "
+                                       "'bfloat16'), got 'float16'. float16 needs loss scaling"),
+    ("model.param_dtype", "float16", "(small gradients underflow): use bfloat16."),
     ("data.seq_len", 4096, "config.data.seq_len: must be in [1, model.max_seq_len=128]"),
     ("data.global_batch_size", 12, "config.data.global_batch_size: 12 must be divisible by mesh data*fsdp (8)"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate: must be positive"),
@@ -74,6 +78,7 @@ def test_every_default_field_is_documented_where_defined():
     ("model.attention", "flash", "config.model.attention: must be one of"),
     ("model.sliding_window", -1, "config.model.sliding_window: must be >= 0, got -1."),
     ("train.spike_window", 1, "config.train.spike_window: must be >= 2, got 1."),
+    ("train.spike_max_consecutive", 0, "config.train.spike_max_consecutive: must be positive, got 0."),
     ("mesh.dcn_fsdp", 0, "config.mesh.dcn_fsdp: must be >= 1, got 0."),
     ("model.pipeline_microbatches", 0, "config.model.pipeline_microbatches: must be positive or -1"),
     ("data.eval_fraction", 1.0, "config.data.eval_fraction: must be in [0, 1), got 1.0."),
