@@ -6,7 +6,7 @@ from lmjax.model import Transformer
 from lmjax.state import Setup, build, init_state
 from lmjax.trained import TrainedRun, load
 from lmjax.trainer import train
-from lmjax import hf, plan  # modules: lmjax.hf.import_checkpoint, lmjax.plan.plan
+from lmjax import generate, hf, plan  # modules: lmjax.generate.generate, lmjax.hf.import_checkpoint, lmjax.plan.plan
 
 __all__ = ["TrainedRun", "load", "ConfigError", "RULES", "Setup", "Transformer", "build", "default_config",
-           "hf", "init_state", "make_mesh", "plan", "train", "validate"]
+           "generate", "hf", "init_state", "make_mesh", "plan", "train", "validate"]

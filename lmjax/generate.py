@@ -162,7 +162,7 @@ def _decode(static: Static, params: Any, cache: KVCache, logits: jax.Array, key:
 
 
 def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
-                 max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0,
                  pad_id: int = 0, return_logits: bool = False) -> Generation:
   """Continues each prompt (a list of token ids, bos included if wanted) by up to
@@ -225,7 +225,7 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
 
 
 def generate(model: Model, params: Any, tokenizer: Any, prompts: Sequence[str], *,
-             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] | None = None, seed: int = 0) -> list[str]:
   """The text each prompt continues with (the prompt itself and the stop token left out).
 

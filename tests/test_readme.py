@@ -1,0 +1,159 @@
+"""README.md, followed in order on a fresh directory: every command and Python snippet runs
+and succeeds, and every output it shows is what the command prints.
+
+The only changes made to the README's text: training is shrunk to a few steps (and
+gpt2_small, which needs a GPU, to a toy width), the 32000-piece tokenizer to 1024 pieces (the
+test corpus is small), placeholders such as ``/data/`` and ``/models/`` point at files this
+test makes, ``pip install`` and ``python -m pytest`` (the set-up itself) are not rerun, and
+``[optional]`` arguments are given. A new code block needs no change here unless it shows
+output (then :data:`OUTPUTS` says which command prints it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+TRAIN_SHRINK = ["--config.train.steps=2", "--config.train.eval_batches=1", "--config.train.log_every=1",
+                "--config.train.progress_bar=false"]
+MODEL_SHRINK = {  # configs the README trains at full size
+    "configs/gpt2_small.py": ["--config.model.num_layers=1", "--config.model.embed_dim=64",
+                              "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
+                              "--config.model.head_dim=32", "--config.model.mlp_dim=128",
+                              "--config.model.vocab_size=1024", "--config.model.remat=none",
+                              "--config.data.global_batch_size=8", "--config.data.worker_count=0"],
+}
+TEXT = [("/data/", "data/"), ("/models/", "models/"), ("--vocab_size 32000", "--vocab_size 1024"),
+        ("vocab_size=32000", "vocab_size=1024")]
+# Output blocks: their first words -> the command (from the README) whose output they show,
+# and how much of it must match.
+OUTPUTS = {
+    "error: config.model.num_kv_heads": (
+        "lmjax validate --config configs/tiny.py --config.model.num_kv_heads=3", "all"),
+    "model   8.03B parameters": ("lmjax plan --config configs/llama_8b.py --devices 256 "
+                                "--accelerator h100 --memory 80GiB", 2),
+}
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+  """(language, body) of every fenced block of ``text``, in order."""
+  return FENCE.findall(text)
+
+
+def commands(body: str) -> list[list[str]]:
+  """The argv of each command of a shell block: continuation lines joined, comments
+  dropped, ``a && b`` split, ``[optional]`` brackets removed."""
+  out = []
+  for line in body.replace("\\\n", " ").splitlines():
+    words = [w.strip("[]") for w in shlex.split(line, comments=True)]
+    while words:
+      cut = words.index("&&") if "&&" in words else len(words)
+      out.append([w for w in words[:cut] if w])
+      words = words[cut + 1:]
+  return [c for c in out if c]
+
+
+def shrink(argv: list[str]) -> list[str] | None:
+  """``argv`` as this test runs it, or None for the set-up commands."""
+  if argv[:2] == ["pip", "install"] or argv[:3] == ["python", "-m", "pytest"]:
+    return None
+  argv = [_subst(w) for w in argv]
+  if argv[0] == "python":
+    argv[0] = sys.executable
+  if argv[:2] == ["lmjax", "train"]:
+    config = argv[argv.index("--config") + 1]
+    argv += MODEL_SHRINK.get(config, []) + TRAIN_SHRINK
+  if argv[:2] == ["lmjax", "sweep"] and "--print_commands" not in argv:
+    argv += TRAIN_SHRINK
+  return argv
+
+
+def _subst(text: str) -> str:
+  for old, new in TEXT:
+    text = text.replace(old, new)
+  return text
+
+
+def _python(body: str) -> str:
+  """A Python block as run here: step counts shrunk, paths substituted; ``cfg`` (which the
+  README's later snippets take from the first) defined for every block."""
+  body = re.sub(r"\.steps = \d+", ".steps = 2", _subst(body))
+  return "import lmjax\ncfg = lmjax.default_config()\ncfg.train.steps = 2\n" + body
+
+
+def _fresh(tmp: Path) -> None:
+  """A copy of the repository's files (what a clone holds) plus the README's placeholders."""
+  for name in ("configs", "experiments", "tools"):
+    shutil.copytree(ROOT / name, tmp / name, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+  from lmjax.data import default_documents, train_tokenizer
+  docs = default_documents()
+  (tmp / "data").mkdir()
+  for i in range(2):
+    (tmp / "data" / f"part-{i}.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs[i::2]))
+  pairs = [{"prompt": f"Q: what is {d.split()[0]}?", "response": " " + " ".join(d.split()[:20])}
+           for d in docs[:40]]
+  (tmp / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+  for name in ("docs.jsonl", "held_out.jsonl"):
+    (tmp / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[-8:]))
+  (tmp / "items.jsonl").write_text("".join(
+      json.dumps({"context": d[:60], "choices": [d[60:90], docs[0][60:90]], "label": 0}) + "\n"
+      for d in docs[1:5]))
+  import torch
+  import transformers
+  hf = tmp / "models" / "Mistral-7B-v0.1"
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(
+      vocab_size=1024, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+      sliding_window=64))
+  model.save_pretrained(hf)
+  train_tokenizer(docs, 1024, str(hf / "tokenizer.model"))
+
+
+@pytest.mark.slow
+def test_readme_followed_in_order_on_a_fresh_directory(tmp_path):
+  _fresh(tmp_path)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  printed: dict[str, str] = {}
+
+  def run(argv: list[str] | str, what: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", argv] if isinstance(argv, str) else argv
+    if cmd[0] == "lmjax":
+      cmd = [sys.executable, "-m", "lmjax.cli", *cmd[1:]]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"README {what} failed:\n{out.stderr[-3000:]}"
+    return out
+
+  seen_outputs = set()
+  for lang, body in blocks((ROOT / "README.md").read_text()):
+    if lang in ("bash", "sh", "shell"):
+      for argv in commands(body):
+        argv = shrink(argv)
+        if argv is not None:
+          printed[shlex.join(argv)] = run(argv, shlex.join(argv)).stdout
+    elif lang == "python":
+      run(_python(body), f"snippet:\n{body}")
+    else:
+      key = next((k for k in OUTPUTS if body.startswith(k)), None)
+      assert key is not None, f"README output block with no command in OUTPUTS:\n{body[:200]}"
+      command, lines = OUTPUTS[key]
+      out = subprocess.run([sys.executable, "-m", "lmjax.cli", *shlex.split(command)[1:]],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+      shown = (out.stdout + out.stderr).strip().splitlines()
+      expected = body.strip().splitlines()
+      n = len(expected) if lines == "all" else lines
+      assert [l.rstrip() for l in shown[:n]] == [l.rstrip() for l in expected[:n]], (command, shown[:n])
+      seen_outputs.add(key)
+  assert seen_outputs == set(OUTPUTS)
+  assert (tmp_path / "runs" / "tiny" / "checkpoints").is_dir()
