@@ -130,6 +130,19 @@ class Tokenizer:
     """Text of ``ids`` (any int iterable, numpy arrays included); control ids decode to ""."""
     return self._sp.decode([int(i) for i in ids])
 
+  def decode_continuation(self, prompt: Iterable[int], ids: Iterable[int]) -> str:
+    """Text of ``ids`` as it reads after ``prompt``: ``decode(prompt + ids)`` less the
+    prompt's text. (``decode(ids)`` alone drops the space of a leading "▁" piece.)"""
+    prompt, ids = [int(i) for i in prompt], [int(i) for i in ids]
+    head, whole = self.decode(prompt), self.decode(prompt + ids)
+    if whole.startswith(head):
+      return whole[len(head):]
+    # The prompt reads differently alone (e.g. it ends inside a character spelled in bytes):
+    # the new pieces alone, the "▁" that decoding drops from the first one put back.
+    first = next((i for i in ids if not self._sp.is_control(i)), None)
+    lead = first is not None and self._sp.id_to_piece(first).startswith("\u2581")
+    return " " * lead + self.decode(ids)
+
   def __getstate__(self) -> dict[str, Any]:
     # Grain workers are spawned processes; they receive the model bytes, not a file path.
     return {"path": self._path, "proto": self._sp.serialized_model_proto()}
@@ -237,9 +250,10 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
     if not lines.lines:
       raise DataError(f"training a {model_type} tokenizer: the documents hold no text (every "
                       "line is blank); give documents with text.") from None
-    raise DataError(f"training a {model_type} tokenizer with vocab_size={vocab_size} failed: {str(e).rstrip('.')}. "
-                    "A small corpus supports only a small vocabulary: lower model.vocab_size "
-                    "or add documents.") from None
+    advice = (" A small corpus supports only a small vocabulary: lower model.vocab_size or add "
+              "documents." if "too high" in str(e) else "")  # else sentencepiece says what to do
+    raise DataError(f"training a {model_type} tokenizer with vocab_size={vocab_size} failed: "
+                    f"{str(e).rstrip('.')}.{advice}") from None
   if lines.split:
     log.warning("tokenizer training: %d line(s) longer than sentencepiece's max_sentence_length "
                 "(%d bytes) were split into pieces, at whitespace where possible", lines.split,
