@@ -420,7 +420,7 @@ def test_tokenizer_load_errors(tmp_path, tok):
   (tmp_path / "corrupt.model").write_bytes(b"not a sentencepiece model")
   with pytest.raises(DataError, match="corrupt.model: not a valid sentencepiece model"):
     Tokenizer.load(str(tmp_path / "corrupt.model"))
-  with pytest.raises(DataError, match="Vocabulary size too high.*lower model.vocab_size"):
+  with pytest.raises(DataError, match="Vocabulary size too high.*lower model.vocab_size .the tools' --vocab_size."):
     train_tokenizer(TINY_DOCS, VOCAB, str(tmp_path / "too_big.model"))
   with pytest.raises(DataError, match="smaller than required_chars") as e:  # needs a larger one
     train_tokenizer(default_documents()[:40], 320, str(tmp_path / "too_small.model"))

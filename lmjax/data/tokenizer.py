@@ -250,8 +250,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
     if not lines.lines:
       raise DataError(f"training a {model_type} tokenizer: the documents hold no text (every "
                       "line is blank); give documents with text.") from None
-    advice = (" A small corpus supports only a small vocabulary: lower model.vocab_size or add "
-              "documents." if "too high" in str(e) else "")  # else sentencepiece says what to do
+    advice = (" A small corpus supports only a small vocabulary: lower model.vocab_size (the "
+              "tools' --vocab_size) or add documents." if "too high" in str(e) else "")
     raise DataError(f"training a {model_type} tokenizer with vocab_size={vocab_size} failed: "
                     f"{str(e).rstrip('.')}.{advice}") from None
   if lines.split:
