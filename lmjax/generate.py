@@ -227,7 +227,8 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
 def generate(model: Model, params: Any, tokenizer: Any, prompts: Sequence[str], *,
              max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] | None = None, seed: int = 0) -> list[str]:
-  """The text each prompt continues with (the prompt itself and the stop token left out).
+  """The text each prompt continues with (the prompt itself and the stop token left out),
+  spaces included: ``prompt + text`` is the decoded whole.
 
   Each prompt is encoded as ``[bos] + tokenizer.encode(prompt)``, as training documents
   are; ``stop_tokens`` defaults to the tokenizer's eos. Arguments as :func:`generate_ids`.
@@ -241,11 +242,11 @@ def generate(model: Model, params: Any, tokenizer: Any, prompts: Sequence[str], 
                      top_k=top_k, top_p=top_p, stop_tokens=stop, seed=seed,
                      pad_id=tokenizer.pad_id)
   texts = []
-  for row, n in zip(out.tokens, out.lengths):
+  for prompt, row, n in zip(ids, out.tokens, out.lengths):
     row = row[:n]
     if n and row[-1] in stop:
       row = row[:-1]
-    texts.append(tokenizer.decode(row))
+    texts.append(tokenizer.decode_continuation(prompt, row))  # " is" after "The", not "is"
   return texts
 
 

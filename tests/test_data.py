@@ -391,6 +391,28 @@ def test_special_tokens_are_single_pieces(tmp_path, model_type):
     train_tokenizer(["a b"], 300, str(tmp_path / "d.model"), special_tokens=["<x>", "<x>"])
 
 
+def test_a_corpus_of_lines_over_64_kib_trains_a_tokenizer(tmp_path, caplog):
+  """sentencepiece drops training lines over max_sentence_length bytes: lines are split."""
+  rng = np.random.default_rng(0)
+  words = np.array(["alpha", "beta", "gamma", "délta", "ωmega", "数据", "code", "x=1;"])
+  spaced = [" ".join(rng.choice(words, 14_000)) for _ in range(3)]  # ~90 KB, one line each
+  # 30,000 characters but 90,000 bytes and no whitespace: cut at a character boundary.
+  solid = "数据" * 15_000
+  docs = spaced + [solid, "a short document\n" + spaced[0][:70_000]]
+  assert all(len(d.encode()) > 1 << 16 for d in docs[:4]) and len(solid) < 1 << 16
+  tok = train_tokenizer(docs, 340, str(tmp_path / "long.model"))  # 256 byte pieces + 84
+  assert tok.vocab_size == 340
+  for doc in docs:
+    ids = tok.encode(doc)
+    assert tok.decode(ids) == doc and len(ids) < len(doc.encode()) // 4  # words were learnt
+  warned = [r.getMessage() for r in caplog.records if "max_sentence_length" in r.getMessage()]
+  assert len(warned) == 1 and "5 line(s) longer than" in warned[0], warned
+  pieces = tokenizer_module._split_line(spaced[0] + "\t" + solid, 1 << 16)
+  assert "".join(pieces) == spaced[0] + "\t" + solid
+  assert all(len(p.encode()) <= 1 << 16 for p in pieces)
+  assert pieces[1].startswith(" ")  # cut before a space
+
+
 def test_tokenizer_load_errors(tmp_path, tok):
   assert Tokenizer.load(tok.path).encode("hello world") == tok.encode("hello world")
   with pytest.raises(DataError, match="no such file"):
@@ -398,8 +420,11 @@ def test_tokenizer_load_errors(tmp_path, tok):
   (tmp_path / "corrupt.model").write_bytes(b"not a sentencepiece model")
   with pytest.raises(DataError, match="corrupt.model: not a valid sentencepiece model"):
     Tokenizer.load(str(tmp_path / "corrupt.model"))
-  with pytest.raises(DataError, match="Vocabulary size too high"):
+  with pytest.raises(DataError, match="Vocabulary size too high.*lower model.vocab_size .the tools' --vocab_size."):
     train_tokenizer(TINY_DOCS, VOCAB, str(tmp_path / "too_big.model"))
+  with pytest.raises(DataError, match="smaller than required_chars") as e:  # needs a larger one
+    train_tokenizer(default_documents()[:40], 320, str(tmp_path / "too_small.model"))
+  assert "lower model.vocab_size" not in str(e.value)
 
 
 def test_get_tokenizer_caches_by_content(tmp_path, monkeypatch, tiny_source, tok):

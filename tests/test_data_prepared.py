@@ -150,6 +150,19 @@ def test_prepare_tool_prints_a_summary(tmp_path, tok, corpus, capsys):
   assert not os.path.exists(str(out) + ".partial")
 
 
+def test_prepare_tool_warns_when_the_eval_split_is_empty(tmp_path, tok, corpus, capsys):
+  argv = ["--source", corpus, "--tokenizer", tok.path, "--seq_len", str(SEQ), "--no_progress"]
+  assert prepare_data.main(argv + ["--eval_fraction", "0.001", "--output", str(tmp_path / "a")]) == 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert read_metadata(str(tmp_path / "a"))["splits"]["eval"]["documents"] == 0
+  assert err == ["warning: the eval split is empty: --eval_fraction 0.001 held out none of the 30 "
+                 "documents, so training reports no eval loss; raise --eval_fraction (e.g. "
+                 "--eval_fraction 0.13 holds out about 4)."]
+  assert prepare_data.main(argv + ["--eval_fraction", "0.13", "--output", str(tmp_path / "b")]) == 0
+  assert read_metadata(str(tmp_path / "b"))["splits"]["eval"]["documents"] > 0
+  assert "warning" not in capsys.readouterr().err
+
+
 def test_held_out_split_is_by_content(tmp_path, tok):
   docs = [f"document number {i} about things." for i in range(60)] + ["a duplicated document."] * 8
   source = write_corpus(tmp_path, docs, "jsonl")

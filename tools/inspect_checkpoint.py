@@ -34,7 +34,8 @@ def _integrity(ckpt: Checkpointer, step: int) -> str:
 
 def describe(run_dir: str | Path, step: int | None = None, show_config: bool = False) -> str:
   """A human-readable report of the checkpoints in ``run_dir``."""
-  directory = _checkpoints_dir(Path(run_dir))
+  # Absolute: Orbax reads no array metadata through a relative path (it lists nothing).
+  directory = _checkpoints_dir(Path(run_dir).expanduser().absolute())
   if not directory.is_dir():
     raise SystemExit(f"error: {directory} is not a directory")
   ckpt = Checkpointer(directory, read_only=True)
@@ -59,6 +60,9 @@ def describe(run_dir: str | Path, step: int | None = None, show_config: bool = F
       raise SystemExit(f"error: no checkpoint for step {step} in {directory}; steps: {steps}")
     meta = ocp.StandardCheckpointer().metadata(directory / str(step) / "state")
     tree = getattr(meta, "item_metadata", meta)
+    if not jax.tree_util.tree_leaves(tree):
+      raise SystemExit(f"error: step {step} in {directory}: Orbax found no array metadata in "
+                       f"{directory / str(step) / 'state'}; the checkpoint may be incomplete.")
     total = 0
     lines.append(f"\nstep {step} arrays (shape, dtype, sharding):")
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):

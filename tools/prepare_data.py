@@ -2,13 +2,15 @@
 
   python tools/prepare_data.py --source 'data/*.jsonl' --tokenizer tok32k.model \\
       --seq_len 1024 --eval_fraction 0.005 --output data/owt-1024
-  lmjax train --config configs/gpt2_small.py --config.data.source=data/owt-1024 --workdir runs/g
+  lmjax train --config configs/gpt2_small.py --config.data.source=data/owt-1024 \\
+      --config.model.vocab_size=32000 --workdir runs/g
 
 Sources are what ``data.source`` accepts (``.txt``, ``.jsonl``/``.json`` (also ``.gz``),
 ``.parquet``, ``.arrayrecord``; files, directories, globs); ``--source`` may repeat.
 Without ``--tokenizer`` one is trained on the sources with ``--vocab_size`` pieces (the
 documents are then held in memory once). The output directory holds the rows, the
-tokenizer and ``lmjax_data.json``; set ``data.seq_len`` to the same ``--seq_len``.
+tokenizer and ``lmjax_data.json``; set ``data.seq_len`` to the same ``--seq_len`` and
+``model.vocab_size`` to the tokenizer's size (the last line printed says how).
 Training from it needs no tokenizing, and its data order survives a change of process
 count or mesh (see ``lmjax/data/prepared_reader.py``).
 """
@@ -57,6 +59,18 @@ def summary(meta: dict, output: str, seconds: float) -> str:
   else:
     lines.append("  skipped     nothing")
   return "\n".join(lines)
+
+
+def empty_eval_warning(meta: dict) -> str | None:
+  """One line when the eval split holds no documents, naming the option to change."""
+  splits = meta["splits"]
+  if splits["eval"]["documents"]:
+    return None
+  n = splits["train"]["documents"]
+  suggest = min(0.5, float(f"{4 / max(n, 1):.2g}"))  # about 4 documents held out
+  return (f"warning: the eval split is empty: --eval_fraction {meta['eval_fraction']:g} held out "
+          f"none of the {n:,} documents, so training reports no eval loss; raise --eval_fraction "
+          f"(e.g. --eval_fraction {suggest:g} holds out about {max(1, round(suggest * n))}).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(summary(meta, os.path.abspath(os.path.expanduser(args.output)), time.perf_counter() - start))
+  warning = empty_eval_warning(meta)
+  if warning:
+    print(warning, file=sys.stderr)
   print(f"train with: --config.data.source={args.output} --config.data.seq_len={args.seq_len} "
         f"--config.model.vocab_size={tok.vocab_size}")
   return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +27,8 @@ from typing import Any
 import sentencepiece as spm
 
 from lmjax.data.readers import DataError
+
+log = logging.getLogger("lmjax.data")  # the logger lmjax.data.sources warns through
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -40,14 +43,14 @@ _TRAINER_OPTIONS: dict[str, Any] = dict(
     split_digits=True,
     user_defined_symbols=["\n"],  # newline is one piece (training sees single lines)
     character_coverage=0.9995,
-    max_sentence_length=1 << 16,  # bytes per training line; longer lines are skipped
+    max_sentence_length=1 << 16,  # bytes per training line; longer lines are split to fit
     input_sentence_size=1_000_000,  # lines sampled (deterministically) from large corpora
     shuffle_input_sentence=True,
     num_threads=1,  # single-threaded training is bit-for-bit reproducible
     minloglevel=2,  # only errors on stderr
 )
 _TRAINER_SEED = 0
-_CACHE_VERSION = 1  # bump when the training recipe changes in a way options don't show
+_CACHE_VERSION = 2  # bump when the training recipe changes in a way options don't show
 
 
 class Tokenizer:
@@ -127,6 +130,19 @@ class Tokenizer:
     """Text of ``ids`` (any int iterable, numpy arrays included); control ids decode to ""."""
     return self._sp.decode([int(i) for i in ids])
 
+  def decode_continuation(self, prompt: Iterable[int], ids: Iterable[int]) -> str:
+    """Text of ``ids`` as it reads after ``prompt``: ``decode(prompt + ids)`` less the
+    prompt's text. (``decode(ids)`` alone drops the space of a leading "▁" piece.)"""
+    prompt, ids = [int(i) for i in prompt], [int(i) for i in ids]
+    head, whole = self.decode(prompt), self.decode(prompt + ids)
+    if whole.startswith(head):
+      return whole[len(head):]
+    # The prompt reads differently alone (e.g. it ends inside a character spelled in bytes):
+    # the new pieces alone, the "▁" that decoding drops from the first one put back.
+    first = next((i for i in ids if not self._sp.is_control(i)), None)
+    lead = first is not None and self._sp.id_to_piece(first).startswith("\u2581")
+    return " " * lead + self.decode(ids)
+
   def __getstate__(self) -> dict[str, Any]:
     # Grain workers are spawned processes; they receive the model bytes, not a file path.
     return {"path": self._path, "proto": self._sp.serialized_model_proto()}
@@ -150,12 +166,42 @@ def _processor_from_proto(proto: bytes, path: str) -> spm.SentencePieceProcessor
   return sp
 
 
-def _training_lines(documents: Iterable[str]) -> Iterator[str]:
-  """Non-blank lines: sentencepiece trains on "sentences" of at most max_sentence_length."""
-  for doc in documents:
-    for line in doc.splitlines():
-      if line.strip():
-        yield line
+def _split_line(line: str, limit: int) -> list[str]:
+  """``line`` cut into pieces of at most ``limit`` UTF-8 bytes: before a space or tab
+  where the piece has one, else at a character boundary."""
+  data = line.encode("utf-8", "surrogatepass")
+  pieces = []
+  while len(data) > limit:
+    cut = max(data.rfind(b" ", 1, limit + 1), data.rfind(b"\t", 1, limit + 1))
+    if cut <= 0:  # no whitespace: the last character boundary (not a UTF-8 continuation byte)
+      cut = limit
+      while data[cut] & 0xC0 == 0x80:
+        cut -= 1
+    pieces.append(data[:cut].decode("utf-8", "surrogatepass"))
+    data = data[cut:]
+  pieces.append(data.decode("utf-8", "surrogatepass"))
+  return pieces
+
+
+class _TrainingLines:
+  """The non-blank lines of ``documents`` that sentencepiece trains on, each at most
+  max_sentence_length bytes (sentencepiece drops longer "sentences"): longer lines are
+  split, and counted in ``split``."""
+
+  def __init__(self, documents: Iterable[str], limit: int = _TRAINER_OPTIONS["max_sentence_length"]):
+    self._documents, self._limit = documents, limit
+    self.lines = self.split = 0
+
+  def __iter__(self) -> Iterator[str]:
+    for doc in self._documents:
+      for line in doc.splitlines():
+        if not line.strip():
+          continue
+        # At most 4 bytes per character: most lines need no encoding to be known short.
+        pieces = [line] if 4 * len(line) <= self._limit else _split_line(line, self._limit)
+        self.split += len(pieces) > 1
+        self.lines += len(pieces)
+        yield from pieces
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -180,7 +226,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
   ``special_tokens`` (e.g. ``["<|im_start|>", "<|im_end|>"]``) become user-defined pieces:
   each gets its own id right after the four control ids and is always one token when it
   appears in text. Training is single-threaded with a fixed seed: the same documents and
-  arguments give the same ``.model`` bytes.
+  arguments give the same ``.model`` bytes. Training lines over 64 KiB of UTF-8 are split
+  (sentencepiece would drop them), with one warning saying how many.
   """
   if model_type not in MODEL_TYPES:
     raise DataError(f"tokenizer model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
@@ -193,15 +240,24 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
     raise DataError(f"special tokens {special} hold duplicates.")
   options = dict(_TRAINER_OPTIONS, user_defined_symbols=_TRAINER_OPTIONS["user_defined_symbols"] + special)
   writer = io.BytesIO()
+  lines = _TrainingLines(documents)
   spm.set_random_generator_seed(_TRAINER_SEED)
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(documents), model_writer=writer,
+        sentence_iterator=iter(lines), model_writer=writer,
         vocab_size=vocab_size, model_type=model_type, **options)
   except RuntimeError as e:
-    raise DataError(f"training a {model_type} tokenizer with vocab_size={vocab_size} failed: {str(e).rstrip('.')}. "
-                    "A small corpus supports only a small vocabulary: lower model.vocab_size "
-                    "or add documents.") from None
+    if not lines.lines:
+      raise DataError(f"training a {model_type} tokenizer: the documents hold no text (every "
+                      "line is blank); give documents with text.") from None
+    advice = (" A small corpus supports only a small vocabulary: lower model.vocab_size (the "
+              "tools' --vocab_size) or add documents." if "too high" in str(e) else "")
+    raise DataError(f"training a {model_type} tokenizer with vocab_size={vocab_size} failed: "
+                    f"{str(e).rstrip('.')}.{advice}") from None
+  if lines.split:
+    log.warning("tokenizer training: %d line(s) longer than sentencepiece's max_sentence_length "
+                "(%d bytes) were split into pieces, at whitespace where possible", lines.split,
+                options["max_sentence_length"])
   proto = writer.getvalue()
   _atomic_write(model_path, proto)
   return Tokenizer(_processor_from_proto(proto, model_path), model_path)
