@@ -125,7 +125,8 @@ def _fresh(tmp: Path) -> None:
 def test_readme_followed_in_order_on_a_fresh_directory(tmp_path):
   _fresh(tmp_path)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  printed: dict[str, str] = {}
+  printed: dict[str, str] = {}  # command -> stdout
+  errors: dict[str, str] = {}  # command -> stderr
 
   def run(argv: list[str] | str, what: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", argv] if isinstance(argv, str) else argv
@@ -141,7 +142,8 @@ def test_readme_followed_in_order_on_a_fresh_directory(tmp_path):
       for argv in commands(body):
         argv = shrink(argv)
         if argv is not None:
-          printed[shlex.join(argv)] = run(argv, shlex.join(argv)).stdout
+          out = run(argv, shlex.join(argv))
+          printed[shlex.join(argv)], errors[shlex.join(argv)] = out.stdout, out.stderr
     elif lang == "python":
       run(_python(body), f"snippet:\n{body}")
     else:
@@ -156,4 +158,12 @@ def test_readme_followed_in_order_on_a_fresh_directory(tmp_path):
       assert [l.rstrip() for l in shown[:n]] == [l.rstrip() for l in expected[:n]], (command, shown[:n])
       seen_outputs.add(key)
   assert seen_outputs == set(OUTPUTS)
-  assert (tmp_path / "runs" / "tiny" / "checkpoints").is_dir()
+  # What the commands printed: the tokenizer's size, prepare_data's warning that 0.005 of the
+  # small corpus holds out no document.
+  prepare = next(k for k in printed if "tools/prepare_data.py" in k)
+  assert "tokenizer   1024 pieces" in printed[prepare]
+  assert "warning: the eval split is empty: --eval_fraction 0.005" in errors[prepare]
+  # tools/inspect_checkpoint.py lists a run's arrays given a relative path.
+  out = run([sys.executable, "tools/inspect_checkpoint.py", "runs/tiny", "--step", "2"], "inspect")
+  assert "step 2 arrays" in out.stdout and "['params']['embed']['table']: (1024, 128) float32" in out.stdout
+  assert "total 0.00 MiB" not in out.stdout
