@@ -153,6 +153,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.async_checkpointing = True  # save in the background while training continues
   t.progress_bar = True  # tqdm bar on process 0
   t.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind, else no MFU
+  t.trackers = ("tensorboard",)  # metric writers besides metrics.jsonl (always): tensorboard, wandb, mlflow (pip install "lmjax[wandb]" / "lmjax[mlflow]")
+  t.project, t.run_name = "", ""  # W&B project / MLflow experiment ("" = $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, else "lmjax"); run name ("" = the workdir's name)
   t.nan_policy = "halt"  # non-finite loss/grads: "halt" (raise naming the step) | "skip" (count)
   t.skip_spikes = False  # skip updates whose loss exceeds mean + spike_threshold * std
   t.spike_window = 32  # steps in the rolling loss mean/std for spike detection

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,10 +24,11 @@ from tqdm import tqdm
 from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import evaluate as eval_lib
+from lmjax import metrics as metrics_lib
 from lmjax import rundir
 from lmjax.checkpoint import Checkpointer, CheckpointError
 from lmjax.mesh import host_to_global, replicated
-from lmjax.metrics import MetricsWriter, Throughput
+from lmjax.metrics import MetricsWriter, RunSummary, Throughput
 from lmjax.optim import learning_rate_schedule
 from lmjax.state import Batch, Setup, State, build, init_state, token_losses
 
@@ -192,6 +194,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
   SIGTERM or Ctrl-C saves a checkpoint after the current step and returns; rerunning the
   same call resumes. Raises TrainingHalted on a non-finite loss under nan_policy='halt'.
   """
+  started = time.time()
   workdir = Path(workdir)
   setup = build(cfg, devices)
   is_main = jax.process_index() == 0
@@ -216,7 +219,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
   start = int(jax.device_get(state["step"]))
 
   step_fn = compile_train_step(setup)
-  writer = MetricsWriter(workdir, enabled=is_main, keep_through_step=start)
+  writer = MetricsWriter(workdir, enabled=is_main, keep_through_step=start, cfg=cfg, started=started)
   throughput = Throughput(cfg, setup.num_params)
   history: list[dict[str, float]] = []
   t = cfg.train
@@ -225,6 +228,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
   _say(f"model: {setup.num_params / 1e6:.2f}M parameters; mesh {dict(setup.mesh.shape)}; "
        f"tokenizer {tokenizer.path} (vocab {tokenizer.vocab_size}); steps {start}..{t.steps}")
+  if throughput.mfu_note():
+    _say(throughput.mfu_note())
+  if latest is not None:
+    change = metrics_lib.schedule_change(cfg, checkpointer.saved_config(latest), latest)
+    if change:
+      _say(f"warning: {change}")
+  summary = RunSummary(workdir, checkpointer.directory, start, t.steps, started, throughput)
 
   def log(step: int, fetched: list[tuple[int, dict]], extra: dict[str, float]) -> None:
     for s, m in fetched:
@@ -237,9 +247,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     record["loss"] = float(np.mean([m["loss"] for _, m in fetched]))
     record.update(extra)
     record.update(train_iter.metrics())  # data_skipped (+ per reason), data_truncated
-    record["step"] = step
-    writer.write(step, {k: v for k, v in record.items() if k != "step"})
+    record = {"step": step, **writer.write(step, record)}
     history.append(record)
+    summary.add(record, [float(m["tokens"]) for _, m in fetched])
     if bar is not None:
       bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_sec', 0):.0f}")
 
@@ -269,10 +279,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
           extra["checkpoint_blocked_sec"] = blocked
           if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             extra.update(_evaluate(setup, state["params"], make_eval_iterator(), t.eval_batches))
+            throughput.reset()  # the eval's time stays out of the next window's tokens/s
           log(step, fetched, extra)
           pending, blocked = [], 0.0
         if bar is not None:
           bar.update(1)
+          if step == start + 1:  # the bar's rate and ETA leave out the compilation
+            metrics_lib.restart_clock(bar)
         stopping = stop.requested(step)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stopping:
           blocked += checkpointer.save(step, state, train_iter, cfg)
@@ -283,6 +296,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
           _say(f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
                f"{checkpointer.directory / str(step)}. Rerun the same command to resume.")
           break
+      if history:
+        result, lines = summary.finish(stopping and step < t.steps, stop.signal)
+        writer.finish(result)
+        for line in lines:
+          _say(line)
+      else:
+        _say(f"nothing to train: {workdir} is at step {start} of train.steps={t.steps}.")
   finally:
     checkpointer.close()
     writer.close()
