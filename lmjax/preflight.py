@@ -18,6 +18,7 @@ from lmjax.checkpoint import CheckpointError
 from lmjax.config import ConfigError, validate
 from lmjax.data import DataError, read_metadata
 from lmjax.data.sources import SkipLog, resolve_paths, sources_of, uses_prepared
+from lmjax.metrics import check_trackers
 
 
 def _prepared_problems(cfg: ml_collections.ConfigDict, fixes: dict[str, int]) -> list[str]:
@@ -56,15 +57,16 @@ def _raw_problems(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def input_problems(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> list[str]:
-  """One line per problem of ``cfg`` (its fields, its data sources, its tokenizer's vocabulary
-  against the model's), ending with the overrides that fix them all where they are known;
+  """One line per problem of ``cfg`` (its fields, its trackers' packages, its data sources, its
+  tokenizer's vocabulary against the model's), ending with the overrides that fix them all where they are known;
   empty if none. Trains no tokenizer: a raw-text run without ``data.tokenizer`` gets one made
   for its vocabulary."""
   problems, fixes = [], {}
-  try:
-    validate(cfg, num_devices)
-  except ConfigError as e:
-    problems.append(str(e))
+  for check in (lambda: validate(cfg, num_devices), lambda: check_trackers(cfg.train.trackers)):
+    try:
+      check()
+    except ConfigError as e:
+      problems.append(str(e))
   try:
     prepared = uses_prepared(cfg.data)
     problems += _prepared_problems(cfg, fixes) if prepared else _raw_problems(cfg)

@@ -43,6 +43,7 @@ def _one_error(capsys, *argv) -> str:
     (["--config.optim.learning_rate", "abc"], "config.optim.learning_rate: cannot set 'abc'"),
     (["--config.model"], "--config.model: needs a value"),
     (["--config.model.num_kv_heads=3"], "config.model.num_kv_heads: model.num_heads (4) must be divisible"),
+    (["--config.train.trackers=('nope',)"], "config.train.trackers: unknown tracker 'nope'"),
 ])
 def test_override_mistakes_name_the_key(capsys, args, needle):
   assert needle in _one_error(capsys, "validate", "--config", TINY, *args)
