@@ -133,6 +133,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
   out, err = p.communicate(timeout=120)
   assert p.returncode == 0, err[-2000:]
   assert "Rerun the same command to resume" in out + err
+  assert not (tmp_path / "lock.json").exists()  # the workdir is free again
   stopped = max(Checkpointer(tmp_path / "checkpoints", default_config()).all_steps())
   assert 5 <= stopped < STEPS and max(_losses(tmp_path)) == stopped  # saved where it stopped
   _finish(tmp_path)
