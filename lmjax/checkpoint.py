@@ -15,7 +15,9 @@ A checkpoint of imported weights (``lmjax.hf``) holds only ``state.params``, ``c
 (``train.init_from``), but it is no run to resume. Once a step is committed, a manifest
 (``lmjax_manifest.json``: size and SHA-256 of every file) is added beside them; a restore
 checks it, so a truncated or tampered checkpoint is reported and the previous good one used
-instead. Nothing is pickled.
+instead. A training run (writable, process 0) then moves the bad step aside to
+``<step>.unusable-<UTC time>``, a name Orbax never lists: its files stay for inspection and
+the run writes that step anew. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -30,8 +33,10 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from lmjax.data import DataError
 
@@ -41,6 +46,17 @@ MANIFEST = "lmjax_manifest.json"
 # reason to fall back to an older checkpoint.
 SHAPE_KEYS = ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "tie_embeddings", "param_dtype")
+UNUSABLE = ".unusable-"  # checkpoints/<step>.unusable-<UTC time>: a bad step, moved aside
+ADDED_LATER = ("spike_run",)  # train-state fields older checkpoints lack: restored as zeros
+
+
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+  """Orbax warns "Given directory is read only" on every read-only manager (each eval,
+  generate and load); that one message alone is dropped."""
+  return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_drop_read_only_notice)
 
 
 class CheckpointError(RuntimeError):
@@ -62,6 +78,7 @@ class Checkpointer:
         max_to_keep=None if read_only else t.keep_checkpoints,
         keep_period=None if read_only or t.keep_every <= 0 else t.keep_every,
         enable_async_checkpointing=False if read_only else t.async_checkpointing,
+        save_interval_steps=0 if read_only else 1,  # else Orbax sets it, with a warning
         create=not read_only,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
@@ -195,10 +212,17 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
     """Restores ``state`` shaped and sharded like ``abstract_state`` and, if given,
     moves ``data_iterator`` to the saved position (in place). Returns the state."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self._step_dir(step) / "state"))
+    later = [k for k in ADDED_LATER if k in abstract_state and k not in saved]
+    target = {k: v for k, v in abstract_state.items() if k not in later}
+    items = {"state": ocp.args.StandardRestore(target)}
     if data_iterator is not None:
       items["data"] = DataRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    for k in later:  # a field newer than the checkpoint starts at zero
+      x = abstract_state[k]
+      state[k] = jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)
+    return state
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Only the parameters of ``step``, shaped and sharded like ``abstract_params`` (the
@@ -214,26 +238,64 @@ class Checkpointer:
                      params_only: bool = False) -> tuple[int | None, Any, Any]:
     """The newest usable checkpoint: ``(step, state, data_iterator)``, or ``(None, None,
     None)`` if there is none. A step that fails its manifest or cannot be read is reported
-    with ``warn`` and the previous one tried; a different model shape or format raises.
+    with ``warn`` and the previous one tried; once one restores, the unusable newer ones are
+    moved aside (:meth:`_move_aside`) unless read-only. A different model shape or format
+    raises, and so does finding no usable step (then nothing is moved).
     ``params_only``: the state is ``{"params": ...}`` alone (read from any checkpoint,
     imported weights included; ``abstract_state`` may then hold just ``params``)."""
-    problems = []
-    for step in reversed(self.all_steps()):
-      try:
-        self.verify(step)
-        self.check_compatible(step, cfg, params_only)
-        if params_only:
-          return step, {"params": self.restore_params(step, abstract_state["params"])}, None
-        iterator = make_iterator() if make_iterator else None
-        return step, self.restore(step, abstract_state, iterator), iterator
-      except IncompatibleCheckpoint:
-        raise
-      except Exception as e:  # noqa: BLE001 - report and fall back to an older step
-        problems.append(f"step {step}: {e}")
-        warn(f"checkpoint step {step} is unusable, trying the previous one: {e}")
-    if problems:
-      raise CheckpointError(f"no usable checkpoint in {self.directory}:\n  " + "\n  ".join(problems))
-    return None, None, None
+    bad: list[tuple[int, str]] = []  # (step, the first line of its error)
+    found = None
+    try:
+      for step in reversed(self.all_steps()):
+        try:
+          self.verify(step)
+          self.check_compatible(step, cfg, params_only)
+          if params_only:
+            found = step, {"params": self.restore_params(step, abstract_state["params"])}, None
+          else:
+            iterator = make_iterator() if make_iterator else None
+            found = step, self.restore(step, abstract_state, iterator), iterator
+          break
+        except IncompatibleCheckpoint:
+          raise
+        except Exception as e:  # noqa: BLE001 - report and fall back to an older step
+          bad.append((step, (str(e).strip() or repr(e)).splitlines()[0]))
+    finally:
+      moved = self._move_aside([s for s, _ in bad]) if found is not None else {}
+      for step, e in bad:
+        where = f"; moved it aside to {moved[step]} (kept for inspection)" if step in moved else ""
+        warn(f"checkpoint step {step} is unusable, {'using' if moved else 'trying'} the previous "
+             f"one{where}: {e}")
+    if found is None and bad:
+      raise CheckpointError(f"no usable checkpoint in {self.directory} (to start afresh, use a "
+                            "new --workdir or move its steps elsewhere):\n  "
+                            + "\n  ".join(f"step {s}: {e}" for s, e in bad))
+    return found or (None, None, None)
+
+  def _move_aside(self, steps: list[int]) -> dict[int, Path]:
+    """Renames each of ``steps`` to ``<step>.unusable-<UTC time>``, which Orbax never lists,
+    so training can write that step again (else every rerun would stop at it). Process 0
+    renames, the others wait for it; read-only checkpointers move nothing. Returns the new
+    paths (process 0's; the others learn only the pattern)."""
+    if self.read_only:
+      return {}
+    moved = {}
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+      for step in steps:
+        target = self.directory / f"{step}{UNUSABLE}{stamp}"
+        n = 1
+        while target.exists():
+          target, n = self.directory / f"{step}{UNUSABLE}{stamp}-{n}", n + 1
+        os.rename(self._step_dir(step), target)
+        moved[step] = target
+    else:
+      moved = {step: self.directory / f"{step}{UNUSABLE}*" for step in steps}
+    if jax.process_count() > 1:  # every process restored, so every process is here
+      multihost_utils.sync_global_devices("lmjax_checkpoint_move_aside")
+    if steps:
+      self.manager.reload()
+    return moved
 
 
 class IncompatibleCheckpoint(CheckpointError):

@@ -25,7 +25,7 @@ from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import evaluate as eval_lib
 from lmjax import metrics as metrics_lib
-from lmjax import rundir
+from lmjax import rundir, workdir_lock
 from lmjax.checkpoint import Checkpointer, CheckpointError
 from lmjax.mesh import host_to_global, replicated
 from lmjax.metrics import MetricsWriter, RunSummary, Throughput
@@ -193,16 +193,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
 
   SIGTERM or Ctrl-C saves a checkpoint after the current step and returns; rerunning the
   same call resumes. Raises TrainingHalted on a non-finite loss under nan_policy='halt'.
+  The run holds ``workdir`` (:mod:`lmjax.workdir_lock`) until it returns or raises: another
+  run on it raises WorkdirInUse at once. A start that is refused (another model, another
+  vocabulary) leaves the directory as it was.
   """
   started = time.time()
   workdir = Path(workdir)
+  with workdir_lock.hold(workdir, warn=lambda m: _say(f"warning: {m}")):
+    return _train(cfg, workdir, devices, started)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Device] | None,
+           started: float) -> list[dict[str, float]]:
+  """:func:`train` once the workdir is held (since ``started``, Unix seconds)."""
+  metrics_lib.check_trackers(cfg.train.trackers)
   setup = build(cfg, devices)
   is_main = jax.process_index() == 0
   tokenizer = rundir.run_tokenizer(cfg)  # fine-tuning speaks the pre-trained run's tokenizer
   rundir.check_vocab(cfg, tokenizer)
   workdir.mkdir(parents=True, exist_ok=True)
-  if is_main:
-    (workdir / rundir.CONFIG_FILE).write_text(cfg.to_json(indent=2))
 
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   make_iterator = lambda: data_lib.make_iterator(cfg, tokenizer, split="train", **proc)
@@ -216,6 +225,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     state, train_iter = init_state(setup), make_iterator()
     if cfg.train.init_from:
       state["params"] = _initial_params(cfg, setup)
+  if is_main:  # only now that the start is accepted
+    (workdir / rundir.CONFIG_FILE).write_text(cfg.to_json(indent=2))
   start = int(jax.device_get(state["step"]))
 
   step_fn = compile_train_step(setup)

@@ -1,8 +1,10 @@
 """Never lose a run: real processes killed with SIGKILL at chosen moments and stopped with
 SIGTERM resume bit for bit; corrupt, truncated and mismatched checkpoints are reported and
-the newest good one used; NaN and loss-spike policies."""
+the newest good one used, a training run moving the bad ones aside; NaN and loss-spike
+policies."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,7 +15,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
+from lmjax import rundir
 from lmjax.checkpoint import MANIFEST, Checkpointer, CheckpointError, IncompatibleCheckpoint
 from lmjax.config import default_config
 from lmjax.mesh import host_to_global
@@ -129,6 +133,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
   out, err = p.communicate(timeout=120)
   assert p.returncode == 0, err[-2000:]
   assert "Rerun the same command to resume" in out + err
+  assert not (tmp_path / "lock.json").exists()  # the workdir is free again
   stopped = max(Checkpointer(tmp_path / "checkpoints", default_config()).all_steps())
   assert 5 <= stopped < STEPS and max(_losses(tmp_path)) == stopped  # saved where it stopped
   _finish(tmp_path)
@@ -201,6 +206,10 @@ def _largest_file(step_dir: Path) -> Path:
              key=lambda p: p.stat().st_size)
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
 def test_truncated_or_tampered_checkpoints_fall_back_to_the_previous_good_one(tmp_path):
   cfg = _cfg(fsdp=8)
@@ -210,16 +219,101 @@ def test_truncated_or_tampered_checkpoints_fall_back_to_the_previous_good_one(tm
   data = bytearray(_largest_file(tmp_path / "2").read_bytes())
   data[len(data) // 2] ^= 0xFF  # one flipped byte
   _largest_file(tmp_path / "2").write_bytes(bytes(data))
+  damaged = {s: _files(tmp_path / s) for s in ("2", "3")}
+  # Loading (read-only) uses the newest good one and moves nothing.
+  warnings = []
+  setup = build(cfg, jax.devices())
+  ro = Checkpointer(tmp_path, read_only=True)
+  assert ro.restore_latest(cfg, setup.abstract_state, warn=warnings.append)[0] == 1
+  assert "step 3" in warnings[0] and "trying the previous one" in warnings[0]
+  assert ro.all_steps() == [1, 2, 3] and not list(tmp_path.glob("*.unusable-*"))
+  # Training moves the bad ones aside, so it can write those steps again; nothing is lost.
   warnings = []
   step, state, it = _restore_latest(tmp_path, cfg, warnings)
   assert step == 1 and it.position == 10
   assert "step 3" in warnings[0] and "truncated" in warnings[0] and victim.name in warnings[0]
   assert "step 2" in warnings[1] and "corrupted" in warnings[1]
-  # Nothing usable at all: a clear error listing every step's problem.
-  victim = _largest_file(tmp_path / "1")
-  victim.write_bytes(b"")
+  for s, w in zip(("3", "2"), warnings):
+    (aside,) = tmp_path.glob(f"{s}.unusable-*")
+    assert f"moved it aside to {aside} (kept for inspection)" in w
+    assert _files(aside) == damaged[s]
+  assert Checkpointer(tmp_path, cfg).all_steps() == [1]
+  # Nothing usable at all: a clear error listing every step's problem; nothing is moved.
+  _save_steps(tmp_path / "all_bad", cfg)
+  for s in ("1", "2", "3"):
+    _largest_file(tmp_path / "all_bad" / s).write_bytes(b"")
   with pytest.raises(CheckpointError, match=r"no usable checkpoint(.|\n)*step 3(.|\n)*step 2(.|\n)*step 1"):
-    _restore_latest(tmp_path, cfg, [])
+    _restore_latest(tmp_path / "all_bad", cfg, [])
+  assert Checkpointer(tmp_path / "all_bad", cfg).all_steps() == [1, 2, 3]
+  assert not list((tmp_path / "all_bad").glob("*.unusable-*"))
+
+
+def _flip_a_byte(step_dir: Path) -> None:  # found by the manifest
+  f = _largest_file(step_dir)
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  f.write_bytes(bytes(data))
+
+
+def _delete_metadata(step_dir: Path) -> None:  # found by the manifest
+  (step_dir / "_CHECKPOINT_METADATA").unlink()
+
+
+def _truncate_before_the_manifest(step_dir: Path) -> None:  # found by Orbax's read
+  f = _largest_file(step_dir)
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  (step_dir / MANIFEST).unlink()
+
+
+ONE = jax.devices()[:1]  # in-process runs on one device: the quickest compile
+
+
+def _params_at(workdir: Path, step: int):
+  cfg = _run_cfg(step)
+  state = Checkpointer(workdir / "checkpoints", read_only=True).restore(step, build(cfg, ONE).abstract_state)
+  return jax.device_get(state["params"])
+
+
+@pytest.fixture(scope="module")
+def nine_steps(tmp_path_factory):
+  """An uninterrupted run of 9 steps, checkpoints every 3: its losses and last parameters."""
+  workdir = tmp_path_factory.mktemp("nine_steps")
+  train(_run_cfg(9, checkpoint_every=3), workdir, ONE)
+  return _losses(workdir), _params_at(workdir, 9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_flip_a_byte, _delete_metadata, _truncate_before_the_manifest])
+def test_an_unusable_newest_checkpoint_is_moved_aside_and_training_goes_on(tmp_path, capsys, nine_steps,
+                                                                          damage):
+  train(_run_cfg(6, checkpoint_every=3), tmp_path, ONE)
+  checkpoints = tmp_path / "checkpoints"
+  damage(checkpoints / "6")
+  damaged = _files(checkpoints / "6")
+  capsys.readouterr()
+  # Resumes from step 3 and writes step 6 again (it used to stop there, on every rerun).
+  history = train(_run_cfg(9, checkpoint_every=3), tmp_path, ONE)
+  assert [r["step"] for r in history] == list(range(4, 10))
+  (aside,) = checkpoints.glob("6.unusable-*")
+  assert _files(aside) == damaged  # kept as it was, for inspection
+  assert (f"checkpoint step 6 is unusable, using the previous one; moved it aside to {aside}"
+          in capsys.readouterr().out)
+  assert Checkpointer(checkpoints, _run_cfg(9)).all_steps() == [3, 6, 9]
+  losses, params = nine_steps
+  assert _losses(tmp_path) == losses  # as if never interrupted, to the last bit
+  jax.tree.map(np.testing.assert_array_equal, _params_at(tmp_path, 9), params)
+
+
+def test_loading_a_run_logs_no_read_only_notice(tmp_path, caplog):
+  cfg = _cfg()
+  Checkpointer(tmp_path / "checkpoints", cfg).save_params(1, {"w": np.zeros(3)}, cfg)
+  caplog.set_level(logging.INFO)
+  assert rundir.run_config(tmp_path).model.embed_dim == 32  # what lmjax.load, eval, generate do
+  assert Checkpointer(tmp_path / "checkpoints", read_only=True).meta(1)["params_only"]
+  absl_logging.warning("another warning")
+  messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not [m for m in messages if "read only" in m or "read_only=True" in m], messages
+  assert "another warning" in messages  # only Orbax's notices are silenced
 
 
 @pytest.mark.slow

@@ -93,3 +93,36 @@ def test_the_run_of_spikes_is_saved_in_the_state(trained):
     runs.append(int(state["spike_run"]))
   assert runs == [1, 2, 0, 1]
   assert set(setup.abstract_state) == set(state)  # saved and restored with the rest
+
+
+class _Position:
+  """The least a data iterator needs to be checkpointed."""
+  topology_independent = False
+
+  def __init__(self):
+    self.state = {"position": 7}
+
+  def get_state(self):
+    return self.state
+
+  def set_state(self, state):
+    self.state = state
+
+
+def test_a_checkpoint_from_before_spike_run_resumes_with_it_at_zero(trained, tmp_path):
+  """Checkpoints written before the state had ``spike_run`` still restore (it starts at 0)."""
+  from lmjax.checkpoint import Checkpointer
+  setup, _, host_state = trained
+  cfg = _cfg()
+  cfg.train.async_checkpointing = False
+  old = {k: v for k, v in jax.device_put(host_state, setup.state_shardings).items() if k != "spike_run"}
+  ckpt = Checkpointer(tmp_path / "checkpoints", cfg)
+  ckpt.save(12, old, _Position(), cfg)
+  ckpt.close()
+  position = _Position()
+  position.state = {}
+  restored = Checkpointer(tmp_path / "checkpoints", cfg).restore(12, setup.abstract_state, position)
+  assert int(restored["spike_run"]) == 0 and restored["spike_run"].sharding == setup.state_shardings["spike_run"]
+  assert position.state == {"position": 7}
+  np.testing.assert_array_equal(jax.device_get(restored["params"])["embed"]["table"],
+                                host_state["params"]["embed"]["table"])

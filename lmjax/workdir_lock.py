@@ -1,0 +1,218 @@
+"""One run per workdir: ``<workdir>/lock.json`` names the run that holds it.
+
+Process 0 of a training run creates the lock atomically (written under a unique name, then
+hard-linked into place, which fails if the file exists) and removes it when the run ends,
+normally, by an exception or stopped by SIGTERM. A second run finds it and stops at once,
+naming the holder. A lock left by a killed run is taken over:
+
+* same host: when its pid is gone, or now belongs to another process (the process start
+  time, from ``/proc/<pid>/stat``, differs from the one recorded);
+* another host, whose processes cannot be checked: when it has not been refreshed for
+  :data:`STALE_AFTER` seconds. The holder touches the file every :data:`REFRESH_EVERY`
+  seconds from a background thread.
+
+A take-over first renames the stale lock to a unique name, so two starters cannot both
+replace it: the one whose rename moved something else (a lock written meanwhile) puts it
+back, and only one O_EXCL-style create can win.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lmjax.config import ConfigError
+
+LOCK_FILE = "lock.json"
+STALE_AFTER = 600.0  # seconds: another host's lock not refreshed for this long is a dead run's
+REFRESH_EVERY = 60.0  # seconds between the holder's refreshes of the lock's mtime
+
+
+class WorkdirInUse(ConfigError):
+  """Another run holds the workdir (a ConfigError: the CLI prints it as one line, exit 2)."""
+
+
+def _process_start(pid: int) -> int | None:
+  """The start time of process ``pid`` (clock ticks since boot), or None if unknown. A
+  zombie (killed, not yet reaped) counts as gone: -1."""
+  try:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except (OSError, IndexError):
+    return None
+  return -1 if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's process
+  return _process_start(pid) != -1
+
+
+def _stale(holder: dict | None, mtime: float) -> str | None:
+  """Why the lock ``holder`` (None: unreadable) no longer holds, or None if it may."""
+  age = time.time() - mtime
+  if holder is not None and holder.get("host") == socket.gethostname():
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+      return f"pid {pid} is no longer running"
+    now, then = _process_start(pid), holder.get("proc_start")
+    if now is not None and then is not None and now != then:
+      return f"pid {pid} is now another process"
+    return None
+  if age > STALE_AFTER:
+    return f"not refreshed for {age / 60:.0f} min (more than {STALE_AFTER / 60:.0f})"
+  return None
+
+
+def _parse(text: str) -> dict | None:
+  try:
+    holder = json.loads(text)
+  except ValueError:
+    return None
+  return holder if isinstance(holder, dict) else None
+
+
+def _create(path: Path, text: str) -> bool:
+  """Creates ``path`` holding ``text`` unless it exists; never shows a half-written file."""
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  tmp.write_text(text)
+  try:
+    os.link(tmp, path)
+    return True
+  except FileExistsError:
+    return False
+  except OSError:  # a file system without hard links: create exclusively, then write
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    return True
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _take_away(path: Path, judged: str) -> None:
+  """Removes the stale lock whose contents were ``judged``; if a new lock replaced it in the
+  meantime, that one is put back."""
+  aside = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}")
+  try:
+    os.rename(path, aside)
+  except FileNotFoundError:
+    return  # another starter took it away first
+  try:
+    if aside.read_text() != judged:
+      os.link(aside, path)
+  except FileExistsError:
+    pass
+  finally:
+    aside.unlink(missing_ok=True)
+
+
+class WorkdirLock:
+  """A held workdir lock: refreshed in the background, removed by :meth:`release` (or on
+  leaving a ``with`` block)."""
+
+  def __init__(self, path: Path, token: str):
+    self.path, self.token = path, token
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._beat, name="lmjax-workdir-lock", daemon=True)
+    self._thread.start()
+
+  def _ours(self) -> bool:
+    try:
+      return (_parse(self.path.read_text()) or {}).get("token") == self.token
+    except OSError:
+      return False
+
+  def refresh(self) -> None:
+    """Marks the lock as held now (its mtime), unless another run has taken it."""
+    with contextlib.suppress(OSError):
+      if self._ours():
+        os.utime(self.path)
+
+  def _beat(self) -> None:
+    while not self._stop.wait(REFRESH_EVERY):
+      self.refresh()
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not threading.current_thread():
+      self._thread.join()
+    if self._ours():
+      self.path.unlink(missing_ok=True)
+
+  def __enter__(self) -> WorkdirLock:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def acquire(workdir: str | Path, warn: Callable[[str], None] = print) -> WorkdirLock:
+  """Takes ``workdir``'s lock (creating the directory), taking over a stale one with a
+  ``warn``ing; raises WorkdirInUse naming the holder if it is held."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / LOCK_FILE
+  token = uuid.uuid4().hex
+  text = json.dumps({
+      "host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
+      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv, "token": token}, indent=1)
+  for _ in range(10):
+    if _create(path, text):
+      return WorkdirLock(path, token)
+    try:
+      judged, mtime = path.read_text(), path.stat().st_mtime
+    except FileNotFoundError:
+      continue  # released meanwhile
+    holder = _parse(judged)
+    why = _stale(holder, mtime)
+    h = holder or {}
+    who = f"pid {h.get('pid', '?')} on host {h.get('host', '?')} since {h.get('started', '?')}"
+    if why is None:
+      command = shlex.join(map(str, h["argv"])) if isinstance(h.get("argv"), list) else ""
+      command = f" ({command[:97]}...)" if len(command) > 100 else f" ({command})" if command else ""
+      raise WorkdirInUse(
+          f"{workdir} is in use by {who}{command}: wait for that run to end or, if it is dead, "
+          f"delete {path}")
+    _take_away(path, judged)
+    warn(f"took over {path} from {who}: {why}")
+  raise WorkdirInUse(f"{path}: could not take the lock, other runs keep starting in {workdir}; "
+                     "try again")
+
+
+def hold(workdir: str | Path,
+         warn: Callable[[str], None] = print) -> contextlib.AbstractContextManager:
+  """The workdir lock of a (possibly multi-process) run, for a ``with`` block: process 0
+  takes it, the others do not touch it but stop with process 0 if it is refused."""
+  lock, refused = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = acquire(workdir, warn)
+    except Exception as e:  # noqa: BLE001 - re-raised below, once every process knows
+      refused = e
+  if jax.process_count() > 1:
+    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+      refused = WorkdirInUse(f"{workdir} is in use by another run (process 0 names it)")
+  if refused is not None:
+    raise refused
+  return lock if lock is not None else contextlib.nullcontext()
