@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -253,3 +255,18 @@ def test_mixture_eval_covers_every_component(tok, two_sources):
   cfg = data_cfg(eval_fraction=0.2, global_batch_size=2, seq_len=8, mixture=((a, 0.5), (b, 0.5)))
   docs = docs_in(stream(list(make_iterator(cfg, tok, split="eval"))), tok)
   assert any("xenon" in d for d in docs) and any("quartz" in d for d in docs)
+
+
+def test_a_script_may_exit_with_its_iterator_open(tmp_path):
+  """A prefetching iterator left open at exit is closed first (its thread used to abort
+  the interpreter: "terminate called without an active exception", status 134)."""
+  script = ("from lmjax import config, data\n"
+            "cfg = config.default_config()\n"
+            f"cfg.data.tokenizer_cache = {str(tmp_path)!r}\n"
+            "tok = data.get_tokenizer(cfg.data, cfg.model.vocab_size)\n"
+            "it = data.make_iterator(cfg, tok, split='train')\n"
+            "print(next(it)['inputs'].shape, it.get_state() is not None)\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "terminate" not in out.stderr, out.stderr[-2000:]
+  assert "Exception ignored" not in out.stderr, out.stderr[-2000:]
+  assert out.stdout.strip() == "(16, 128) True"

@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import atexit
 import fractions
 import math
 import sys
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -88,6 +90,11 @@ class DataIterator:
 
   topology_independent = False
 
+  def __new__(cls, *args, **kwargs):
+    self = super().__new__(cls)
+    _OPEN.add(self)  # closed at exit if still open (see _close_open_iterators)
+    return self
+
   def __iter__(self) -> DataIterator:
     return self
 
@@ -116,6 +123,18 @@ class DataIterator:
     if truncated:
       out["data_truncated"] = float(truncated)
     return out
+
+
+_OPEN: weakref.WeakSet[DataIterator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  """Stops the prefetch threads of iterators a script left open: a thread still running
+  native code when the interpreter exits aborts it ("terminate called without an active
+  exception")."""
+  for it in list(_OPEN):
+    it.close()
 
 
 def per_process_batch(global_batch_size: int, process_count: int) -> int:

@@ -206,7 +206,9 @@ class RawIterator(DataIterator):
                       "changed since it was saved.") from e
 
   def close(self) -> None:
-    self._it.close()
+    if self._it is not None:
+      self._it.close()
+    self._it = None  # dropped now, while Grain's modules are intact
 
   def counts(self) -> dict[str, int]:
     """Bad records skipped while loading (the whole source) plus, from the pipeline state,
