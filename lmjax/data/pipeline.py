@@ -195,7 +195,7 @@ class RawIterator(DataIterator):
     return next(self._it)
 
   def get_state(self) -> dict[str, Any]:
-    return self._it.get_state()
+    return self._it.get_state() if self._it is not None else self._final_state
 
   def set_state(self, state: dict[str, Any]) -> None:
     try:
@@ -206,7 +206,9 @@ class RawIterator(DataIterator):
                       "changed since it was saved.") from e
 
   def close(self) -> None:
+    """Stops prefetching; the position and counts stay readable."""
     if self._it is not None:
+      self._final_state = self._it.get_state()
       self._it.close()
     self._it = None  # dropped now, while Grain's modules are intact
 
@@ -217,6 +219,6 @@ class RawIterator(DataIterator):
     for skips in self._skips:
       for reason, n in skips.counts.items():
         out[reason] = out.get(reason, 0) + n
-    for reason, n in counts_in_state(self._it.get_state()).items():
+    for reason, n in counts_in_state(self.get_state()).items():
       out[reason] = out.get(reason, 0) + n
     return out
