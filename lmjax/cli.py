@@ -44,6 +44,24 @@ class _Parser(argparse.ArgumentParser):
     sys.exit(2)
 
 
+class _Once(argparse.Action):
+  """A flag given once, with a value that is not empty (``--workdir ""`` is no directory)."""
+
+  def __call__(self, parser, namespace, value, option_string=None):
+    if getattr(namespace, self.dest, None) is not None:
+      parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {value!r}); give it once")
+    if not value.strip():
+      parser.error(f"{option_string} is empty; give a {self.metavar}")
+    setattr(namespace, self.dest, value)
+
+
+def _devices(text: str) -> int:
+  """``--devices``: a number of devices, 1 or more."""
+  if not text.strip().isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"a number of devices, 1 or more; got {text!r}")
+  return int(text)
+
+
 def command(name: str, help: str):
   def register(fn):
     COMMANDS[name] = (help, fn)
@@ -61,13 +79,13 @@ def flags(name: str):
 # -- shared flag groups --------------------------------------------------------------------
 
 def _config_flags(p: argparse.ArgumentParser, required: bool, what: str = "config file") -> None:
-  p.add_argument("--config", required=required, metavar="FILE[:ARG]",
+  p.add_argument("--config", required=required, metavar="FILE[:ARG]", action=_Once,
                  help=f"{what} defining get_config(arg=None); FILE:ARG passes ARG. Override any "
                       "field with --config.KEY=VALUE (e.g. --config.optim.learning_rate=3e-4).")
 
 
 def _workdir_flag(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
-  p.add_argument("--workdir", required=required, metavar="DIR", help=help)
+  p.add_argument("--workdir", required=required, metavar="DIR", action=_Once, help=help)
 
 
 def _distributed_flags(p: argparse.ArgumentParser) -> None:
@@ -109,7 +127,7 @@ def _train(args) -> None:
 @flags("validate")
 def _validate_flags(p):
   _config_flags(p, required=True)
-  p.add_argument("--devices", type=int, metavar="N",
+  p.add_argument("--devices", type=_devices, metavar="N",
                  help="also check that the mesh covers N devices")
 
 
@@ -252,7 +270,7 @@ def _generate(args) -> None:
 @flags("plan")
 def _plan_flags(p):
   _config_flags(p, required=True)
-  p.add_argument("--devices", type=int, required=True, metavar="N",
+  p.add_argument("--devices", type=_devices, required=True, metavar="N",
                  help="devices of the target mesh (faked on the CPU)")
   p.add_argument("--accelerator", default="h100", help="h100, h200, a100-40gb, a100-80gb, l4, "
                  "tpu-v4, tpu-v5e, tpu-v5p or tpu-v6e (peak FLOP/s, memory); default h100")
@@ -267,8 +285,6 @@ def _plan_flags(p):
 @command("plan", "per-device memory and step time on --devices N, compiled on fake CPU devices; "
                  "if it does not fit, the cheapest --config change that does")
 def _plan(args) -> None:
-  if args.devices < 1:
-    raise ConfigError(f"--devices: the number of devices of the target mesh, got {args.devices}")
   # N fake CPU devices; must happen before anything initialises a JAX backend (importing
   # lmjax initialises none).
   jax.config.update("jax_platforms", "cpu")
@@ -356,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
   except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
+  except KeyboardInterrupt:  # a second Ctrl-C (the first stops training after its step)
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

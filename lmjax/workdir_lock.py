@@ -171,7 +171,14 @@ def acquire(workdir: str | Path, warn: Callable[[str], None] = print) -> Workdir
   """Takes ``workdir``'s lock (creating the directory), taking over a stale one with a
   ``warn``ing; raises WorkdirInUse naming the holder if it is held."""
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise ConfigError(f"{workdir}: a file is in the way of the run directory; give --workdir a "
+                      "directory (new or a run's)") from None
+  except PermissionError as e:
+    raise ConfigError(f"{workdir}: cannot create the run directory ({e.strerror}: "
+                      f"{e.filename}); give --workdir a writable place") from None
   path = workdir / LOCK_FILE
   token = uuid.uuid4().hex
   text = json.dumps({
