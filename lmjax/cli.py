@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -55,11 +56,13 @@ class _Once(argparse.Action):
     setattr(namespace, self.dest, value)
 
 
-def _devices(text: str) -> int:
-  """``--devices``: a number of devices, 1 or more."""
-  if not text.strip().isdigit() or int(text) < 1:
-    raise argparse.ArgumentTypeError(f"a number of devices, 1 or more; got {text!r}")
-  return int(text)
+def _count(what: str) -> Callable[[str], int]:
+  """An argparse type: a number of ``what``, 1 or more."""
+  def parse(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+      raise argparse.ArgumentTypeError(f"a number of {what}, 1 or more; got {text!r}")
+    return int(text)
+  return parse
 
 
 def command(name: str, help: str):
@@ -127,7 +130,7 @@ def _train(args) -> None:
 @flags("validate")
 def _validate_flags(p):
   _config_flags(p, required=True)
-  p.add_argument("--devices", type=_devices, metavar="N",
+  p.add_argument("--devices", type=_count("devices"), metavar="N",
                  help="also check that the mesh covers N devices")
 
 
@@ -152,7 +155,7 @@ def _eval_flags(p):
   _step_flag(p)
   p.add_argument("--eval_source", metavar="PATH", help="text/JSONL file, dir or glob to score "
                  "instead of the run's held-out split")
-  p.add_argument("--eval_batches", type=int, metavar="N",
+  p.add_argument("--eval_batches", type=_count("batches"), metavar="N",
                  help="batches of held-out data (default: all of the split)")
   p.add_argument("--choices", metavar="JSONL", help='multiple-choice JSONL ({"context", '
                  '"choices", "label"} per line) to score for accuracy')
@@ -270,7 +273,7 @@ def _generate(args) -> None:
 @flags("plan")
 def _plan_flags(p):
   _config_flags(p, required=True)
-  p.add_argument("--devices", type=_devices, required=True, metavar="N",
+  p.add_argument("--devices", type=_count("devices"), required=True, metavar="N",
                  help="devices of the target mesh (faked on the CPU)")
   p.add_argument("--accelerator", default="h100", help="h100, h200, a100-40gb, a100-80gb, l4, "
                  "tpu-v4, tpu-v5e, tpu-v5p or tpu-v6e (peak FLOP/s, memory); default h100")
@@ -370,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
                              heartbeat_timeout=args.heartbeat_timeout)
     COMMANDS[args.command][1](args)
   except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-    sys.stderr.write(f"error: {e}\n")
+    line = re.sub(r"\s*\n\s*", "; ", str(e).strip()).replace(":; ", ": ")
+    sys.stderr.write(f"error: {line}\n")  # one line, even for a list of skips
     sys.exit(2)
   except KeyboardInterrupt:  # a second Ctrl-C (the first stops training after its step)
     sys.stderr.write("interrupted\n")

@@ -167,6 +167,7 @@ def test_command_line_mistakes_in_a_real_process():
     (["validate", "--config", TINY, "--devices", "0"], "argument --devices: a number of devices, 1 or more; got '0'"),
     (["validate", "--config", TINY, "--devices", "-1"], "argument --devices: a number of devices, 1 or more"),
     (["plan", "--config", TINY, "--devices", "0"], "argument --devices: a number of devices, 1 or more"),
+    (["eval", "--workdir", "w", "--eval_batches", "0"], "argument --eval_batches: a number of batches, 1 or more"),
 ])
 def test_empty_repeated_and_out_of_range_flags_are_one_line(capsys, monkeypatch, tmp_path, argv, needle):
   """``--workdir ""`` would train in the current directory; a second --config would win
@@ -210,3 +211,32 @@ def test_config_path_with_a_colon_in_a_directory(capsys, tmp_path):
   for spec, steps in ((str(cfg), 5), (f"{cfg}:steps=9", 9)):
     code, out, err = _run(capsys, "validate", "--config", spec)
     assert code == 0 and f"steps: {steps}" in out, err
+
+
+def test_multi_line_messages_are_one_line(capsys, tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config():\n  raise ValueError('no usable documents; skipped:\\n  empty_file: 1\\n')\n")
+  line = _one_error(capsys, "validate", "--config", str(bad))
+  assert line.endswith("ValueError: no usable documents; skipped: empty_file: 1"), line
+
+
+def test_bad_multiple_choice_files_are_data_errors(tmp_path):
+  """``lmjax eval --choices`` on binary or empty files: DataError, which the CLI prints as one line."""
+  from lmjax.data import DataError
+  from lmjax.evaluate import read_choices
+  path = tmp_path / "mc.jsonl"
+  for content, needle in ((bytes(range(256)), "invalid UTF-8 at byte 128"), (b"\n\n", "no multiple-choice items")):
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=needle):
+      read_choices(path)
+
+
+def test_runs_lists_a_run_with_a_damaged_config(capsys, tmp_path):
+  """A config.json cut short by a kill (or edited by hand) leaves the run listed."""
+  for name, text in (("cut", '{"model": {"num_lay'), ("list", "[1, 2]"), ("empty", "")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(text)
+    (tmp_path / name / "metrics.jsonl").write_text('{"step": 3, "loss": 2.5}\n')
+  (tmp_path / "list" / "overrides.json").write_text("{")
+  code, out, err = _run(capsys, "runs", str(tmp_path))
+  assert code == 0 and all(name in out for name in ("cut", "list", "empty")), err
