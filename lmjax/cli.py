@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from absl import logging
 
 from lmjax import config_file, distributed, runs, sweep
 from lmjax.checkpoint import CheckpointError
-from lmjax.config import ConfigError
+from lmjax.config import ConfigError, error_line
 from lmjax.data import DataError
 from lmjax.generate import generate, load_run
 from lmjax.plan import format_plan, plan
@@ -373,8 +372,7 @@ def main(argv: list[str] | None = None) -> None:
                              heartbeat_timeout=args.heartbeat_timeout)
     COMMANDS[args.command][1](args)
   except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-    line = re.sub(r"\s*\n\s*", "; ", str(e).strip()).replace(":; ", ": ")
-    sys.stderr.write(f"error: {line}\n")  # one line, even for a list of skips
+    sys.stderr.write(error_line(e) + "\n")
     sys.exit(2)
   except KeyboardInterrupt:  # a second Ctrl-C (the first stops training after its step)
     sys.stderr.write("interrupted\n")
