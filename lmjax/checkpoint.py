@@ -158,8 +158,9 @@ class Checkpointer:
       return False
     try:
       files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(f"{manifest}: unreadable manifest ({e})") from None
+      files = {str(name): (int(size), str(digest)) for name, (size, digest) in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise CheckpointError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from None
     for name, (size, digest) in files.items():
       f = path / name
       if not f.exists():

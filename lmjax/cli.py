@@ -19,7 +19,7 @@ from absl import logging
 
 from lmjax import config_file, distributed, runs, sweep
 from lmjax.checkpoint import CheckpointError
-from lmjax.config import ConfigError
+from lmjax.config import ConfigError, error_line
 from lmjax.data import DataError
 from lmjax.generate import generate, load_run
 from lmjax.plan import format_plan, plan
@@ -44,6 +44,26 @@ class _Parser(argparse.ArgumentParser):
     sys.exit(2)
 
 
+class _Once(argparse.Action):
+  """A flag given once, with a value that is not empty (``--workdir ""`` is no directory)."""
+
+  def __call__(self, parser, namespace, value, option_string=None):
+    if getattr(namespace, self.dest, None) is not None:
+      parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {value!r}); give it once")
+    if not value.strip():
+      parser.error(f"{option_string} is empty; give a {self.metavar}")
+    setattr(namespace, self.dest, value)
+
+
+def _count(what: str) -> Callable[[str], int]:
+  """An argparse type: a number of ``what``, 1 or more."""
+  def parse(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+      raise argparse.ArgumentTypeError(f"a number of {what}, 1 or more; got {text!r}")
+    return int(text)
+  return parse
+
+
 def command(name: str, help: str):
   def register(fn):
     COMMANDS[name] = (help, fn)
@@ -61,13 +81,13 @@ def flags(name: str):
 # -- shared flag groups --------------------------------------------------------------------
 
 def _config_flags(p: argparse.ArgumentParser, required: bool, what: str = "config file") -> None:
-  p.add_argument("--config", required=required, metavar="FILE[:ARG]",
+  p.add_argument("--config", required=required, metavar="FILE[:ARG]", action=_Once,
                  help=f"{what} defining get_config(arg=None); FILE:ARG passes ARG. Override any "
                       "field with --config.KEY=VALUE (e.g. --config.optim.learning_rate=3e-4).")
 
 
 def _workdir_flag(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
-  p.add_argument("--workdir", required=required, metavar="DIR", help=help)
+  p.add_argument("--workdir", required=required, metavar="DIR", action=_Once, help=help)
 
 
 def _distributed_flags(p: argparse.ArgumentParser) -> None:
@@ -109,7 +129,7 @@ def _train(args) -> None:
 @flags("validate")
 def _validate_flags(p):
   _config_flags(p, required=True)
-  p.add_argument("--devices", type=int, metavar="N",
+  p.add_argument("--devices", type=_count("devices"), metavar="N",
                  help="also check that the mesh covers N devices")
 
 
@@ -134,7 +154,7 @@ def _eval_flags(p):
   _step_flag(p)
   p.add_argument("--eval_source", metavar="PATH", help="text/JSONL file, dir or glob to score "
                  "instead of the run's held-out split")
-  p.add_argument("--eval_batches", type=int, metavar="N",
+  p.add_argument("--eval_batches", type=_count("batches"), metavar="N",
                  help="batches of held-out data (default: all of the split)")
   p.add_argument("--choices", metavar="JSONL", help='multiple-choice JSONL ({"context", '
                  '"choices", "label"} per line) to score for accuracy')
@@ -252,7 +272,7 @@ def _generate(args) -> None:
 @flags("plan")
 def _plan_flags(p):
   _config_flags(p, required=True)
-  p.add_argument("--devices", type=int, required=True, metavar="N",
+  p.add_argument("--devices", type=_count("devices"), required=True, metavar="N",
                  help="devices of the target mesh (faked on the CPU)")
   p.add_argument("--accelerator", default="h100", help="h100, h200, a100-40gb, a100-80gb, l4, "
                  "tpu-v4, tpu-v5e, tpu-v5p or tpu-v6e (peak FLOP/s, memory); default h100")
@@ -267,8 +287,6 @@ def _plan_flags(p):
 @command("plan", "per-device memory and step time on --devices N, compiled on fake CPU devices; "
                  "if it does not fit, the cheapest --config change that does")
 def _plan(args) -> None:
-  if args.devices < 1:
-    raise ConfigError(f"--devices: the number of devices of the target mesh, got {args.devices}")
   # N fake CPU devices; must happen before anything initialises a JAX backend (importing
   # lmjax initialises none).
   jax.config.update("jax_platforms", "cpu")
@@ -354,8 +372,11 @@ def main(argv: list[str] | None = None) -> None:
                              heartbeat_timeout=args.heartbeat_timeout)
     COMMANDS[args.command][1](args)
   except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.write(error_line(e) + "\n")
     sys.exit(2)
+  except KeyboardInterrupt:  # a second Ctrl-C (the first stops training after its step)
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import ast
 import copy
 import json
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -70,6 +71,12 @@ FRACTIONS = {  # key -> (low, high, whether high is allowed)
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key and what to do."""
+
+
+def error_line(error: BaseException) -> str:
+  """``error: <message>`` on one line (a list of skipped records or bad steps joined by ';'),
+  as the command line and the tools print a mistake the user can fix."""
+  return "error: " + re.sub(r"\s*\n\s*", "; ", str(error).strip()).replace(":; ", ": ")
 
 
 def default_config() -> ml_collections.ConfigDict:

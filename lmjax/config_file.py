@@ -25,8 +25,15 @@ from lmjax.config import ConfigError, _parse_text, lock, override
 
 
 def split_path_arg(spec: str) -> tuple[str, str | None]:
-  """``"experiments/x/sweep.py:smoke"`` -> ``("experiments/x/sweep.py", "smoke")``."""
-  path, sep, arg = str(spec).partition(":")
+  """``"experiments/x/sweep.py:smoke"`` -> ``("experiments/x/sweep.py", "smoke")``. A ``:``
+  in a directory name (``runs/a:b/c.py:smoke``) splits after the first prefix that is a file."""
+  spec = str(spec)
+  if Path(spec).is_file():
+    return spec, None
+  for i, c in enumerate(spec):
+    if c == ":" and Path(spec[:i]).is_file():
+      return spec[:i], spec[i + 1:]
+  path, sep, arg = spec.partition(":")
   return path, (arg if sep else None)
 
 
@@ -63,9 +70,16 @@ def load_file(path: str | Path, kind: str = "config") -> types.ModuleType:
     exec(code, module.__dict__)  # noqa: S102 - a config file is code by design
   except ConfigError as e:
     raise ConfigError(f"{_where(e, path)}: {e}") from None
-  except Exception as e:  # noqa: BLE001 - any mistake in the file is the user's to fix there
-    raise ConfigError(f"{_where(e, path)}: {type(e).__name__}: {e}") from None
+  except (Exception, SystemExit) as e:  # noqa: BLE001 - any mistake in the file is the user's to fix there
+    raise ConfigError(_failed(e, path)) from None
   return module
+
+
+def _failed(error: BaseException, path: Path) -> str:
+  """``path:line: Error: message`` for an exception raised while running ``path``."""
+  if isinstance(error, SystemExit):
+    return f"{_where(error, path)}: called sys.exit({error.code!r}); raise an exception instead."
+  return f"{_where(error, path)}: {type(error).__name__}: {error}"
 
 
 def call(module: types.ModuleType, fn_name: str, arg: str | None) -> Any:
@@ -82,8 +96,8 @@ def call(module: types.ModuleType, fn_name: str, arg: str | None) -> Any:
     return fn(arg) if takes_arg else fn()
   except ConfigError as e:  # names the key or the argument itself
     raise ConfigError(f"{path}{'' if arg is None else ':' + arg}: {e}") from None
-  except Exception as e:  # noqa: BLE001
-    raise ConfigError(f"{_where(e, path)}: {type(e).__name__}: {e}") from None
+  except (Exception, SystemExit) as e:  # noqa: BLE001
+    raise ConfigError(_failed(e, path)) from None
 
 
 def load(spec: str | Path, overrides: dict[str, Any] | Iterable[tuple[str, Any]] = ()) -> ml_collections.ConfigDict:
@@ -91,6 +105,8 @@ def load(spec: str | Path, overrides: dict[str, Any] | Iterable[tuple[str, Any]]
   parsed by the field's type) applied in order."""
   path, arg = split_path_arg(str(spec))
   cfg = call(load_file(path), "get_config", arg)
+  if isinstance(cfg, ml_collections.FrozenConfigDict):
+    cfg = cfg.as_configdict()
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not an "
                       "ml_collections.ConfigDict; start from lmjax.config.default_config().")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 
+from lmjax.data.readers import DataError
 from lmjax.state import token_weights
 
 Batch = dict[str, np.ndarray]
@@ -122,9 +123,15 @@ def _batches(rows, weights, seq_len: int, batch_size: int) -> list[Batch]:
 
 
 def read_choices(path: str | Path) -> list[dict[str, Any]]:
-  """Multiple-choice items from JSONL; a malformed line raises naming the file and line."""
+  """Multiple-choice items from JSONL; a malformed line, a file that is no UTF-8 text or holds
+  no item raises DataError naming the file (and line)."""
   items = []
-  for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+  try:
+    text = Path(path).read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; give multiple-choice JSONL "
+                    "in UTF-8.") from None
+  for i, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:
@@ -133,11 +140,11 @@ def read_choices(path: str | Path) -> list[dict[str, Any]]:
       assert all(isinstance(c, str) for c in item["choices"]) and len(item["choices"]) >= 2
       assert isinstance(item["label"], int) and 0 <= item["label"] < len(item["choices"])
     except (ValueError, KeyError, TypeError, AssertionError):
-      raise ValueError(f"{path}:{i}: expected {{\"context\": str, \"choices\": [str, str, ...], "
+      raise DataError(f"{path}:{i}: expected {{\"context\": str, \"choices\": [str, str, ...], "
                        f"\"label\": index}}, got {line[:200]!r}") from None
     items.append(item)
   if not items:
-    raise ValueError(f"{path}: no multiple-choice items")
+    raise DataError(f"{path}: no multiple-choice items; give one JSON object per line")
   return items
 
 

@@ -189,7 +189,7 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
     raise ValueError("generate: no prompts.")
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}.")
-  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+  if not temperature >= 0 or top_k < 0 or not 0 < top_p <= 1:  # nan too
     raise ValueError(f"generate: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got "
                      f"temperature={temperature}, top_k={top_k}, top_p={top_p}.")
   for i, p in enumerate(prompts):

@@ -82,14 +82,21 @@ def _mean(values: Sequence[float]) -> float | None:
   return sum(finite) / len(finite) if finite else None
 
 
+def _read_json(path: Path) -> dict | None:
+  """The JSON object in ``path``; None if it is missing or damaged (a run killed mid-write
+  is still listed)."""
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
 def load_run(path: str | Path, name: str | None = None) -> Run:
   """Reads one run directory."""
   path = Path(path)
-  config_file = path / "config.json"
-  config = json.loads(config_file.read_text()) if config_file.exists() else None
-  overrides = {}
-  if (path / OVERRIDES_FILE).exists():
-    overrides = json.loads((path / OVERRIDES_FILE).read_text()).get("overrides", {})
+  config = _read_json(path / "config.json")
+  overrides = (_read_json(path / OVERRIDES_FILE) or {}).get("overrides", {})
   return Run(name=name or path.name, path=path, config=config, overrides=overrides,
              metrics=read_metrics(path))
 

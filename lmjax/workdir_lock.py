@@ -9,7 +9,9 @@ naming the holder. A lock left by a killed run is taken over:
   time, from ``/proc/<pid>/stat``, differs from the one recorded);
 * another host, whose processes cannot be checked: when it has not been refreshed for
   :data:`STALE_AFTER` seconds. The holder touches the file every :data:`REFRESH_EVERY`
-  seconds from a background thread.
+  seconds from a background thread;
+* unreadable (cut short by a crash, edited by hand): :data:`UNREADABLE_AFTER` seconds after
+  it was last written.
 
 A take-over first renames the stale lock to a unique name, so two starters cannot both
 replace it: the one whose rename moved something else (a lock written meanwhile) puts it
@@ -37,6 +39,7 @@ from jax.experimental import multihost_utils
 from lmjax.config import ConfigError
 
 LOCK_FILE = "lock.json"
+UNREADABLE_AFTER = 10.0  # seconds: a lock that is not lmjax's JSON this long after its last write is a crash's
 STALE_AFTER = 600.0  # seconds: another host's lock not refreshed for this long is a dead run's
 REFRESH_EVERY = 60.0  # seconds between the holder's refreshes of the lock's mtime
 
@@ -68,6 +71,8 @@ def _alive(pid: int) -> bool:
 def _stale(holder: dict | None, mtime: float) -> str | None:
   """Why the lock ``holder`` (None: unreadable) no longer holds, or None if it may."""
   age = time.time() - mtime
+  if holder is None:  # cut short by a crash on a file system without hard links, or edited
+    return f"unreadable for {age:.0f} s" if age > UNREADABLE_AFTER else None
   if holder is not None and holder.get("host") == socket.gethostname():
     pid = holder.get("pid")
     if not isinstance(pid, int) or not _alive(pid):
@@ -82,17 +87,29 @@ def _stale(holder: dict | None, mtime: float) -> str | None:
 
 
 def _parse(text: str) -> dict | None:
+  """The lock's holder, or None unless it names a host and a pid."""
   try:
     holder = json.loads(text)
   except ValueError:
     return None
-  return holder if isinstance(holder, dict) else None
+  if not isinstance(holder, dict) or not isinstance(holder.get("host"), str):
+    return None
+  pid = holder.get("pid")
+  return holder if type(pid) is int and 0 < pid < 2**31 else None
+
+
+def _read(path: Path) -> str:
+  return path.read_bytes().decode("utf-8", "replace")
 
 
 def _create(path: Path, text: str) -> bool:
   """Creates ``path`` holding ``text`` unless it exists; never shows a half-written file."""
   tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-  tmp.write_text(text)
+  try:
+    tmp.write_text(text)
+  except OSError as e:
+    raise ConfigError(f"{path.parent}: cannot write the run's lock there ({e.strerror}); "
+                      "give --workdir a writable directory") from None
   try:
     os.link(tmp, path)
     return True
@@ -119,7 +136,7 @@ def _take_away(path: Path, judged: str) -> None:
   except FileNotFoundError:
     return  # another starter took it away first
   try:
-    if aside.read_text() != judged:
+    if _read(aside) != judged:
       os.link(aside, path)
   except FileExistsError:
     pass
@@ -139,7 +156,7 @@ class WorkdirLock:
 
   def _ours(self) -> bool:
     try:
-      return (_parse(self.path.read_text()) or {}).get("token") == self.token
+      return (_parse(_read(self.path)) or {}).get("token") == self.token
     except OSError:
       return False
 
@@ -171,7 +188,14 @@ def acquire(workdir: str | Path, warn: Callable[[str], None] = print) -> Workdir
   """Takes ``workdir``'s lock (creating the directory), taking over a stale one with a
   ``warn``ing; raises WorkdirInUse naming the holder if it is held."""
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise ConfigError(f"{workdir}: a file is in the way of the run directory; give --workdir a "
+                      "directory (new or a run's)") from None
+  except PermissionError as e:
+    raise ConfigError(f"{workdir}: cannot create the run directory ({e.strerror}: "
+                      f"{e.filename}); give --workdir a writable place") from None
   path = workdir / LOCK_FILE
   token = uuid.uuid4().hex
   text = json.dumps({
@@ -181,13 +205,17 @@ def acquire(workdir: str | Path, warn: Callable[[str], None] = print) -> Workdir
     if _create(path, text):
       return WorkdirLock(path, token)
     try:
-      judged, mtime = path.read_text(), path.stat().st_mtime
+      judged, mtime = _read(path), path.stat().st_mtime
     except FileNotFoundError:
       continue  # released meanwhile
+    except OSError as e:
+      raise WorkdirInUse(f"{path}: cannot read this run lock ({e.strerror}); if no run uses "
+                         "the workdir, delete it") from None
     holder = _parse(judged)
     why = _stale(holder, mtime)
     h = holder or {}
-    who = f"pid {h.get('pid', '?')} on host {h.get('host', '?')} since {h.get('started', '?')}"
+    who = (f"pid {h['pid']} on host {h['host']} since {h.get('started', '?')}" if holder else
+           f"a run whose lock is unreadable ({len(judged)} bytes, written {time.time() - mtime:.0f} s ago)")
     if why is None:
       command = shlex.join(map(str, h["argv"])) if isinstance(h.get("argv"), list) else ""
       command = f" ({command[:97]}...)" if len(command) > 100 else f" ({command})" if command else ""

@@ -155,3 +155,88 @@ def test_command_line_mistakes_in_a_real_process():
                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 2 and out.stdout == "", (args, out.stderr)
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["validate", "--config="], "lmjax validate: --config is empty"),
+    (["validate", "--config", ""], "lmjax validate: --config is empty"),
+    (["validate", "--config", TINY, "--config", TINY], "lmjax validate: --config given twice"),
+    (["train", "--config", TINY, "--workdir", ""], "lmjax train: --workdir is empty"),
+    (["eval", "--workdir="], "lmjax eval: --workdir is empty"),
+    (["eval", "--workdir", "a", "--workdir", "b"], "lmjax eval: --workdir given twice ('a' and 'b')"),
+    (["validate", "--config", TINY, "--devices", "0"], "argument --devices: a number of devices, 1 or more; got '0'"),
+    (["validate", "--config", TINY, "--devices", "-1"], "argument --devices: a number of devices, 1 or more"),
+    (["plan", "--config", TINY, "--devices", "0"], "argument --devices: a number of devices, 1 or more"),
+    (["eval", "--workdir", "w", "--eval_batches", "0"], "argument --eval_batches: a number of batches, 1 or more"),
+])
+def test_empty_repeated_and_out_of_range_flags_are_one_line(capsys, monkeypatch, tmp_path, argv, needle):
+  """``--workdir ""`` would train in the current directory; a second --config would win
+  silently; --devices 0 divided by zero."""
+  monkeypatch.chdir(tmp_path)
+  assert needle in _one_error(capsys, *argv)
+
+
+def test_workdir_that_is_a_file_is_one_line(capsys, tmp_path):
+  (tmp_path / "f").write_text("x")
+  for workdir in (tmp_path / "f", tmp_path / "f" / "run"):
+    line = _one_error(capsys, "train", "--config", TINY, "--workdir", str(workdir))
+    assert f"{workdir}: a file is in the way of the run directory" in line
+  assert (tmp_path / "f").read_text() == "x"
+
+
+def test_config_files_that_exit_or_freeze(capsys, tmp_path):
+  """sys.exit() in a config file is a mistake there; Ctrl-C is one line, exit 130; a
+  FrozenConfigDict is a config."""
+  bad = tmp_path / "bad.py"
+  bad.write_text("import sys\nsys.exit(3)\n")
+  assert f"{bad}:2: called sys.exit(3)" in _one_error(capsys, "validate", "--config", str(bad))
+  bad.write_text("import sys\n\ndef get_config():\n  sys.exit('bye')\n")
+  assert f"{bad}:4: called sys.exit('bye')" in _one_error(capsys, "validate", "--config", str(bad))
+  bad.write_text("def get_config():\n  raise KeyboardInterrupt\n")
+  assert _run(capsys, "validate", "--config", str(bad)) == (130, "", "interrupted\n")
+  bad.write_text("import ml_collections\nfrom lmjax.config import default_config\n\n"
+                 "def get_config():\n  return ml_collections.FrozenConfigDict(default_config())\n")
+  code, out, err = _run(capsys, "validate", "--config", str(bad), "--config.train.steps=7")
+  assert code == 0 and "steps: 7" in out, err
+
+
+def test_config_path_with_a_colon_in_a_directory(capsys, tmp_path):
+  """``a:b/c.py:arg`` splits after the first prefix that is a file."""
+  folder = tmp_path / "runs:v2" / "ünï"
+  folder.mkdir(parents=True)
+  cfg = folder / "c.py"
+  cfg.write_text("from lmjax.config import default_config\nfrom lmjax.config_file import parse_arg\n\n"
+                 "def get_config(arg=None):\n  c = default_config()\n"
+                 "  c.train.steps = parse_arg(arg, steps=5).steps\n  return c\n")
+  for spec, steps in ((str(cfg), 5), (f"{cfg}:steps=9", 9)):
+    code, out, err = _run(capsys, "validate", "--config", spec)
+    assert code == 0 and f"steps: {steps}" in out, err
+
+
+def test_multi_line_messages_are_one_line(capsys, tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config():\n  raise ValueError('no usable documents; skipped:\\n  empty_file: 1\\n')\n")
+  line = _one_error(capsys, "validate", "--config", str(bad))
+  assert line.endswith("ValueError: no usable documents; skipped: empty_file: 1"), line
+
+
+def test_bad_multiple_choice_files_are_data_errors(tmp_path):
+  """``lmjax eval --choices`` on binary or empty files: DataError, which the CLI prints as one line."""
+  from lmjax.data import DataError
+  from lmjax.evaluate import read_choices
+  path = tmp_path / "mc.jsonl"
+  for content, needle in ((bytes(range(256)), "invalid UTF-8 at byte 128"), (b"\n\n", "no multiple-choice items")):
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=needle):
+      read_choices(path)
+
+
+def test_runs_lists_a_run_with_a_damaged_config(capsys, tmp_path):
+  """A config.json cut short by a kill (or edited by hand) leaves the run listed."""
+  for name, text in (("cut", '{"model": {"num_lay'), ("list", "[1, 2]"), ("empty", "")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(text)
+    (tmp_path / name / "metrics.jsonl").write_text('{"step": 3, "loss": 2.5}\n')
+  (tmp_path / "list" / "overrides.json").write_text("{")
+  code, out, err = _run(capsys, "runs", str(tmp_path))
+  assert code == 0 and all(name in out for name in ("cut", "list", "empty")), err

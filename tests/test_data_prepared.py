@@ -143,8 +143,8 @@ def test_prepare_tool_prints_a_summary(tmp_path, tok, corpus, capsys):
   assert "docs.jsonl:11: not valid JSON" in text and "empty.txt: the file is empty" in text
   assert len(tr["files"]) == -(-tr["rows"] // 5) > 1  # rows spread over 5-row shards
   assert f"--config.data.source={out} --config.data.seq_len={SEQ}" in text
-  assert prepare_data.main(argv) == 1 and "pass --overwrite" in capsys.readouterr().err
-  assert prepare_data.main(argv + ["--overwrite", "--bad_records", "fail"]) == 1
+  assert prepare_data.main(argv) == 2 and "pass --overwrite" in capsys.readouterr().err
+  assert prepare_data.main(argv + ["--overwrite", "--bad_records", "fail"]) == 2
   assert "docs.jsonl:11: not valid JSON" in capsys.readouterr().err
   assert read_metadata(str(out)) == meta  # a failed run leaves the old dataset as it was
   assert not os.path.exists(str(out) + ".partial")

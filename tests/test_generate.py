@@ -193,6 +193,8 @@ def test_bad_arguments_are_refused_before_compiling():
     gen([[1]], max_new_tokens=0)
   with pytest.raises(ValueError, match="0 < top_p <= 1"):
     gen([[1]], max_new_tokens=2, top_p=0.0)
+  with pytest.raises(ValueError, match="temperature=nan"):  # NaN compares false with 0
+    gen([[1]], max_new_tokens=2, temperature=float("nan"))
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     gen([[1], []], max_new_tokens=2)
   with pytest.raises(ValueError, match=r"outside \[0, 97\)"):

@@ -88,6 +88,36 @@ def test_another_hosts_lock_holds_until_it_is_not_refreshed(tmp_path):
   assert "from pid" in warnings[0] and "not refreshed for 11 min" in warnings[0]
 
 
+@pytest.mark.parametrize("content", [b"", b'{"host": "h', b"null", b"\xff\xfe garbage",
+                                     b'{"host": "%s", "pid": 0}' % socket.gethostname().encode(),
+                                     b'{"host": "%s", "pid": 99999999999}' % socket.gethostname().encode(),
+                                     b'{"host": "%s", "pid": true}' % socket.gethostname().encode()])
+def test_an_unreadable_lock_holds_briefly_then_is_taken_over(tmp_path, content):
+  """A lock cut short by a crash mid-write (or edited by hand) is no run's for ever: it
+  holds while it may still be being written, then a start takes it over."""
+  path = tmp_path / LOCK_FILE
+  path.write_bytes(content)
+  with pytest.raises(WorkdirInUse, match="in use by a run whose lock is unreadable"):
+    acquire(tmp_path)
+  old = time.time() - workdir_lock.UNREADABLE_AFTER - 5
+  os.utime(path, (old, old))
+  warnings = []
+  with acquire(tmp_path, warn=warnings.append):
+    assert _holder(tmp_path)["pid"] == os.getpid()
+  assert "unreadable" in warnings[0] and not path.exists()
+
+
+def test_a_lock_that_cannot_be_read_or_written_is_one_line(tmp_path, monkeypatch):
+  (tmp_path / LOCK_FILE).mkdir()
+  with pytest.raises(WorkdirInUse, match=r"lock.json: cannot read this run lock \(Is a directory\)"):
+    acquire(tmp_path)
+  def read_only(self, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(self))
+  monkeypatch.setattr(Path, "write_text", read_only)  # root ignores a chmod'ed directory
+  with pytest.raises(workdir_lock.ConfigError, match=r"cannot write the run's lock there \(Permission denied\)"):
+    acquire(tmp_path / "ro")
+
+
 def test_the_holder_refreshes_and_releases_only_its_own_lock(tmp_path):
   lock = acquire(tmp_path)
   path = tmp_path / LOCK_FILE

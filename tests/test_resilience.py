@@ -248,6 +248,16 @@ def test_truncated_or_tampered_checkpoints_fall_back_to_the_previous_good_one(tm
   assert not list((tmp_path / "all_bad").glob("*.unusable-*"))
 
 
+@pytest.mark.parametrize("manifest", ['{"files": [1]}', '{"files": {"a": null}}', '{"files": {"a": [1]}}',
+                                      '[]', '{"files": {"a": ["x", "y"]}}', ""])
+def test_a_malformed_manifest_is_named(tmp_path, manifest):
+  """A manifest that is JSON of the wrong shape makes its step unusable, naming the file."""
+  (tmp_path / "5").mkdir()
+  (tmp_path / "5" / MANIFEST).write_text(manifest)
+  with pytest.raises(CheckpointError, match=f"{tmp_path / '5' / MANIFEST}: unreadable manifest"):
+    Checkpointer(tmp_path, read_only=True).verify(5)
+
+
 def _flip_a_byte(step_dir: Path) -> None:  # found by the manifest
   f = _largest_file(step_dir)
   data = bytearray(f.read_bytes())

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from lmjax import hf
   from lmjax.checkpoint import CheckpointError
-  from lmjax.config import ConfigError  # DataError and ConversionError are ValueErrors too
+  from lmjax.config import ConfigError, error_line  # DataError and ConversionError are ValueErrors too
   try:
     if args.command == "import":
       overrides = {}
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       hf.export_checkpoint(args.workdir, args.hf_dir, args.step, args.dtype, args.max_shard_size)
   except (ValueError, CheckpointError, FileNotFoundError, ConfigError) as e:
-    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.write(error_line(e) + "\n")
     return 2
   return 0
 

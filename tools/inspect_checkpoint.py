@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lmjax.checkpoint import MANIFEST, Checkpointer, CheckpointError
+from lmjax.config import error_line
 
 
 def _checkpoints_dir(path: Path) -> Path:
@@ -37,11 +38,13 @@ def describe(run_dir: str | Path, step: int | None = None, show_config: bool = F
   # Absolute: Orbax reads no array metadata through a relative path (it lists nothing).
   directory = _checkpoints_dir(Path(run_dir).expanduser().absolute())
   if not directory.is_dir():
-    raise SystemExit(f"error: {directory} is not a directory")
+    raise CheckpointError(f"{directory}: no such directory; give a run's --workdir")
   ckpt = Checkpointer(directory, read_only=True)
   steps = ckpt.all_steps()
   lines = [f"{directory}: {len(steps)} checkpoint(s)"]
   leftovers = sorted(p.name for p in directory.glob("*orbax-checkpoint-tmp*"))
+  if not steps and not leftovers:
+    raise CheckpointError(f"{directory}: holds no checkpoint; give a run's --workdir")
   if leftovers:
     lines.append(f"  incomplete (interrupted) saves, ignored: {', '.join(leftovers)}")
   for s in steps:
@@ -57,11 +60,11 @@ def describe(run_dir: str | Path, step: int | None = None, show_config: bool = F
     lines.append(f"  step {s}: {size / 2**20:.2f} MiB, {_integrity(ckpt, s)}; {origin}")
   if step is not None:
     if step not in steps:
-      raise SystemExit(f"error: no checkpoint for step {step} in {directory}; steps: {steps}")
+      raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {steps}")
     meta = ocp.StandardCheckpointer().metadata(directory / str(step) / "state")
     tree = getattr(meta, "item_metadata", meta)
     if not jax.tree_util.tree_leaves(tree):
-      raise SystemExit(f"error: step {step} in {directory}: Orbax found no array metadata in "
+      raise CheckpointError(f"step {step} in {directory}: Orbax found no array metadata in "
                        f"{directory / str(step) / 'state'}; the checkpoint may be incomplete.")
     total = 0
     lines.append(f"\nstep {step} arrays (shape, dtype, sharding):")
@@ -79,13 +82,18 @@ def describe(run_dir: str | Path, step: int | None = None, show_config: bool = F
   return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("run_dir")
   parser.add_argument("--step", type=int, default=None, help="list this step's arrays")
   parser.add_argument("--config", action="store_true", help="print the saved config")
   args = parser.parse_args(argv)
-  print(describe(args.run_dir, args.step, args.config))
+  try:
+    print(describe(args.run_dir, args.step, args.config))
+  except CheckpointError as e:
+    print(error_line(e), file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":

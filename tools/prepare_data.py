@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from lmjax.config import BAD_RECORD_POLICIES, LONG_DOCUMENT_POLICIES, TXT_SPLITS
+from lmjax.config import BAD_RECORD_POLICIES, LONG_DOCUMENT_POLICIES, TXT_SPLITS, error_line
 from lmjax.data import DataError, Tokenizer, load_documents, prepare, train_tokenizer
 from lmjax.data.sources import REASONS
 
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
       bar.close()
   except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    print(error_line(e), file=sys.stderr)
+    return 2
   print(summary(meta, os.path.abspath(os.path.expanduser(args.output)), time.perf_counter() - start))
   warning = empty_eval_warning(meta)
   if warning:

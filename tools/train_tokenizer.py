@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 
-from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS
+from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS, error_line
 from lmjax.data import DataError, SkipLog, Tokenizer, load_documents, train_tokenizer
 from lmjax.data.tokenizer import MODEL_TYPES
 
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = train_tokenizer(docs, args.vocab_size, args.output, args.model_type, special_tokens=special)
     seconds = time.perf_counter() - start
   except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    print(error_line(e), file=sys.stderr)
+    return 2
   coverage, tokens_per_char = fit_stats(tok, docs)
   print(f"wrote {args.output} ({args.model_type}) in {seconds:.2f}s from {len(docs)} documents, "
         f"{sum(map(len, docs)):,} characters")
