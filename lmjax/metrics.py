@@ -187,8 +187,9 @@ class MetricsWriter:
 
   def __init__(self, workdir: str | Path, enabled: bool = True, keep_through_step: int | None = None,
                cfg: ml_collections.ConfigDict | None = None, started: float | None = None):
-    """``keep_through_step``: on a resume, records after the restored step are dropped
-    (they will be written again), so the file holds each step once. ``started``: the
+    """``keep_through_step``: on a resume, records after the restored step move to
+    ``metrics.after-step-<N>.<time>.jsonl`` (they will be written again), so the file holds
+    each step once and nothing is lost. ``started``: the
     ``time.time()`` that ``elapsed_sec`` counts from (default: now)."""
     cfg = cfg if cfg is not None else config_lib.default_config()
     check_trackers(cfg.train.trackers)
@@ -197,10 +198,15 @@ class MetricsWriter:
     self.path = self.workdir / "metrics.jsonl"
     self.started = time.time() if started is None else started
     self.status = "failed"  # until finish() says otherwise
+    self.dropped: Path | None = None  # where records after keep_through_step were moved
     self._trackers: list[Any] = []
     if enabled:
       if keep_through_step is not None and self.path.exists():
-        kept = [r for r in read_metrics(workdir) if r["step"] <= keep_through_step]
+        records = read_metrics(workdir)
+        kept = [r for r in records if r["step"] <= keep_through_step]
+        if len(kept) < len(records):  # kept aside, never lost
+          self.dropped = self.workdir / f"metrics.after-step-{keep_through_step}.{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+          self.dropped.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] > keep_through_step))
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

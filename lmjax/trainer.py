@@ -245,6 +245,10 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Devi
     change = metrics_lib.schedule_change(cfg, checkpointer.saved_config(latest), latest)
     if change:
       _say(f"warning: {change}")
+  if writer.dropped is not None:
+    _say(f"warning: {writer.path} held steps after {start}, the step this run "
+         + ("resumes from" if latest is not None else "starts from (no checkpoint to resume)")
+         + f"; those records were moved to {writer.dropped}")
   summary = RunSummary(workdir, checkpointer.directory, start, t.steps, started, throughput)
 
   def log(step: int, fetched: list[tuple[int, dict]], extra: dict[str, float]) -> None:

@@ -256,3 +256,20 @@ def test_a_failed_run_marks_the_mlflow_run_failed(tmp_path, monkeypatch):
   assert run.info.status == "FAILED" and run.info.run_name == "run"
   assert not (tmp_path / "run" / "summary.json").exists()
   assert np.isfinite([r["loss"] for r in read_metrics(tmp_path / "run")]).all()
+
+
+def test_records_after_the_restored_step_are_kept_aside(tmp_path):
+  """A resume from an older step (or a restart with no checkpoint left) rewrites metrics.jsonl
+  from there; the records it replaces move to a file of their own, never lost."""
+  from lmjax.metrics import MetricsWriter, read_metrics
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0 - s}) + "\n"
+                                                  for s in range(1, 6)))
+  writer = MetricsWriter(tmp_path, keep_through_step=2)
+  writer.close()
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+  assert writer.dropped.name.startswith("metrics.after-step-2.")
+  moved = [json.loads(l) for l in writer.dropped.read_text().splitlines()]
+  assert moved == [{"step": s, "loss": 9.0 - s} for s in (3, 4, 5)]
+  writer = MetricsWriter(tmp_path, keep_through_step=2)  # nothing beyond: nothing moved
+  writer.close()
+  assert writer.dropped is None and len(list(tmp_path.glob("metrics.after-step-*"))) == 1
