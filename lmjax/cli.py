@@ -119,9 +119,10 @@ def _train(args) -> None:
   history = train(args.cfg, args.workdir)
   if history:
     last = history[-1]
-    print(f"done: step {int(last['step'])}, loss {last['loss']:.4f}"
+    stopped = int(last["step"]) < args.cfg.train.steps  # by a signal: the summary says which
+    print(f"{'stopped' if stopped else 'done'}: step {int(last['step'])}, loss {last['loss']:.4f}"
           + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
-          + f"; run directory {args.workdir}")
+          + f"; run directory {args.workdir}" + ("; rerun the same command to resume" if stopped else ""))
   else:
     print(f"nothing to do: {args.workdir} already holds the final step")
 

@@ -136,6 +136,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
   assert not (tmp_path / "lock.json").exists()  # the workdir is free again
   stopped = max(Checkpointer(tmp_path / "checkpoints", default_config()).all_steps())
   assert 5 <= stopped < STEPS and max(_losses(tmp_path)) == stopped  # saved where it stopped
+  assert f"stopped: step {stopped}," in out and "done:" not in out
   _finish(tmp_path)
   assert _losses(tmp_path) == uninterrupted
 
