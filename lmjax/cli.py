@@ -144,7 +144,7 @@ def _validate(args) -> None:
 def _refuse(problems: list[str]) -> None:
   """Exits with status 2 after one ``error:`` line per problem, if there are any."""
   for problem in problems:
-    sys.stderr.write(f"error: {problem}\n")
+    sys.stderr.write(error_line(problem) + "\n")
   if problems:
     sys.exit(2)
 

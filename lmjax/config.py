@@ -73,7 +73,7 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the key and what to do."""
 
 
-def error_line(error: BaseException) -> str:
+def error_line(error: BaseException | str) -> str:
   """``error: <message>`` on one line (a list of skipped records or bad steps joined by ';'),
   as the command line and the tools print a mistake the user can fix."""
   return "error: " + re.sub(r"\s*\n\s*", "; ", str(error).strip()).replace(":; ", ": ")

@@ -16,32 +16,9 @@ import ml_collections
 from lmjax import rundir
 from lmjax.checkpoint import CheckpointError
 from lmjax.config import ConfigError, validate
-from lmjax.data import DataError, read_metadata
+from lmjax.data import DataError, prepared_reader
 from lmjax.data.sources import SkipLog, resolve_paths, sources_of, uses_prepared
 from lmjax.metrics import check_trackers
-
-
-def _prepared_problems(cfg: ml_collections.ConfigDict, fixes: dict[str, int]) -> list[str]:
-  problems = []
-  for source, _ in sources_of(cfg.data):
-    try:
-      meta = read_metadata(source)
-    except DataError as e:
-      problems.append(str(e))
-      continue
-    rows = meta["seq_len"]
-    if rows != cfg.data.seq_len:
-      problems.append(f"config.data.seq_len={cfg.data.seq_len}, but the prepared dataset {source} "
-                      f"holds rows of {rows} tokens; set --config.data.seq_len={rows} (or prepare "
-                      "the data again with --seq_len).")
-      fixes["data.seq_len"] = rows
-    if rows > cfg.model.max_seq_len:
-      problems.append(f"config.model.max_seq_len={cfg.model.max_seq_len} is shorter than the "
-                      f"{rows}-token rows of {source}; set --config.model.max_seq_len={rows}.")
-      fixes["model.max_seq_len"] = rows
-    if not meta["splits"]["train"]["rows"]:
-      problems.append(f"{source}: the train split holds no rows; prepare it from more documents.")
-  return problems
 
 
 def _raw_problems(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -69,7 +46,7 @@ def input_problems(cfg: ml_collections.ConfigDict, num_devices: int | None = Non
       problems.append(str(e))
   try:
     prepared = uses_prepared(cfg.data)
-    problems += _prepared_problems(cfg, fixes) if prepared else _raw_problems(cfg)
+    problems += prepared_reader.problems(cfg, fixes) if prepared else _raw_problems(cfg)
     if prepared or cfg.data.tokenizer or cfg.train.init_from:
       tokenizer = rundir.run_tokenizer(cfg)
       if tokenizer.vocab_size != cfg.model.vocab_size:

@@ -121,20 +121,42 @@ class _Component:
     return int(self.meta["splits"][split]["rows"])
 
 
-def _components(cfg: ml_collections.ConfigDict) -> list[_Component]:
-  comps = [_Component(source, weight) for source, weight in sources_of(cfg.data)]
-  first = comps[0]
-  for c in comps:
-    if c.meta["seq_len"] != cfg.data.seq_len:
-      raise DataError(f"config.data.seq_len={cfg.data.seq_len}, but {c.directory} holds rows of "
-                      f"{c.meta['seq_len']}; set data.seq_len to {c.meta['seq_len']} or prepare "
-                      "the data again with --seq_len.")
+def problems(cfg: ml_collections.ConfigDict, fixes: dict[str, int] | None = None) -> list[str]:
+  """One line per way the prepared source(s) of ``cfg`` do not fit it (row length against
+  ``data.seq_len`` and ``model.max_seq_len``, mixed tokenizers, an empty train split); the
+  override each known fix needs goes into ``fixes``."""
+  fixes = {} if fixes is None else fixes
+  out, first = [], None
+  for source, weight in sources_of(cfg.data):
+    try:
+      c = _Component(source, weight)
+    except DataError as e:
+      out.append(str(e))
+      continue
+    first = first or c
+    rows = c.meta["seq_len"]
+    if rows != cfg.data.seq_len:
+      out.append(f"config.data.seq_len={cfg.data.seq_len}, but the prepared dataset {c.directory} "
+                 f"holds rows of {rows} tokens; set --config.data.seq_len={rows} (or prepare the "
+                 "data again with --seq_len).")
+      fixes["data.seq_len"] = rows
+    if rows > cfg.model.max_seq_len:
+      out.append(f"config.model.max_seq_len={cfg.model.max_seq_len} is shorter than the "
+                 f"{rows}-token rows of {c.directory}; set --config.model.max_seq_len={rows}.")
+      fixes["model.max_seq_len"] = rows
     if c.meta["tokenizer"]["sha256"] != first.meta["tokenizer"]["sha256"]:
-      raise DataError(f"data.mixture: {c.directory} and {first.directory} were prepared with "
-                      "different tokenizers.")
+      out.append(f"data.mixture: {c.directory} and {first.directory} were prepared with "
+                 "different tokenizers.")
     if c.rows("train") == 0:
-      raise DataError(f"{c.directory}: the train split holds no rows.")
-  return comps
+      out.append(f"{c.directory}: the train split holds no rows; prepare it from more documents.")
+  return out
+
+
+def _components(cfg: ml_collections.ConfigDict) -> list[_Component]:
+  found = problems(cfg)
+  if found:
+    raise DataError(found[0])
+  return [_Component(source, weight) for source, weight in sources_of(cfg.data)]
 
 
 def dataset_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
