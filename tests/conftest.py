@@ -14,3 +14,24 @@ import tempfile  # noqa: E402
 # Tokenizers generated for the default corpus are cached here for the whole session
 # (subprocesses inherit it), never in the user's home.
 os.environ.setdefault("LMJAX_CACHE", tempfile.mkdtemp(prefix="lmjax-test-cache-"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory):
+  """A real S3 server and GCS emulator on loopback (tests/object_stores.py), their settings
+  exported to this process for the session (subprocesses get ``stores.env``)."""
+  from tests.object_stores import Stores
+  servers = Stores(str(tmp_path_factory.mktemp("stores")))
+  saved = {k: os.environ.get(k) for k in servers.env}
+  os.environ.update(servers.env)
+  try:
+    yield servers
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    servers.close()

@@ -1,0 +1,94 @@
+"""S3 checkpoints through Orbax and TensorStore.
+
+Orbax 0.12 writes ``gs://`` checkpoints natively but not ``s3://`` ones, though TensorStore
+has an ``s3`` kvstore driver. Three places in Orbax decide, from the path alone, how a
+checkpoint is written; :func:`install` extends each to ``s3://`` and changes nothing for
+other paths:
+
+* the TensorStore kvstore spec (``tensorstore_utils.build_kvstore_tspec``): Orbax
+  normalises the directory with ``os.path.normpath``, which turns ``s3://b/x`` into
+  ``s3:/b/x``, then refuses it as a relative path. An ``s3://`` directory is built as Orbax
+  builds a ``gs://`` one, and every ``gcs`` driver in the result becomes TensorStore's ``s3``
+  driver with the bucket, the path, and the endpoint and region that AWS's own tools read
+  (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; ``AWS_REGION`` or ``AWS_DEFAULT_REGION``),
+  since TensorStore takes the endpoint only from the spec. Credentials come from
+  TensorStore's default chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, then
+  ``AWS_PROFILE`` in ``~/.aws/credentials``.
+* how a save is committed (``atomicity_defaults``): S3 has no directory rename (a "rename"
+  copies every object), so an ``s3://`` checkpoint commits as a ``gs://`` one does: written
+  in place, then marked whole by a ``commit_success.txt`` written last. A step directory
+  without it is an unfinished save: never listed, and removed on the next start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from orbax.checkpoint._src.path import atomicity, atomicity_defaults
+from orbax.checkpoint._src.serialization import tensorstore_utils
+
+S3 = "s3://"
+_installed = False
+
+
+def _s3_url(directory: Any) -> str | None:
+  """``directory`` as an ``s3://`` URL, or None if it is not one (also after normpath)."""
+  text = os.fspath(directory) if not isinstance(directory, str) else directory
+  if text.startswith(S3):
+    return text
+  if text.startswith("s3:/"):
+    return S3 + text[len("s3:/"):]
+  return None
+
+
+def endpoint() -> str | None:
+  """The S3 endpoint AWS's own tools would use (None: AWS itself)."""
+  return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def region() -> str:
+  return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _to_s3(spec: Any) -> Any:
+  """``spec`` with every TensorStore ``gcs`` kvstore turned into the same ``s3`` one."""
+  if isinstance(spec, list):
+    return [_to_s3(s) for s in spec]
+  if not isinstance(spec, dict):
+    return spec
+  out = {k: _to_s3(v) for k, v in spec.items()}
+  if out.get("driver") in ("gcs", "gcs_grpc"):
+    out = {"driver": "s3", "bucket": out["bucket"], "path": out.get("path", ""),
+           "aws_region": region()}
+    if endpoint():
+      out["endpoint"] = endpoint()
+  return out
+
+
+def install() -> None:
+  """Teaches the Orbax in this process ``s3://`` checkpoints (idempotent)."""
+  global _installed
+  if _installed:
+    return
+  _installed = True
+  build = tensorstore_utils.build_kvstore_tspec
+
+  def build_kvstore_tspec(directory: str, *args: Any, **kwargs: Any) -> Any:
+    url = _s3_url(directory)
+    if url is None:
+      return build(directory, *args, **kwargs)
+    return _to_s3(build("gs://" + url[len(S3):], *args, **kwargs))
+
+  build_kvstore_tspec.__doc__ = build.__doc__
+  tensorstore_utils.build_kvstore_tspec = build_kvstore_tspec
+
+  for name in ("get_default_temporary_path_class", "get_item_default_temporary_path_class"):
+    default = getattr(atomicity_defaults, name)
+
+    def temporary_path_class(path: Any, *, atomicity_options: Any = None, _default=default):
+      if _s3_url(path) is not None and atomicity_options is None:
+        return atomicity.CommitFileTemporaryPath
+      return _default(path, atomicity_options=atomicity_options)
+
+    setattr(atomicity_defaults, name, temporary_path_class)
