@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -38,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lmjax import storage
 from lmjax.data import DataError
 
 FORMAT_VERSION = 1
@@ -67,11 +67,11 @@ class Checkpointer:
   """Saves every ``train.checkpoint_every`` steps (asynchronously); keeps the newest
   ``train.keep_checkpoints`` plus every ``train.keep_every``-th step."""
 
-  def __init__(self, directory: str | Path, cfg: ml_collections.ConfigDict | None = None,
+  def __init__(self, directory: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None,
                read_only: bool = False):
     """``read_only`` (loading, inspecting, fine-tuning from a run): never writes, deletes
     or cleans up, so it is safe beside a run that is saving."""
-    self.directory = Path(directory).absolute()
+    self.directory = storage.absolute(directory)
     self.read_only = read_only
     t = cfg.train if cfg is not None else None
     options = ocp.CheckpointManagerOptions(
@@ -132,7 +132,7 @@ class Checkpointer:
 
   # -- integrity -------------------------------------------------------------------------
 
-  def _step_dir(self, step: int) -> Path:
+  def _step_dir(self, step: int) -> epath.Path:
     return self.directory / str(step)
 
   def _write_manifests(self) -> None:
@@ -143,11 +143,10 @@ class Checkpointer:
       path = self._step_dir(step)
       if step == self._in_flight or not path.is_dir() or (path / MANIFEST).exists():
         continue
-      files = {str(p.relative_to(path)): [p.stat().st_size, _sha256(p)]
-               for p in sorted(path.rglob("*")) if p.is_file()}
-      tmp = path / (MANIFEST + ".tmp")
-      tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, "files": files}))
-      os.replace(tmp, path / MANIFEST)
+      files = {name: [size, digest or _sha256(path / name)]
+               for name, (size, digest) in sorted(storage.files(path).items())}
+      storage.write_text(path / MANIFEST, json.dumps(
+          {"format_version": FORMAT_VERSION, "step": step, "files": files}))
 
   def verify(self, step: int) -> bool:
     """Checks ``step`` against its manifest; raises CheckpointError naming the first bad
@@ -161,14 +160,16 @@ class Checkpointer:
       files = {str(name): (int(size), str(digest)) for name, (size, digest) in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
       raise CheckpointError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from None
+    present = storage.files(path)
     for name, (size, digest) in files.items():
       f = path / name
-      if not f.exists():
+      if name not in present:
         raise CheckpointError(f"{f}: missing (listed in {MANIFEST})")
-      if f.stat().st_size != size:
-        raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {size} (truncated?)")
-      if _sha256(f) != digest:
-        raise CheckpointError(f"{f}: contents differ from the manifest's SHA-256 (corrupted)")
+      found, checksum = present[name]
+      if found != size:
+        raise CheckpointError(f"{f}: {found} bytes, expected {size} (truncated?)")
+      if (checksum or _sha256(f)) != digest:
+        raise CheckpointError(f"{f}: contents differ from the manifest's checksum (corrupted)")
     return True
 
   # -- restoring -------------------------------------------------------------------------
@@ -273,7 +274,7 @@ class Checkpointer:
                             + "\n  ".join(f"step {s}: {e}" for s, e in bad))
     return found or (None, None, None)
 
-  def _move_aside(self, steps: list[int]) -> dict[int, Path]:
+  def _move_aside(self, steps: list[int]) -> dict[int, epath.Path]:
     """Renames each of ``steps`` to ``<step>.unusable-<UTC time>``, which Orbax never lists,
     so training can write that step again (else every rerun would stop at it). Process 0
     renames, the others wait for it; read-only checkpointers move nothing. Returns the new
@@ -288,7 +289,7 @@ class Checkpointer:
         n = 1
         while target.exists():
           target, n = self.directory / f"{step}{UNUSABLE}{stamp}-{n}", n + 1
-        os.rename(self._step_dir(step), target)
+        storage.move(self._step_dir(step), target)
         moved[step] = target
     else:
       moved = {step: self.directory / f"{step}{UNUSABLE}*" for step in steps}
@@ -303,9 +304,9 @@ class IncompatibleCheckpoint(CheckpointError):
   """The checkpoint is intact but belongs to another model shape or format version."""
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: epath.Path) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     while chunk := f.read(1 << 22):
       h.update(chunk)
   return h.hexdigest()

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Callable
 
 import jax
 from absl import logging
 
-from lmjax import config_file, distributed, runs, sweep
+from lmjax import config_file, distributed, runs, storage, sweep
 from lmjax.checkpoint import CheckpointError
 from lmjax.config import ConfigError, error_line
 from lmjax.data import DataError
@@ -115,7 +114,7 @@ def _train_flags(p):
 
 @command("train", "train (or resume) the config in --workdir")
 def _train(args) -> None:
-  _refuse(input_problems(args.cfg))
+  _refuse(input_problems(args.cfg, workdir=args.workdir))
   history = train(args.cfg, args.workdir)
   if history:
     last = history[-1]
@@ -170,7 +169,7 @@ def _eval(args) -> None:
   results[name] = run.evaluate(args.eval_source, args.eval_batches)
   if args.choices:
     results["choices"] = run.multiple_choice(args.choices)
-  (Path(args.workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+  storage.write_text(storage.join(args.workdir, "eval.json"), json.dumps(results, indent=2))
   print(json.dumps(results, indent=2))
 
 

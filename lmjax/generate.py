@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
-from pathlib import Path
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -250,7 +250,7 @@ def generate(model: Model, params: Any, tokenizer: Any, prompts: Sequence[str], 
   return texts
 
 
-def load_run(workdir: str | Path, cfg: ml_collections.ConfigDict | None = None,
+def load_run(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None,
              step: int | None = None, devices: list[jax.Device] | None = None) -> TrainedRun:
   """A training run's checkpoint (default: the newest usable one), for generation: the
   run's own config on :data:`lmjax.rundir.LOAD_MESH`, or ``cfg`` as given (``mesh.stage`` 1)."""

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from lmjax import config as config_lib
+from lmjax import storage
 from lmjax.optim import learning_rate_schedule
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.trackers: besides metrics.jsonl (always)
@@ -104,6 +104,10 @@ class Throughput:
             f"kind {kind!r}); set train.peak_flops_per_device to measure it.")
 
 
+# On an object store, metrics.jsonl and the event files are uploaded whole at most this often
+# (seconds) and when the run ends; metrics.jsonl also at each checkpoint (MetricsWriter.flush).
+FLUSH_EVERY = 30.0
+
 def check_trackers(trackers: tuple[str, ...]) -> None:
   """ConfigError for an unknown tracker or one whose package is not installed."""
   for name in trackers:
@@ -120,12 +124,26 @@ def check_trackers(trackers: tuple[str, ...]) -> None:
             f'installed: pip install "lmjax[{name}]".') from None
 
 
+class _EventFiles:
+  """tensorboardX's writer factory for ``gs://`` and ``s3://`` logdirs: event files through
+  lmjax's storage layer, uploaded whole (object stores cannot append) at most every
+  FLUSH_EVERY seconds and when closed."""
+
+  def open(self, path: str) -> storage.WholeFileWriter:
+    return storage.WholeFileWriter(path, every=FLUSH_EVERY)
+
+  def directory_check(self, path: str) -> None:
+    pass  # an object store has no directories to make
+
+
 class _TensorBoard:
   """Event files in ``workdir/tensorboard``; each event's wall time is the record's ``time``."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, name: str):
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(str(workdir / "tensorboard"))
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: Any, name: str):
+    from tensorboardX import SummaryWriter, record_writer
+    for prefix in storage.SCHEMES:
+      record_writer.register_writer_factory(prefix, _EventFiles())
+    self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float], walltime: float) -> None:
     for k, v in scalars.items():
@@ -140,10 +158,14 @@ class _TensorBoard:
 class _Wandb:
   """A W&B run in ``workdir/wandb`` (offline too: ``WANDB_MODE=offline``)."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, name: str):
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: Any, name: str):
     import wandb
     project = cfg.train.project or os.environ.get("WANDB_PROJECT") or "lmjax"
-    self._run = wandb.init(project=project, name=name, dir=str(workdir), config=cfg.to_dict())
+    # W&B keeps its files on local disk: a run in a bucket keeps them in lmjax's cache.
+    local = (os.path.join(storage.cache_root(), "wandb") if storage.is_url(workdir)
+             else os.fspath(workdir))
+    os.makedirs(local, exist_ok=True)
+    self._run = wandb.init(project=project, name=name, dir=local, config=cfg.to_dict())
 
   def write(self, step: int, scalars: dict[str, float], walltime: float) -> None:
     self._run.log(scalars, step=step)
@@ -159,7 +181,7 @@ class _Mlflow:
 
   _STATUS = {"completed": "FINISHED", "stopped": "KILLED"}
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, name: str):
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: Any, name: str):
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
     self._client = MlflowClient()
@@ -185,7 +207,7 @@ class MetricsWriter:
   (TensorBoard, W&B, MLflow); a no-op off process 0, except that every process checks the
   trackers' packages (ConfigError naming the extra to install)."""
 
-  def __init__(self, workdir: str | Path, enabled: bool = True, keep_through_step: int | None = None,
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True, keep_through_step: int | None = None,
                cfg: ml_collections.ConfigDict | None = None, started: float | None = None):
     """``keep_through_step``: on a resume, records after the restored step move to
     ``metrics.after-step-<N>.<time>.jsonl`` (they will be written again), so the file holds
@@ -194,24 +216,26 @@ class MetricsWriter:
     cfg = cfg if cfg is not None else config_lib.default_config()
     check_trackers(cfg.train.trackers)
     self.enabled = enabled
-    self.workdir = Path(workdir)
+    self.workdir = storage.path(workdir)
     self.path = self.workdir / "metrics.jsonl"
     self.started = time.time() if started is None else started
     self.status = "failed"  # until finish() says otherwise
-    self.dropped: Path | None = None  # where records after keep_through_step were moved
+    self.dropped: Any = None  # where records after keep_through_step were moved
     self._trackers: list[Any] = []
     if enabled:
+      storage.makedirs(self.workdir)
       if keep_through_step is not None and self.path.exists():
         records = read_metrics(workdir)
         kept = [r for r in records if r["step"] <= keep_through_step]
         if len(kept) < len(records):  # kept aside, never lost
           self.dropped = self.workdir / f"metrics.after-step-{keep_through_step}.{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
-          self.dropped.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] > keep_through_step))
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
-      self._file = open(self.path, "a")
-      name = cfg.train.run_name or self.workdir.resolve().name
+          storage.write_text(self.dropped, "".join(json.dumps(r) + "\n" for r in records
+                                                   if r["step"] > keep_through_step))
+          storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+      # On an object store the file is uploaded whole (at most every FLUSH_EVERY seconds).
+      existing = self.path.read_bytes() if storage.is_url(self.path) and self.path.exists() else b""
+      self._file = storage.WholeFileWriter(self.path, existing, every=FLUSH_EVERY)
+      name = cfg.train.run_name or storage.absolute(self.workdir).name
       kinds = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow}
       try:
         for tracker in dict.fromkeys(cfg.train.trackers):
@@ -227,20 +251,24 @@ class MetricsWriter:
     clean = {k: float(v) for k, v in scalars.items()}
     clean.update(time=now, elapsed_sec=now - self.started)
     if self.enabled:
-      self._file.write(json.dumps({"step": step, **clean}) + "\n")
+      self._file.write((json.dumps({"step": step, **clean}) + "\n").encode())
       self._file.flush()
       tracked = {k: v for k, v in clean.items() if k != "time"}
       for tracker in self._trackers:
         tracker.write(step, tracked, now)
     return clean
 
+  def flush(self) -> None:
+    """Uploads metrics.jsonl now (on an object store; a local file is always current)."""
+    if self.enabled:
+      self._file.flush(force=True)
+
   def finish(self, summary: dict[str, Any]) -> None:
     """Writes ``summary.json`` and marks the trackers' runs done with ``summary["status"]``."""
     self.status = summary["status"]
     if self.enabled:
-      tmp = self.workdir / (SUMMARY_FILE + ".tmp")
-      tmp.write_text(json.dumps(summary, indent=2) + "\n")
-      os.replace(tmp, self.workdir / SUMMARY_FILE)
+      self._file.flush(force=True)
+      storage.write_text(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
   def close(self) -> None:
     """Closes the files and the trackers' runs (failed unless :meth:`finish` came first)."""
@@ -254,9 +282,9 @@ class MetricsWriter:
           logging.getLogger("lmjax").warning("closing %s failed: %r", type(tracker).__name__[1:], e)
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, float]]:
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, float]]:
   """The records of ``metrics.jsonl``, in order."""
-  path = Path(workdir) / "metrics.jsonl"
+  path = storage.path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
   records = []
@@ -291,9 +319,9 @@ class RunSummary:
   """What one ``train`` call did: steps, tokens, time, throughput, final losses, skipped
   steps and data records; :meth:`finish` gives ``summary.json``'s dict and the lines to print."""
 
-  def __init__(self, workdir: str | Path, checkpoints: str | Path, start_step: int,
+  def __init__(self, workdir: str | os.PathLike, checkpoints: str | os.PathLike, start_step: int,
                target_step: int, started: float, throughput: Throughput):
-    self.workdir, self.checkpoints = str(workdir), Path(checkpoints)
+    self.workdir, self.checkpoints = str(workdir), storage.path(checkpoints)
     self.start_step, self.target_step = start_step, target_step
     self.started, self.loop_started = started, time.time()
     self.throughput = throughput

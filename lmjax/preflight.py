@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from lmjax import rundir
+from lmjax import rundir, storage
 from lmjax.checkpoint import CheckpointError
 from lmjax.config import ConfigError, validate
 from lmjax.data import DataError, prepared_reader
@@ -33,12 +33,36 @@ def _raw_problems(cfg: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
-def input_problems(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> list[str]:
-  """One line per problem of ``cfg`` (its fields, its trackers' packages, its data sources, its
-  tokenizer's vocabulary against the model's), ending with the overrides that fix them all where they are known;
-  empty if none. Trains no tokenizer: a raw-text run without ``data.tokenizer`` gets one made
-  for its vocabulary."""
-  problems, fixes = [], {}
+def storage_problems(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> list[str]:
+  """One line per bucket URL of the run that cannot be used: the workdir (written), the data
+  sources, the tokenizer and ``train.init_from`` (read); each URL is reached once, with
+  short timeouts. Local paths are left to the other checks."""
+  urls = [(workdir, True)] if workdir else []
+  urls += [(source, False) for source, _ in sources_of(cfg.data) if source != "default"]
+  urls += [(u, False) for u in (cfg.data.tokenizer, cfg.train.init_from) if u]
+  problems, seen = [], set()
+  for url, write in urls:
+    try:
+      if not storage.is_url(url) or (url, write) in seen:
+        continue
+      seen.add((url, write))
+      storage.check(url, write=write)
+    except storage.StorageError as e:
+      problems.append(str(e))
+  return problems
+
+
+def input_problems(cfg: ml_collections.ConfigDict, num_devices: int | None = None,
+                   workdir: str | None = None) -> list[str]:
+  """One line per problem of ``cfg`` (its buckets, its fields, its trackers' packages, its
+  data sources, its tokenizer's vocabulary against the model's), ending with the overrides
+  that fix them all where they are known; empty if none. A bucket that cannot be used is
+  reported alone (every later check would fail on it too). Trains no tokenizer: a raw-text
+  run without ``data.tokenizer`` gets one made for its vocabulary."""
+  problems = storage_problems(cfg, workdir)
+  if problems:
+    return problems
+  fixes = {}
   for check in (lambda: validate(cfg, num_devices), lambda: check_trackers(cfg.train.trackers)):
     try:
       check()

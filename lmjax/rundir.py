@@ -12,13 +12,14 @@ the parameters at a step or the newest usable one, onto any mesh.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any, Callable
 
 import ml_collections
 
 from lmjax import config as config_lib
 from lmjax import data as data_lib
+from lmjax import storage
 from lmjax.checkpoint import Checkpointer, CheckpointError
 
 CONFIG_FILE = "config.json"
@@ -28,16 +29,17 @@ CHECKPOINTS = "checkpoints"
 LOAD_MESH = {"data": 1, "stage": 1, "fsdp": -1, "tensor": 1}
 
 
-def checkpoint_dir(run: str | Path) -> Path:
+def checkpoint_dir(run: str | os.PathLike) -> os.PathLike:
   """The checkpoint directory of run directory ``run`` (or ``run`` itself if it is one)."""
-  run = Path(run)
+  run = storage.path(run)
   return run / CHECKPOINTS if (run / CHECKPOINTS).is_dir() else run
 
 
-def run_config(workdir: str | Path, step: int | None = None) -> ml_collections.ConfigDict:
+def run_config(workdir: str | os.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
   """The config a run was trained with, on today's defaults (fields added since the run
   keep their defaults): the checkpoint's copy (``step`` or the newest), else ``config.json``."""
-  workdir = Path(workdir)
+  storage.check(workdir)  # a bucket URL: reachable, one line if not
+  workdir = storage.path(workdir)
   ckpt_dir = workdir / CHECKPOINTS
   if ckpt_dir.is_dir():
     ckpt = Checkpointer(ckpt_dir, read_only=True)
@@ -80,7 +82,7 @@ def loading_config(cfg: ml_collections.ConfigDict, num_devices: int,
   return cfg
 
 
-def restore_params(run: str | Path, setup: Any, step: int | None = None,
+def restore_params(run: str | os.PathLike, setup: Any, step: int | None = None,
                    warn: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]]:
   """Reads the parameters (never the optimizer state) of run ``run`` (a run directory or
   its checkpoint directory) at ``step``, or of the newest usable checkpoint, sharded as

@@ -141,6 +141,92 @@ def write_text(p: PathLike, text: str) -> None:
   write_bytes(p, text.encode("utf-8"))
 
 
+def makedirs(p: PathLike) -> None:
+  """Creates local directory ``p`` with its parents. An object store has no directories
+  (a prefix exists once an object is under it): nothing to do, and nothing is created, so a
+  missing bucket is never made silently."""
+  if not is_url(p):
+    os.makedirs(os.fspath(path(p)), exist_ok=True)
+
+
+def move(src: PathLike, dst: PathLike) -> None:
+  """Renames file or directory ``src`` to ``dst`` (an object store copies, then deletes)."""
+  a, b = path(src), path(dst)
+  if is_url(a):
+    filesystem(scheme(a)).mv(os.fspath(a), os.fspath(b), recursive=True)
+  else:
+    os.rename(os.fspath(a), os.fspath(b))
+
+
+def files(directory: PathLike) -> dict[str, tuple[int, str | None]]:
+  """Every file under ``directory``: relative name -> (size, the store's checksum of its
+  contents, or None for a local file). One listing on an object store: GCS reports each
+  object's CRC32C, S3 its ETag (an MD5 of the contents, or of the parts of a multipart upload)."""
+  root = path(directory)
+  if not is_url(root):
+    top = os.fspath(root)
+    out = {}
+    for dirpath, _, names in os.walk(top):
+      for name in names:
+        full = os.path.join(dirpath, name)
+        out[os.path.relpath(full, top)] = (os.path.getsize(full), None)
+    return out
+  name = scheme(root)
+  prefix = os.fspath(root).split("://", 1)[1].rstrip("/") + "/"
+  found = filesystem(name).find(os.fspath(root), detail=True)
+  out = {}
+  for key, info in found.items():
+    if info.get("type") == "file" and key.startswith(prefix):
+      digest = info.get("crc32c") or info.get("ETag") or info.get("etag") or info.get("md5Hash")
+      out[key[len(prefix):]] = (int(info.get("size") or 0), str(digest).strip('"') if digest else "")
+  return out
+
+
+class WholeFileWriter:
+  """A file written by appending, for object stores, which cannot append: the bytes are
+  kept here and the whole file is uploaded on :meth:`flush` (at most every ``every``
+  seconds unless forced) and on :meth:`close`. Locally it is a plain file opened to append."""
+
+  def __init__(self, p: PathLike, initial: bytes = b"", every: float = 30.0):
+    import io
+    import time
+    self._time = time.monotonic
+    self.path = path(p)
+    self.remote = is_url(self.path)
+    self.every = every
+    if self.remote:
+      self._buffer = io.BytesIO(initial)
+      self._buffer.seek(0, io.SEEK_END)
+      self._flushed = None  # never uploaded: the first flush always uploads
+    else:
+      makedirs(self.path.parent)
+      self._file = open(os.fspath(self.path), "ab")
+      if initial:
+        self._file.write(initial)
+    self.closed = False
+
+  def write(self, data: bytes) -> None:
+    (self._buffer if self.remote else self._file).write(data)
+
+  def flush(self, force: bool = False) -> None:
+    if not self.remote:
+      self._file.flush()
+      return
+    now = self._time()
+    if force or self._flushed is None or now - self._flushed >= self.every:
+      self.path.write_bytes(self._buffer.getvalue())
+      self._flushed = now
+
+  def close(self) -> None:
+    if self.closed:
+      return
+    self.closed = True
+    if self.remote:
+      self.flush(force=True)
+    else:
+      self._file.close()
+
+
 def cache_root() -> str:
   """lmjax's local cache (``$LMJAX_CACHE``, else ``~/.cache/lmjax``)."""
   return os.path.expanduser(os.environ.get("LMJAX_CACHE") or os.path.join("~", ".cache", "lmjax"))

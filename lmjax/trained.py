@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -17,7 +17,7 @@ import ml_collections
 
 from lmjax import data as data_lib
 from lmjax import evaluate as ev
-from lmjax import rundir
+from lmjax import rundir, storage
 from lmjax.metrics import read_metrics
 from lmjax.state import Setup, build
 
@@ -25,7 +25,7 @@ from lmjax.state import Setup, build
 @dataclasses.dataclass
 class TrainedRun:
   """A run's config, parameters (sharded on the current devices) and tokenizer."""
-  workdir: Path
+  workdir: Any
   step: int
   cfg: ml_collections.ConfigDict
   setup: Setup
@@ -65,7 +65,7 @@ class TrainedRun:
     return ev.multiple_choice(self.setup, self.params, self.text_tokenizer(), ev.read_choices(path))
 
 
-def load(workdir: str | Path, step: int | None = None, *, cfg: ml_collections.ConfigDict | None = None,
+def load(workdir: str | os.PathLike, step: int | None = None, *, cfg: ml_collections.ConfigDict | None = None,
          devices: list[jax.Device] | None = None, mesh: dict[str, int] | None = None) -> TrainedRun:
   """Restores ``workdir``'s newest usable checkpoint (or ``step``) onto ``devices``, read-only
   (safe while the run is still training).
@@ -74,7 +74,7 @@ def load(workdir: str | Path, step: int | None = None, *, cfg: ml_collections.Co
   ``{"fsdp": -1}``); by default a run whose mesh does not fit the devices is loaded with FSDP
   over all of them.
   """
-  workdir = Path(workdir)
+  workdir = storage.path(workdir)
   cfg = rundir.run_config(workdir, step) if cfg is None else cfg
   devices = jax.devices() if devices is None else list(devices)
   setup = build(rundir.loading_config(cfg, len(devices), mesh), devices)

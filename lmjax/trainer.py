@@ -7,10 +7,10 @@ the same ``workdir`` resumes from the newest checkpoint, data position included.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -25,7 +25,7 @@ from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import evaluate as eval_lib
 from lmjax import metrics as metrics_lib
-from lmjax import rundir, workdir_lock
+from lmjax import rundir, storage, workdir_lock
 from lmjax.checkpoint import Checkpointer, CheckpointError
 from lmjax.mesh import host_to_global, replicated
 from lmjax.metrics import MetricsWriter, RunSummary, Throughput
@@ -186,7 +186,7 @@ class _StopRequest:
     return self.signal is not None
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
           devices: list[jax.Device] | None = None) -> list[dict[str, float]]:
   """Trains ``cfg`` in ``workdir`` (resuming from its newest usable checkpoint); returns
   the metric records written by this call.
@@ -198,12 +198,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
   vocabulary) leaves the directory as it was.
   """
   started = time.time()
-  workdir = Path(workdir)
+  workdir = storage.path(workdir)
   with workdir_lock.hold(workdir, warn=lambda m: _say(f"warning: {m}")):
     return _train(cfg, workdir, devices, started)
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Device] | None,
+def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[jax.Device] | None,
            started: float) -> list[dict[str, float]]:
   """:func:`train` once the workdir is held (since ``started``, Unix seconds)."""
   metrics_lib.check_trackers(cfg.train.trackers)
@@ -211,7 +211,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Devi
   is_main = jax.process_index() == 0
   tokenizer = rundir.run_tokenizer(cfg)  # fine-tuning speaks the pre-trained run's tokenizer
   rundir.check_vocab(cfg, tokenizer)
-  workdir.mkdir(parents=True, exist_ok=True)
+  storage.makedirs(workdir)
 
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   make_iterator = lambda: data_lib.make_iterator(cfg, tokenizer, split="train", **proc)
@@ -226,7 +226,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Devi
     if cfg.train.init_from:
       state["params"] = _initial_params(cfg, setup)
   if is_main:  # only now that the start is accepted
-    (workdir / rundir.CONFIG_FILE).write_text(cfg.to_json(indent=2))
+    storage.write_text(workdir / rundir.CONFIG_FILE, cfg.to_json(indent=2))
   start = int(jax.device_get(state["step"]))
 
   step_fn = compile_train_step(setup)
@@ -304,6 +304,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Devi
         stopping = stop.requested(step)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stopping:
           blocked += checkpointer.save(step, state, train_iter, cfg)
+          writer.flush()
         if stopping:
           if pending:
             log(step, jax.device_get(pending), {})

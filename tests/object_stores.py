@@ -1,5 +1,6 @@
 """Real object-store servers on loopback for the tests: an S3 server (``moto`` in server
-mode) and a GCS emulator (``gcp-storage-emulator``), each a subprocess on a free port.
+mode) and a GCS emulator (``gcp-storage-emulator``, through tests/gcs_emulator.py), each a
+subprocess on a free port.
 
 ``Stores.env`` holds the settings a user would export (``AWS_ENDPOINT_URL``, the AWS keys,
 ``STORAGE_EMULATOR_HOST``) and nothing lmjax-specific: lmjax derives the rest itself.
@@ -46,10 +47,10 @@ class Stores:
     self.s3_port, self.gcs_port = free_port(), free_port()
     bindir = os.path.dirname(sys.executable)
     moto = shutil.which("moto_server", path=bindir) or shutil.which("moto_server")
-    gcs = shutil.which("gcp-storage-emulator", path=bindir) or shutil.which("gcp-storage-emulator")
     self._start([moto, "-H", "127.0.0.1", "-p", str(self.s3_port)], "moto.log", self.s3_port)
-    self._start([gcs, "start", "--host=127.0.0.1", f"--port={self.gcs_port}", "--in-memory"],
-                "gcs.log", self.gcs_port)
+    emulator = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
+    self._start([sys.executable, emulator, "127.0.0.1", str(self.gcs_port)], "gcs.log",
+                self.gcs_port)
     self.env = {**S3_KEYS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
                 "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{self.gcs_port}"}
 
