@@ -16,17 +16,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 from flax import nnx
 
 from lmjax import config as config_lib
+from lmjax import storage
 from lmjax.metrics import read_metrics
 from lmjax.model import Transformer, count_params
 
@@ -40,7 +41,7 @@ SUMMARY_COLUMNS = ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_sec
 class Run:
   """One run directory: its saved config, the overrides a sweep gave it, its metric records."""
   name: str  # path relative to the directory searched ("." for that directory itself)
-  path: Path
+  path: Any
   config: dict[str, Any] | None
   overrides: dict[str, Any]
   metrics: list[dict[str, float]]
@@ -82,7 +83,7 @@ def _mean(values: Sequence[float]) -> float | None:
   return sum(finite) / len(finite) if finite else None
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Any) -> dict | None:
   """The JSON object in ``path``; None if it is missing or damaged (a run killed mid-write
   is still listed)."""
   try:
@@ -92,26 +93,29 @@ def _read_json(path: Path) -> dict | None:
   return value if isinstance(value, dict) else None
 
 
-def load_run(path: str | Path, name: str | None = None) -> Run:
+def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
   """Reads one run directory."""
-  path = Path(path)
+  path = storage.path(path)
   config = _read_json(path / "config.json")
   overrides = (_read_json(path / OVERRIDES_FILE) or {}).get("overrides", {})
   return Run(name=name or path.name, path=path, config=config, overrides=overrides,
              metrics=read_metrics(path))
 
 
-def is_run_dir(path: str | Path) -> bool:
-  path = Path(path)
+def is_run_dir(path: str | os.PathLike) -> bool:
+  path = storage.path(path)
   return (path / "metrics.jsonl").exists() or (path / "config.json").exists()
 
 
-def list_runs(root: str | Path) -> list[Run]:
+def list_runs(root: str | os.PathLike) -> list[Run]:
   """Every run under ``root`` (``root`` itself included), sorted by path; the search does
   not descend into a run's own subdirectories (checkpoints, TensorBoard)."""
-  root = Path(root)
+  storage.check(root)
+  root = storage.path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"{root}: no such directory")
+  if storage.is_url(root):
+    return sorted(_list_remote_runs(os.fspath(root)), key=lambda r: _natural_key(r.name))
   found = []
   for dirpath, dirnames, _ in os.walk(root):
     if is_run_dir(dirpath):
@@ -121,6 +125,18 @@ def list_runs(root: str | Path) -> list[Run]:
     else:
       dirnames.sort()
   return sorted(found, key=lambda r: _natural_key(r.name))
+
+
+def _list_remote_runs(root: str) -> list[Run]:
+  """The runs under bucket prefix ``root``: one listing of the files that mark a run."""
+  marks = [name for name in storage.files(root)
+           if os.path.basename(name) in ("config.json", "metrics.jsonl")]
+  dirs = sorted({os.path.dirname(name) for name in marks}, key=len)
+  runs: list[str] = []
+  for d in dirs:  # a run's own subdirectories are not runs
+    if not any(d == r or d.startswith(r + "/") or r == "" for r in runs):
+      runs.append(d)
+  return [load_run(storage.join(root, d) if d else root, name=d or ".") for d in runs]
 
 
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
@@ -196,18 +212,19 @@ def format_table(rows: Sequence[dict[str, Any]], style: str = "text") -> str:
   return "\n".join([fmt(columns), fmt(["-" * w for w in widths])] + [fmt(line) for line in cells])
 
 
-def write_table(rows: Sequence[dict[str, Any]], csv_path: str | Path,
-                md_path: str | Path | None = None) -> None:
+def write_table(rows: Sequence[dict[str, Any]], csv_path: str | os.PathLike,
+                md_path: str | os.PathLike | None = None) -> None:
   """Writes ``rows`` as CSV (full precision, so values equal those in ``metrics.jsonl``)
   and, optionally, as a Markdown table."""
   columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(csv_path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: "" if row.get(k) is None else _csv_value(row[k]) for k in columns})
+  out = io.StringIO(newline="")
+  writer = csv.DictWriter(out, fieldnames=columns)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: "" if row.get(k) is None else _csv_value(row[k]) for k in columns})
+  storage.write_text(csv_path, out.getvalue())
   if md_path is not None:
-    Path(md_path).write_text(format_table(rows, "markdown") + "\n")
+    storage.write_text(md_path, format_table(rows, "markdown") + "\n")
 
 
 def _csv_value(value: Any) -> Any:
@@ -216,7 +233,7 @@ def _csv_value(value: Any) -> Any:
   return repr(value) if isinstance(value, float) else value
 
 
-def plot_runs(runs: Sequence[Run], path: str | Path | None = None,
+def plot_runs(runs: Sequence[Run], path: str | os.PathLike | None = None,
               metrics: Sequence[str] = ("loss", "eval_loss"), logy: bool = False) -> Any:
   """Draws each metric's curves, one panel per metric side by side, one line per run.
 
@@ -252,5 +269,7 @@ def plot_runs(runs: Sequence[Run], path: str | Path | None = None,
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=ncol,
                fontsize="small", frameon=False)
   if path is not None:
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format=os.path.splitext(os.fspath(path))[1][1:] or "png")
+    storage.write_bytes(path, buffer.getvalue())
   return fig

@@ -275,6 +275,10 @@ def configure() -> None:
   fsspec.config.conf.setdefault("s3", {}).setdefault(
       "config_kwargs", {"connect_timeout": 10, "read_timeout": 120,
                         "retries": {"max_attempts": 5, "mode": "standard"}})
+  # No cached listings: TensorStore writes checkpoints beside fsspec, so a listing cached
+  # before a save would hide the step just written.
+  for name in ("s3", "gs", "gcs"):
+    fsspec.config.conf.setdefault(name, {}).setdefault("use_listings_cache", False)
   # gcsfs logs each failed request with a traceback before raising it; lmjax reports the
   # error itself, in one line.
   logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
@@ -305,6 +309,20 @@ def _reach(name: str) -> None:
     pass
 
 
+def _load_google_credentials(url: str) -> None:
+  """Reads the credentials file ``GOOGLE_APPLICATION_CREDENTIALS`` names, as Google's
+  libraries will: a missing or malformed file is named now, not after a network timeout."""
+  import google.auth
+  where = os.environ["GOOGLE_APPLICATION_CREDENTIALS"]
+  try:
+    google.auth.load_credentials_from_file(where)
+  except Exception as e:  # noqa: BLE001 - google.auth raises several kinds
+    first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    raise StorageError(f"{url}: the credentials file GOOGLE_APPLICATION_CREDENTIALS={where} "
+                       f"cannot be used ({first}); point it at a service-account or "
+                       "authorized-user JSON key, or unset it") from None
+
+
 def _endpoint(name: str) -> str:
   if name == "s3":
     return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
@@ -325,6 +343,7 @@ def explain(url: PathLike, err: BaseException) -> StorageError:
     why = f"bucket {bucket} does not exist at {_endpoint(name)}; create it or fix the URL"
   elif any(s in low for s in ("nocredentials", "unable to locate credentials",
                               "invalidaccesskeyid", "signaturedoesnotmatch", "401",
+                              "access key id", "not exist in our records",
                               "credentials", "unauthorized", "invalid_grant")):
     why = f"{_endpoint(name)} refused the credentials; {creds}"
   elif any(s in low for s in ("403", "accessdenied", "access denied", "forbidden", "permission")):
@@ -359,6 +378,8 @@ def check(url: PathLike, *, write: bool = False) -> None:
     bucket = _bucket(url)
     if not bucket:
       raise StorageError(f"{url}: names no bucket; write {name}://BUCKET/PATH")
+    if name == "gs" and os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+      _load_google_credentials(url)
     _reach(name)
     try:
       fs.ls(bucket, detail=False)  # a missing bucket or refused credentials fail here

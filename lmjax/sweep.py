@@ -30,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
 
-from lmjax import config_file
+from lmjax import config_file, storage
 from lmjax import runs as runs_lib
 from lmjax.config import ConfigError
 from lmjax.config_file import split_path_arg
@@ -55,14 +55,14 @@ __all__ = [  # building sweeps (lmjax.sweep_space), then running them
     "load_sweep_file", "run_sweep", "search_from_file", "split_path_arg", "successive_halving",
     "sweep_from_file", "use_compilation_cache", "write_results"]
 
-TrainFn = Callable[[ml_collections.ConfigDict, Path], Any]
+TrainFn = Callable[[ml_collections.ConfigDict, Any], Any]
 # Columns of results.csv after the run name and the overrides.
 RESULT_COLUMNS = ("train_loss", "eval_loss", "tokens_per_sec", "params", "steps")
 
 
 # -- sweep files -------------------------------------------------------------------------
 
-def load_sweep_file(path: str | Path) -> Any:
+def load_sweep_file(path: str | os.PathLike) -> Any:
   """Imports a sweep file (``path`` without any ``:arg``) as a module; mistakes in it are
   ConfigErrors naming ``file:line``."""
   module = config_file.load_file(path, kind="sweep")
@@ -71,40 +71,42 @@ def load_sweep_file(path: str | Path) -> Any:
   return module
 
 
-def sweep_from_file(path: str | Path, arg: str | None = None) -> list[Overrides]:
+def sweep_from_file(path: str | os.PathLike, arg: str | None = None) -> list[Overrides]:
   """The overrides the file's ``sweep()`` (or ``sweep(arg)``) yields, as a list."""
   return [dict(o) for o in config_file.call(load_sweep_file(path), "sweep", arg)]
 
 
-def search_from_file(path: str | Path, arg: str | None = None) -> "SuccessiveHalving":
+def search_from_file(path: str | os.PathLike, arg: str | None = None) -> "SuccessiveHalving":
   """The :class:`SuccessiveHalving` the file's ``search()`` (or ``search(arg)``) returns."""
   return config_file.call(load_sweep_file(path), "search", arg)
 
 
 # -- running -----------------------------------------------------------------------------
 
-def is_finished(workdir: str | Path, steps: int) -> bool:
+def is_finished(workdir: str | os.PathLike, steps: int) -> bool:
   """Whether ``workdir`` holds a committed, manifest-checked checkpoint at or beyond ``steps``."""
-  directory = Path(workdir) / "checkpoints"
+  directory = storage.path(workdir) / "checkpoints"
   if not directory.is_dir():
     return False
   return any(p.name.isdigit() and int(p.name) >= steps and (p / MANIFEST).exists()
              for p in directory.iterdir())
 
 
-def _write_overrides(run_dir: Path, name: str, overrides: Overrides) -> None:
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / runs_lib.OVERRIDES_FILE).write_text(
-      json.dumps({"name": name, "overrides": overrides}, indent=2, default=list) + "\n")
+def _write_overrides(run_dir: os.PathLike, name: str, overrides: Overrides) -> None:
+  storage.write_text(storage.join(run_dir, runs_lib.OVERRIDES_FILE),
+                     json.dumps({"name": name, "overrides": overrides}, indent=2, default=list) + "\n")
 
 
-def use_compilation_cache(directory: str | Path) -> None:
+def use_compilation_cache(directory: str | os.PathLike) -> None:
   """Keeps compiled programs in ``directory`` (JAX's persistent compilation cache) unless
   one is configured already. Runs of a sweep that share a model reuse its init and eval
   programs, and a run resumed with the same schedule (successive halving) its train step.
-  Takes effect only if set before this process's first compilation."""
+  Takes effect only if set before this process's first compilation. A sweep in a bucket
+  keeps it in lmjax's local cache instead (``<cache>/compile_cache``)."""
+  if storage.is_url(directory):
+    directory = os.path.join(storage.cache_root(), "compile_cache")
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", str(Path(directory).absolute()))
+    jax.config.update("jax_compilation_cache_dir", os.fspath(storage.absolute(directory)))
 
 
 def _train_fn(train_fn: TrainFn | None) -> TrainFn:
@@ -113,7 +115,7 @@ def _train_fn(train_fn: TrainFn | None) -> TrainFn:
   return train
 
 
-def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sequence[Overrides], workdir: str | Path,
+def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sequence[Overrides], workdir: str | os.PathLike,
               train_fn: TrainFn | None = None, log: Callable[[str], None] = print,
               compile_cache: bool = True) -> list[dict[str, Any]]:
   """Trains each entry of ``sweep`` in ``workdir/<run name>``, one after another on the
@@ -121,7 +123,7 @@ def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sequence[Overrides], w
   non-finite loss (``train.nan_policy="halt"``) is reported in the ``error`` column and the
   sweep goes on. Writes and returns the results table (``workdir/results.csv`` and
   ``results.md``). ``compile_cache``: :func:`use_compilation_cache` in ``workdir/compile_cache``."""
-  workdir = Path(workdir)
+  workdir = storage.path(workdir)
   names = run_names(sweep)
   cfgs = [apply_overrides(base_cfg, o) for o in sweep]  # every override checked up front
   if compile_cache:
@@ -142,7 +144,7 @@ def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sequence[Overrides], w
   return write_results(workdir, names, sweep, extra=errors)
 
 
-def _train_or_halt(train_fn: TrainFn, cfg: ml_collections.ConfigDict, run_dir: Path) -> str | None:
+def _train_or_halt(train_fn: TrainFn, cfg: ml_collections.ConfigDict, run_dir: os.PathLike) -> str | None:
   """Trains; returns the message if the run was halted by a non-finite loss, else None."""
   try:
     train_fn(cfg, run_dir)
@@ -151,12 +153,12 @@ def _train_or_halt(train_fn: TrainFn, cfg: ml_collections.ConfigDict, run_dir: P
   return None
 
 
-def write_results(workdir: str | Path, names: Sequence[str], sweep: Sequence[Overrides],
+def write_results(workdir: str | os.PathLike, names: Sequence[str], sweep: Sequence[Overrides],
                   extra: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
   """Writes ``results.csv`` and ``results.md`` for the named runs under ``workdir``:
   run, overrides, final train/eval loss, tokens/s, parameters, steps (and ``extra``
   columns per run name). Returns the rows."""
-  workdir = Path(workdir)
+  workdir = storage.path(workdir)
   keys = list(dict.fromkeys(k for o in sweep for k in o))
   rows = []
   for name, overrides in zip(names, sweep):
@@ -218,12 +220,12 @@ class SuccessiveHalving:
       cfg.train.eval_every = max_steps
     return cfg
 
-  def run(self, base_cfg: ml_collections.ConfigDict, workdir: str | Path,
+  def run(self, base_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
           train_fn: TrainFn | None = None, log: Callable[[str], None] = print,
           compile_cache: bool = True) -> "SearchResult":
     """Runs the search in ``workdir`` (one subdirectory per candidate; rerunning resumes)
     and writes ``search.json``, ``results.csv`` and ``results.md`` there."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     trials = self.candidates()
     names = run_names(trials)
     by_name = dict(zip(names, trials))
@@ -256,7 +258,7 @@ class SuccessiveHalving:
     result = SearchResult(best=best, best_overrides=by_name[best], rungs=rungs, names=names,
                           trials=trials)
     record = {k: v for k, v in dataclasses.asdict(result).items() if k != "rows"}
-    (workdir / "search.json").write_text(json.dumps(record, indent=2) + "\n")
+    storage.write_text(workdir / "search.json", json.dumps(record, indent=2) + "\n")
     result.rows = write_results(workdir, names, trials,
                                 extra={n: {"rung": reached[n]} for n in names})
     last = rungs[-1]
@@ -275,7 +277,7 @@ class SearchResult:
   rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def _score(run_dir: Path, steps: int, metric: str) -> float:
+def _score(run_dir: os.PathLike, steps: int, metric: str) -> float:
   """``metric`` at ``steps`` from the run's metrics.jsonl; +inf if missing or not finite."""
   for record in reversed(runs_lib.read_metrics(run_dir)):
     if int(record["step"]) == steps and metric in record:
@@ -285,7 +287,7 @@ def _score(run_dir: Path, steps: int, metric: str) -> float:
 
 
 def successive_halving(base_cfg: ml_collections.ConfigDict, space: Mapping[str, Any], n: int,
-                       min_steps: int, eta: int = 3, *, workdir: str | Path, seed: int = 0,
+                       min_steps: int, eta: int = 3, *, workdir: str | os.PathLike, seed: int = 0,
                        metric: str = "eval_loss", train_fn: TrainFn | None = None,
                        log: Callable[[str], None] = print,
                        compile_cache: bool = True) -> SearchResult:
