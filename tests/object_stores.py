@@ -62,6 +62,22 @@ class Stores:
     self.procs.append(proc)
     _wait(port, proc, path)
 
+  def strict_s3(self) -> str:
+    """The endpoint of a second S3 server that checks credentials (it knows none, so every
+    key is wrong); started on first use."""
+    if not hasattr(self, "_strict"):
+      port = free_port()
+      moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
+      path = os.path.join(self.workdir, "moto-strict.log")
+      with open(path, "w") as out:
+        proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+      self.procs.append(proc)
+      _wait(port, proc, path)
+      self._strict = f"http://127.0.0.1:{port}"
+    return self._strict
+
   def bucket(self, scheme: str, prefix: str = "lmjax") -> str:
     """A new, empty bucket on the ``scheme`` (``"s3"`` or ``"gs"``) server: its URL."""
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
