@@ -11,9 +11,9 @@ other paths:
   builds a ``gs://`` one, and every ``gcs`` driver in the result becomes TensorStore's ``s3``
   driver with the bucket, the path, and the endpoint and region that AWS's own tools read
   (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; ``AWS_REGION`` or ``AWS_DEFAULT_REGION``),
-  since TensorStore takes the endpoint only from the spec. Credentials come from
-  TensorStore's default chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, then
-  ``AWS_PROFILE`` in ``~/.aws/credentials``.
+  since TensorStore takes the endpoint only from the spec. Credentials: the keys in
+  ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` when set, else TensorStore's default chain
+  (``AWS_PROFILE`` in ``~/.aws/credentials``, the instance's role).
 * how a save is committed (``atomicity_defaults``): S3 has no directory rename (a "rename"
   copies every object), so an ``s3://`` checkpoint commits as a ``gs://`` one does: written
   in place, then marked whole by a ``commit_success.txt`` written last. A step directory
@@ -63,6 +63,10 @@ def _to_s3(spec: Any) -> Any:
            "aws_region": region()}
     if endpoint():
       out["endpoint"] = endpoint()
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+      # The keys in the environment win, as with AWS's tools; naming that source spares
+      # TensorStore's default chain, which logs an error for each missing ~/.aws file.
+      out["aws_credentials"] = {"type": "environment"}
   return out
 
 

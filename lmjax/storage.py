@@ -153,7 +153,14 @@ def move(src: PathLike, dst: PathLike) -> None:
   """Renames file or directory ``src`` to ``dst`` (an object store copies, then deletes)."""
   a, b = path(src), path(dst)
   if is_url(a):
-    filesystem(scheme(a)).mv(os.fspath(a), os.fspath(b), recursive=True)
+    fs = filesystem(scheme(a))
+    if fs.isfile(os.fspath(a)):
+      pairs = [(os.fspath(a), os.fspath(b))]
+    else:  # object by object: a "directory" is only the prefix of their names
+      pairs = [(join(a, name), join(b, name)) for name in files(a)]
+    for old, new in pairs:
+      fs.copy(old, new)
+    fs.rm([old for old, _ in pairs])
   else:
     os.rename(os.fspath(a), os.fspath(b))
 

@@ -13,16 +13,17 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
+import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from lmjax import storage
 from lmjax.checkpoint import MANIFEST, Checkpointer, CheckpointError
 from lmjax.config import error_line
 
 
-def _checkpoints_dir(path: Path) -> Path:
+def _checkpoints_dir(path):
   return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
@@ -33,10 +34,11 @@ def _integrity(ckpt: Checkpointer, step: int) -> str:
     return f"CORRUPT: {e}"
 
 
-def describe(run_dir: str | Path, step: int | None = None, show_config: bool = False) -> str:
+def describe(run_dir: str | os.PathLike, step: int | None = None, show_config: bool = False) -> str:
   """A human-readable report of the checkpoints in ``run_dir``."""
   # Absolute: Orbax reads no array metadata through a relative path (it lists nothing).
-  directory = _checkpoints_dir(Path(run_dir).expanduser().absolute())
+  storage.check(run_dir)
+  directory = _checkpoints_dir(storage.absolute(run_dir))
   if not directory.is_dir():
     raise CheckpointError(f"{directory}: no such directory; give a run's --workdir")
   ckpt = Checkpointer(directory, read_only=True)
@@ -48,7 +50,7 @@ def describe(run_dir: str | Path, step: int | None = None, show_config: bool = F
   if leftovers:
     lines.append(f"  incomplete (interrupted) saves, ignored: {', '.join(leftovers)}")
   for s in steps:
-    size = sum(p.stat().st_size for p in (directory / str(s)).rglob("*") if p.is_file())
+    size = sum(n for n, _ in storage.files(directory / str(s)).values())
     data = sorted((directory / str(s) / "data").glob("*.json"))
     position = data[0].read_text().strip().replace("\n", " ") if data else "none"
     try:
