@@ -90,7 +90,8 @@ def _workdir_flag(p: argparse.ArgumentParser, help: str, required: bool = True) 
 
 
 def _distributed_flags(p: argparse.ArgumentParser) -> None:
-  g = p.add_argument_group("multi-process jobs (else detected: SLURM, Open MPI, TPU pods, torchrun env)")
+  g = p.add_argument_group("multi-process jobs (else detected: SLURM, MPI, TPU pods, Kubernetes, "
+                           "torchrun env; see python -m lmjax.distributed)")
   g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
   g.add_argument("--num_processes", type=int, help="processes in the job (with --coordinator)")
   g.add_argument("--process_id", type=int, help="this process's index (with --coordinator)")
