@@ -16,6 +16,10 @@ naming the holder. A lock left by a killed run is taken over:
 A take-over first renames the stale lock to a unique name, so two starters cannot both
 replace it: the one whose rename moved something else (a lock written meanwhile) puts it
 back, and only one O_EXCL-style create can win.
+
+A workdir in a bucket (``gs://``, ``s3://``) holds the same lock as an object, created,
+refreshed, taken over and removed by the store's conditional writes
+(:mod:`lmjax.workdir_lock_remote`); there, "refreshed" is the object's last-modified time.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lmjax import storage
 from lmjax.config import ConfigError
+from lmjax.workdir_lock_remote import LockObject
 
 LOCK_FILE = "lock.json"
 UNREADABLE_AFTER = 10.0  # seconds: a lock that is not lmjax's JSON this long after its last write is a crash's
 STALE_AFTER = 600.0  # seconds: another host's lock not refreshed for this long is a dead run's
-REFRESH_EVERY = 60.0  # seconds between the holder's refreshes of the lock's mtime
+REFRESH_EVERY = 60.0  # seconds between the holder's refreshes of the lock
 
 
 class WorkdirInUse(ConfigError):
@@ -144,38 +150,82 @@ def _take_away(path: Path, judged: str) -> None:
     aside.unlink(missing_ok=True)
 
 
+class _LockFile:
+  """The lock as a file on a local (or mounted) file system: created by a hard link,
+  refreshed by its mtime, taken over by a rename aside."""
+
+  def __init__(self, path: Path):
+    self.path, self.name = path, str(path)
+
+  def read(self) -> tuple[str, str, float] | None:
+    """The lock's text, version (the text itself) and mtime; None if absent."""
+    try:
+      text = _read(self.path)
+      return text, text, self.path.stat().st_mtime
+    except FileNotFoundError:
+      return None  # released meanwhile
+    except OSError as e:
+      raise WorkdirInUse(f"{self.path}: cannot read this run lock ({e.strerror}); if no run "
+                         "uses the workdir, delete it") from None
+
+  def create(self, text: str) -> bool:
+    return _create(self.path, text)
+
+  def take_over(self, version: str, text: str) -> bool:
+    _take_away(self.path, version)
+    return _create(self.path, text)
+
+  def touch(self, version: str, text: str) -> None:
+    os.utime(self.path)
+
+  def delete(self, version: str) -> None:
+    self.path.unlink(missing_ok=True)
+
+  def confirm(self, text: str, warn: Callable[[str], None]) -> bool:
+    return True  # a hard link or an O_EXCL create has one winner
+
+
 class WorkdirLock:
   """A held workdir lock: refreshed in the background, removed by :meth:`release` (or on
   leaving a ``with`` block)."""
 
-  def __init__(self, path: Path, token: str):
-    self.path, self.token = path, token
+  def __init__(self, store: _LockFile | LockObject, holder: dict):
+    self.store, self.holder, self.token = store, holder, holder["token"]
+    self.path = store.name
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._beat, name="lmjax-workdir-lock", daemon=True)
     self._thread.start()
 
-  def _ours(self) -> bool:
+  def _ours(self) -> object | None:
+    """The lock's version if it is still this run's lock, else None. A write or delete
+    conditioned on it (where the store has conditions) cannot undo a take-over."""
     try:
-      return (_parse(_read(self.path)) or {}).get("token") == self.token
-    except OSError:
-      return False
+      got = self.store.read()
+    except (OSError, ConfigError):
+      return None
+    return got[1] if got and (_parse(got[0]) or {}).get("token") == self.token else None
 
   def refresh(self) -> None:
-    """Marks the lock as held now (its mtime), unless another run has taken it."""
-    with contextlib.suppress(OSError):
-      if self._ours():
-        os.utime(self.path)
+    """Marks the lock as held now, unless another run has taken it."""
+    with contextlib.suppress(OSError, ConfigError):
+      version = self._ours()
+      if version is not None:
+        self.store.touch(version, _text({**self.holder, "refreshed": _now()}))
 
   def _beat(self) -> None:
     while not self._stop.wait(REFRESH_EVERY):
       self.refresh()
 
   def release(self) -> None:
+    """Removes the lock if it is still this run's. One the store cannot remove (unreachable)
+    stays, to be taken over as a dead run's."""
     self._stop.set()
     if self._thread is not threading.current_thread():
       self._thread.join()
-    if self._ours():
-      self.path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError, ConfigError):
+      version = self._ours()
+      if version is not None:
+        self.store.delete(version)
 
   def __enter__(self) -> WorkdirLock:
     return self
@@ -184,9 +234,18 @@ class WorkdirLock:
     self.release()
 
 
-def acquire(workdir: str | Path, warn: Callable[[str], None] = print) -> WorkdirLock:
-  """Takes ``workdir``'s lock (creating the directory), taking over a stale one with a
-  ``warn``ing; raises WorkdirInUse naming the holder if it is held."""
+def _now() -> str:
+  return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _text(holder: dict) -> str:
+  return json.dumps(holder, indent=1)
+
+
+def _store(workdir: str | os.PathLike) -> _LockFile | LockObject:
+  """The lock of ``workdir`` (a local directory, created here, or a bucket's URL)."""
+  if storage.is_url(workdir):
+    return LockObject(storage.join(workdir, LOCK_FILE))
   workdir = Path(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -196,39 +255,51 @@ def acquire(workdir: str | Path, warn: Callable[[str], None] = print) -> Workdir
   except PermissionError as e:
     raise ConfigError(f"{workdir}: cannot create the run directory ({e.strerror}: "
                       f"{e.filename}); give --workdir a writable place") from None
-  path = workdir / LOCK_FILE
+  return _LockFile(workdir / LOCK_FILE)
+
+
+def acquire(workdir: str | os.PathLike, warn: Callable[[str], None] = print) -> WorkdirLock:
+  """Takes ``workdir``'s lock (creating a local directory), taking over a stale one with a
+  ``warn``ing; raises WorkdirInUse naming the holder if it is held."""
+  store = _store(workdir)
   token = uuid.uuid4().hex
-  text = json.dumps({
-      "host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
-      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv, "token": token}, indent=1)
+  holder = {"host": socket.gethostname(), "pid": os.getpid(),
+            "proc_start": _process_start(os.getpid()), "started": _now(), "argv": sys.argv,
+            "token": token}
+  text = _text(holder)
   for _ in range(10):
-    if _create(path, text):
-      return WorkdirLock(path, token)
-    try:
-      judged, mtime = _read(path), path.stat().st_mtime
-    except FileNotFoundError:
-      continue  # released meanwhile
-    except OSError as e:
-      raise WorkdirInUse(f"{path}: cannot read this run lock ({e.strerror}); if no run uses "
-                         "the workdir, delete it") from None
-    holder = _parse(judged)
-    why = _stale(holder, mtime)
-    h = holder or {}
-    who = (f"pid {h['pid']} on host {h['host']} since {h.get('started', '?')}" if holder else
-           f"a run whose lock is unreadable ({len(judged)} bytes, written {time.time() - mtime:.0f} s ago)")
-    if why is None:
-      command = shlex.join(map(str, h["argv"])) if isinstance(h.get("argv"), list) else ""
-      command = f" ({command[:97]}...)" if len(command) > 100 else f" ({command})" if command else ""
-      raise WorkdirInUse(
-          f"{workdir} is in use by {who}{command}: wait for that run to end or, if it is dead, "
-          f"delete {path}")
-    _take_away(path, judged)
-    warn(f"took over {path} from {who}: {why}")
-  raise WorkdirInUse(f"{path}: could not take the lock, other runs keep starting in {workdir}; "
-                     "try again")
+    took = None
+    if not store.create(text):
+      got = store.read()
+      if got is None:
+        continue  # released meanwhile
+      judged, version, mtime = got
+      held = _parse(judged)
+      if (held or {}).get("token") != token:  # ours: a create the store's client retried
+        why = _stale(held, mtime)
+        h = held or {}
+        who = (f"pid {h['pid']} on host {h['host']} since {h.get('started', '?')}" if held else
+               f"a run whose lock is unreadable ({len(judged)} bytes, written "
+               f"{time.time() - mtime:.0f} s ago)")
+        if why is None:
+          command = shlex.join(map(str, h["argv"])) if isinstance(h.get("argv"), list) else ""
+          command = (f" ({command[:97]}...)" if len(command) > 100 else
+                     f" ({command})" if command else "")
+          raise WorkdirInUse(
+              f"{workdir} is in use by {who}{command}: wait for that run to end or, if it is "
+              f"dead, delete {store.name}")
+        if not store.take_over(version, text):
+          continue  # another start was quicker
+        took = f"took over {store.name} from {who}: {why}"
+    if store.confirm(text, warn):
+      if took:
+        warn(took)
+      return WorkdirLock(store, holder)
+  raise WorkdirInUse(f"{store.name}: could not take the lock, other runs keep starting in "
+                     f"{workdir}; try again")
 
 
-def hold(workdir: str | Path,
+def hold(workdir: str | os.PathLike,
          warn: Callable[[str], None] = print) -> contextlib.AbstractContextManager:
   """The workdir lock of a (possibly multi-process) run, for a ``with`` block: process 0
   takes it, the others do not touch it but stop with process 0 if it is refused."""
