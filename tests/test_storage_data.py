@@ -33,6 +33,7 @@ from lmjax.data import (
     load_records,
     make_iterator,
     read_metadata,
+    train_tokenizer,
 )
 from lmjax.data import finetune
 from lmjax.data.sources import cached_records
@@ -47,6 +48,7 @@ from tests.test_data import (  # noqa: F401 - fixtures
     write_array_record,
 )
 from tools import prepare_data
+from tools import train_tokenizer as train_tokenizer_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = ["s3", "gs"]
@@ -214,6 +216,9 @@ def test_errors_name_the_url(bucket, tok, capsys):
                             f"{missing}/ds", "--no_progress"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith(f"error: {missing}/ds: {gone}")
+  assert train_tokenizer_tool.main(["--vocab_size", "300", "--output", f"{missing}/t.model"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(f"error: {missing}: {gone}")
 
   # An existing bucket: a glob matching nothing, a missing file, invalid UTF-8.
   with pytest.raises(DataError) as e:
@@ -241,7 +246,7 @@ def test_errors_name_the_url(bucket, tok, capsys):
 # --- tokenizers ---------------------------------------------------------------------------
 
 
-def test_a_tokenizer_from_a_url_encodes_as_the_local_file(bucket, tok):
+def test_a_tokenizer_from_a_url_encodes_as_the_local_file(bucket, tok, tmp_path):
   url = f"{bucket}/tokenizers/tok.model"
   storage.write_bytes(url, Path(tok.path).read_bytes())
   remote_tok = Tokenizer.load(url)
@@ -250,6 +255,12 @@ def test_a_tokenizer_from_a_url_encodes_as_the_local_file(bucket, tok):
   assert remote_tok.encode(text) == tok.encode(text)
   configured = get_tokenizer(data_cfg("default", tokenizer=url).data, tok.vocab_size)
   assert configured.path == url and configured.sha256 == tok.sha256
+  # Training writes the same model to a URL as to a local file.
+  docs = TINY_DOCS * 4
+  trained = train_tokenizer(docs, 320, f"{bucket}/trained/tok.model")
+  assert trained.path == f"{bucket}/trained/tok.model"
+  assert storage.path(trained.path).read_bytes() == \
+      Path(train_tokenizer(docs, 320, str(tmp_path / "tok.model")).path).read_bytes()
 
 
 # --- prepared datasets --------------------------------------------------------------------

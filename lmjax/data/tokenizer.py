@@ -225,6 +225,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
   """
   if model_type not in MODEL_TYPES:
     raise DataError(f"tokenizer model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
+  storage.check(storage.path(model_path).parent, write=True)  # a URL: writable before training
   special = list(special_tokens)
   for token in special:
     if not isinstance(token, str) or not token or token != token.strip() or token == "\n":
