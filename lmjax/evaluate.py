@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 
+from lmjax import storage
 from lmjax.data.readers import DataError
 from lmjax.state import token_weights
 
@@ -123,11 +124,14 @@ def _batches(rows, weights, seq_len: int, batch_size: int) -> list[Batch]:
 
 
 def read_choices(path: str | Path) -> list[dict[str, Any]]:
-  """Multiple-choice items from JSONL; a malformed line, a file that is no UTF-8 text or holds
-  no item raises DataError naming the file (and line)."""
+  """Multiple-choice items from JSONL (a local path or a URL); a malformed line, a file that
+  is missing, no UTF-8 text or holds no item raises DataError naming the file (and line)."""
   items = []
   try:
-    text = Path(path).read_bytes().decode("utf-8")
+    text = storage.path(path).read_bytes().decode("utf-8")
+  except FileNotFoundError:
+    storage.check(path)  # a URL's bucket that is missing or refused, named as such
+    raise DataError(f"{path}: no such file; give multiple-choice JSONL.") from None
   except UnicodeDecodeError as e:
     raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; give multiple-choice JSONL "
                     "in UTF-8.") from None

@@ -12,7 +12,9 @@ any mesh, sharded as the rules table says), and the ``tokenizer.model`` that cam
 
 :func:`export_checkpoint` writes a run's parameters back in the same format, loadable with
 ``transformers.AutoModelForCausalLM.from_pretrained``. Nothing is downloaded and nothing
-needs PyTorch. ``tools/convert_hf.py`` is the command line.
+needs PyTorch. ``tools/convert_hf.py`` is the command line. Each directory may be a local
+path or a ``gs://`` / ``s3://`` URL (:mod:`lmjax.storage`); safetensors files in a bucket
+are read from local copies in the cache.
 
 :mod:`lmjax.hf_layout` holds the mapping between the two layouts (config fields, tensor names
 and shapes); this module reads and writes the files.
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,10 +32,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from lmjax import config as config_lib
-from lmjax import config_file
+from lmjax import config_file, storage
 from lmjax.checkpoint import SHAPE_KEYS, Checkpointer
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.hf_layout import (ARCHITECTURES, FIX_CONFIG, IGNORED, ConversionError, check_shape,
@@ -57,12 +58,13 @@ FLOATS = ("F32", "BF16", "F16", "F64")  # safetensors dtypes that import (cast t
 
 
 def read_config(hf_dir: str | Path) -> dict[str, Any]:
-  path = Path(hf_dir) / "config.json"
+  path = storage.path(hf_dir) / "config.json"
   if not path.is_file():
+    storage.check(path)  # a URL's bucket that is missing or refused, named as such
     raise ConversionError(f"{path}: no such file; a Hugging Face checkpoint directory holds "
                           "config.json and *.safetensors (save_pretrained writes both).")
   try:
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_bytes())
   except ValueError as e:
     raise ConversionError(f"{path}: not valid JSON ({e}).") from None
   if not isinstance(config, dict):
@@ -76,17 +78,19 @@ class Weights:
   at a time as NumPy arrays (bfloat16 through ml_dtypes) without loading the rest."""
 
   def __init__(self, hf_dir: str | Path):
-    self.dir = Path(hf_dir)
+    self.dir = storage.path(hf_dir)
     index, single = self.dir / INDEX, self.dir / SINGLE
     self.source = index if index.is_file() else single  # named for a missing tensor
+    self._local: dict[str, str] = {}  # file -> a local file holding it (itself, or a copy)
     if index.is_file():
       try:
-        self.files = {k: self.dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+        self.files = {k: self.dir / f for k, f in weight_map.items()}
       except (ValueError, KeyError) as e:
         raise ConversionError(f"{index}: unreadable index ({e}).") from None
     elif single.is_file():
       try:
-        with safe_open(str(single), "numpy") as f:
+        with safe_open(self.local(single), "numpy") as f:
           self.files = {k: single for k in f.keys()}
       except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise ConversionError(f"{single}: not a readable safetensors file ({e}).") from None
@@ -99,6 +103,13 @@ class Weights:
         raise ConversionError(f"{path}: listed in {INDEX} but missing.")
     self.used: set[str] = set()
 
+  def local(self, file: Any) -> str:
+    """A local file holding ``file`` (safetensors reads only local files)."""
+    key = os.fspath(file)
+    if key not in self._local:
+      self._local[key] = storage.local_file(key)
+    return self._local[key]
+
   def __contains__(self, name: str) -> bool:
     return name in self.files
 
@@ -110,7 +121,7 @@ class Weights:
     self.used.add(name)
     file = self.files[name]
     try:
-      with jax.default_device(jax.devices("cpu")[0]), safe_open(str(file), "flax") as f:
+      with jax.default_device(jax.devices("cpu")[0]), safe_open(self.local(file), "flax") as f:
         header = f.get_slice(name)
         if header.get_dtype() not in FLOATS:
           raise ConversionError(f"{file}: tensor {name} has dtype {header.get_dtype()}; lmjax "
@@ -214,7 +225,8 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   A ``tokenizer.model`` (sentencepiece) beside the weights is copied into ``workdir`` and
   becomes ``data.tokenizer``; other tokenizers (``tokenizer.json`` only) are not read.
   """
-  hf_dir, workdir = Path(hf_dir), Path(workdir).absolute()
+  hf_dir, workdir = storage.absolute(hf_dir), storage.absolute(workdir)
+  storage.check(workdir, write=True)
   cfg = config_from_hf(read_config(hf_dir), str(hf_dir / "config.json"))
   shape = {k: cfg.model[k] for k in SHAPE_KEYS if k != "param_dtype"}
   for key, value in (overrides or {}).items():
@@ -229,8 +241,7 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   tokenizer_src = hf_dir / TOKENIZER
   if tokenizer_src.is_file():
     tok = Tokenizer.load(str(tokenizer_src))  # DataError if it is no usable sentencepiece model
-    workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_src, workdir / TOKENIZER)
+    storage.copy_file(tokenizer_src, workdir / TOKENIZER)
     cfg.data.tokenizer = str(workdir / TOKENIZER)
     if tok.vocab_size != cfg.model.vocab_size:
       say(f"note: {TOKENIZER} has {tok.vocab_size} pieces, the model {cfg.model.vocab_size} rows; "
@@ -240,10 +251,9 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
         "generate with --config.data.tokenizer=..., or with token ids.")
   config_lib.validate(cfg)
   params = params_from_hf(hf_dir, cfg)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(cfg.to_json(indent=2))
+  storage.write_text(workdir / "config.json", cfg.to_json(indent=2))
   ckpt = Checkpointer(workdir / "checkpoints", cfg)
-  ckpt.save_params(0, params, cfg, source=str(hf_dir.absolute()))
+  ckpt.save_params(0, params, cfg, source=str(hf_dir))
   ckpt.close()
   n = sum(x.size for x in jax.tree.leaves(params))
   say(f"imported {n:,} parameters ({read_config(hf_dir)['model_type']}) from {hf_dir} "
@@ -311,8 +321,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str | Path,
   """Writes ``tensors`` as ``model.safetensors`` or, over ``max_shard_size``, as numbered
   shards with ``model.safetensors.index.json`` (the layout ``save_pretrained`` writes).
   Returns the file names."""
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = storage.path(out_dir)
   limit = config_file.parse_size(max_shard_size)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
@@ -324,16 +333,16 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str | Path,
     size += t.nbytes
   metadata = {"format": "pt"}  # what transformers checks for
   if len(shards) == 1:
-    save_file(shards[0], str(out_dir / SINGLE), metadata=metadata)
+    storage.write_bytes(out_dir / SINGLE, save(shards[0], metadata=metadata))
     return [SINGLE]
   names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   weight_map = {}
   for name, shard in zip(names, shards):
-    save_file(shard, str(out_dir / name), metadata=metadata)
+    storage.write_bytes(out_dir / name, save(shard, metadata=metadata))
     weight_map.update({k: name for k in shard})
   total = sum(t.nbytes for t in tensors.values())
-  (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                           "weight_map": weight_map}, indent=2))
+  storage.write_text(out_dir / INDEX, json.dumps({"metadata": {"total_size": total},
+                                                  "weight_map": weight_map}, indent=2))
   return names + [INDEX]
 
 
@@ -344,22 +353,23 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   ``out_dir`` as a Hugging Face checkpoint: ``config.json``, safetensors (``dtype``, default
   bfloat16 for bf16-compute runs, else float32) and the run's ``tokenizer.model`` if it
   has a sentencepiece tokenizer. Returns the written ``config.json`` contents."""
+  storage.check(out_dir, write=True)  # fail before restoring anything
   cfg = run_config(workdir, step)
-  hf_kind(cfg.model)  # fail before restoring anything
+  hf_kind(cfg.model)
   # Onto the host: the weights go to NumPy anyway, and no accelerator need hold them whole.
   cfg.model.attention = "xla"  # any backend restores the same parameters; xla runs on the CPU
   run = load(workdir, step, cfg=cfg, devices=jax.devices("cpu")[:1],
              mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1})
   dtype = dtype or ("bfloat16" if run.cfg.model.compute_dtype == "bfloat16" else "float32")
   tok = run.tokenizer
-  out_dir = Path(out_dir)
+  out_dir = storage.path(out_dir)
   config = hf_config(run.cfg, dtype, bos_id=tok.bos_id if tok else None,
                      eos_id=tok.eos_id if tok else None)
   params = jax.tree.map(np.asarray, jax.device_get(run.params))
   files = write_safetensors(params_to_hf(params, run.cfg, dtype), out_dir, max_shard_size)
-  (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-  if tok is not None and tok.path and os.path.isfile(tok.path):
-    shutil.copyfile(tok.path, out_dir / TOKENIZER)
+  storage.write_text(out_dir / "config.json", json.dumps(config, indent=2))
+  if tok is not None and tok.path and storage.path(tok.path).is_file():
+    storage.copy_file(tok.path, out_dir / TOKENIZER)
     files.append(TOKENIZER)
   say(f"exported {workdir} step {run.step} ({config['architectures'][0]}, {dtype}) to {out_dir}: "
       f"{', '.join(['config.json'] + files)}")

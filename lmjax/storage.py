@@ -30,6 +30,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from typing import Any, Iterable
@@ -282,8 +283,9 @@ def configure() -> None:
   fsspec.config.conf.setdefault("s3", {}).setdefault(
       "config_kwargs", {"connect_timeout": 10, "read_timeout": 120,
                         "retries": {"max_attempts": 5, "mode": "standard"}})
-  # No cached listings: TensorStore writes checkpoints beside fsspec, so a listing cached
-  # before a save would hide the step just written.
+  # No cached listings: an object store changes under other processes, through TensorStore
+  # (checkpoints) and through other fsspec instances (epath keeps its own), so a cached
+  # listing could hide a step just written or show a file just deleted.
   for name in ("s3", "gs", "gcs"):
     fsspec.config.conf.setdefault(name, {}).setdefault("use_listings_cache", False)
   # gcsfs logs each failed request with a traceback before raising it; lmjax reports the
@@ -411,3 +413,22 @@ def check_all(urls: Iterable[tuple[PathLike, bool]]) -> None:
     if key not in seen:
       seen.add(key)
       check(url, write=write)
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+  """Copies the file ``src`` to ``dst`` (local paths or URLs, either way), streamed; as with
+  :func:`write_bytes`, readers of ``dst`` see the old file or the whole new one."""
+  s, d = path(src), path(dst)
+  if is_url(d):
+    with s.open("rb") as f, d.open("wb") as out:
+      shutil.copyfileobj(f, out, 1 << 24)
+    return
+  d.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(d.parent), prefix=f".{d.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as out, s.open("rb") as f:
+      shutil.copyfileobj(f, out, 1 << 24)
+    os.replace(tmp, os.fspath(d))
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -18,6 +18,7 @@ model imports in ~50 s on 2 cores (docs/benchmarks.md).
 ``export`` writes a run's parameters (newest usable checkpoint, or ``--step``) as
 ``config.json`` + safetensors (+ ``tokenizer.model``), which
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Nothing is downloaded.
+Hugging Face directories and the import's run directory may be ``gs://`` or ``s3://`` URLs.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
       --config.model.vocab_size=32000 --workdir runs/g
 
 Sources are what ``data.source`` accepts (``.txt``, ``.jsonl``/``.json`` (also ``.gz``),
-``.parquet``, ``.arrayrecord``; files, directories, globs); ``--source`` may repeat.
+``.parquet``, ``.arrayrecord``; files, directories, globs; local or ``gs://`` / ``s3://``);
+``--source`` may repeat. ``--output`` may be a bucket URL too: the directory is built in the
+local cache and uploaded, its metadata file last.
 Without ``--tokenizer`` one is trained on the sources with ``--vocab_size`` pieces (the
 documents are then held in memory once). The output directory holds the rows, the
 tokenizer and ``lmjax_data.json``; set ``data.seq_len`` to the same ``--seq_len`` and
@@ -18,11 +20,14 @@ count or mesh (see ``lmjax/data/prepared_reader.py``).
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import time
 
-from lmjax.config import BAD_RECORD_POLICIES, LONG_DOCUMENT_POLICIES, TXT_SPLITS, error_line
+from lmjax import storage
+from lmjax.config import (BAD_RECORD_POLICIES, LONG_DOCUMENT_POLICIES, TXT_SPLITS, ConfigError,
+                          error_line)
 from lmjax.data import DataError, Tokenizer, load_documents, prepare, train_tokenizer
 from lmjax.data.sources import REASONS
 
@@ -34,7 +39,8 @@ def _mib(n: float) -> str:
 def summary(meta: dict, output: str, seconds: float) -> str:
   """The report printed after preparing: documents, tokens, rows, bytes, skips."""
   tr, ev = meta["splits"]["train"], meta["splits"]["eval"]
-  out_bytes = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+  files = storage.glob(storage.join(glob.escape(output), "*"))
+  out_bytes = sum(storage.size_and_version(f)[0] for f in files)
   tokens = tr["tokens"] + ev["tokens"]
   lines = [
       f"wrote {output} in {seconds:.1f}s ({_mib(out_bytes)}; {len(tr['files'])} train and "
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.vocab_size > 0:
       docs = [doc for s in args.source for doc in load_documents(
           s, args.text_field, txt_split=args.txt_split, bad_records=args.bad_records)]
-      path = os.path.abspath(args.output) + ".tokenizer.model"
+      path = os.fspath(storage.absolute(args.output)).rstrip("/") + ".tokenizer.model"
       tok = train_tokenizer(docs, args.vocab_size, path)
       del docs
       print(f"trained a {tok.vocab_size}-piece tokenizer: {path}")
@@ -129,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                      overwrite=args.overwrite, progress=progress)
     finally:
       bar.close()
-  except DataError as e:
+  except (DataError, ConfigError) as e:  # ConfigError: a bucket that cannot be used
     print(error_line(e), file=sys.stderr)
     return 2
-  print(summary(meta, os.path.abspath(os.path.expanduser(args.output)), time.perf_counter() - start))
+  print(summary(meta, os.fspath(storage.absolute(args.output)), time.perf_counter() - start))
   warning = empty_eval_warning(meta)
   if warning:
     print(warning, file=sys.stderr)

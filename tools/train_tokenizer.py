@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 
-from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS, error_line
+from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS, ConfigError, error_line
 from lmjax.data import DataError, SkipLog, Tokenizer, load_documents, train_tokenizer
 from lmjax.data.tokenizer import MODEL_TYPES
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     tok = train_tokenizer(docs, args.vocab_size, args.output, args.model_type, special_tokens=special)
     seconds = time.perf_counter() - start
-  except DataError as e:
+  except (DataError, ConfigError) as e:  # ConfigError: a bucket that cannot be used
     print(error_line(e), file=sys.stderr)
     return 2
   coverage, tokens_per_char = fit_stats(tok, docs)

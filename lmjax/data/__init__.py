@@ -11,7 +11,9 @@ One entry point, whatever ``cfg.data`` names::
 ``data.source`` names raw documents (``.txt``, ``.jsonl``, ``.parquet``, ``.arrayrecord``;
 tokenized on the fly), a directory written by :func:`prepare` / ``tools/prepare_data.py``
 (pre-tokenized, pre-packed rows read in an order that is a function of the seed and the
-row alone), or, with ``data.format="prompt_response"``, prompt/response pairs.
+row alone), or, with ``data.format="prompt_response"``, prompt/response pairs. Sources,
+prepared directories and tokenizer files may be local paths or ``gs://`` / ``s3://`` URLs
+(:mod:`lmjax.storage`).
 
 Modules, bottom up: ``readers`` (one per file format; :class:`DataError`), ``corpus``,
 ``sources`` (what a source names, the bad-record policy, the held-out split),

@@ -1,5 +1,8 @@
 """Fine-tuning data: prompt/response pairs from JSONL, the loss on the response only.
 
+``data.source`` names the JSONL files (``.gz`` too) as raw sources do: a file, directory or
+glob, local or a ``gs://`` / ``s3://`` URL.
+
 Each line ``{"prompt": str, "response": str}`` (field names from ``data.prompt_field`` and
 ``data.response_field``) becomes ``[bos] + prompt + response + [eos]``; ``weights`` are 1
 on the response's tokens and its eos, 0 on the prompt. Examples are packed whole into rows
@@ -18,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from lmjax.data.packing import DataIterator
-from lmjax.data.readers import DataError
+from lmjax.data.readers import DataError, open_file
 from lmjax.data.sources import SPLIT_SEED, SkipLog, resolve_paths, split_documents
 from lmjax.data.tokenizer import Tokenizer
 
@@ -27,10 +30,15 @@ def read_pairs(source: str, prompt_field: str, response_field: str) -> list[tupl
   """(prompt, response) pairs from JSONL files; a bad line raises naming file and line."""
   pairs = []
   for path in resolve_paths(source, SkipLog("fail")):
-    with open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f, 1):
-        if not line.strip():
+    with open_file(path) as f:
+      for i, raw in enumerate(f, 1):
+        if not raw.strip():
           continue
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise DataError(f"{path}:{i}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
+                          "re-encode the file as UTF-8") from None
         try:
           record = json.loads(line)
           prompt, response = record[prompt_field], record[response_field]

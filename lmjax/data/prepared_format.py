@@ -22,12 +22,12 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from lmjax import storage
 from lmjax.data.packing import positions_from_segments
 from lmjax.data.readers import DataError
 from lmjax.data.sources import PREPARED_METADATA
@@ -43,12 +43,13 @@ def shard_name(split: str, index: int) -> str:
 
 
 def read_metadata(directory: str) -> dict[str, Any]:
-  """The metadata of a prepared directory; DataError if it is not one lmjax can read."""
-  path = os.path.join(os.path.expanduser(directory), PREPARED_METADATA)
+  """The metadata of a prepared directory (a local path or a URL); DataError if it is not
+  one lmjax can read."""
+  path = storage.join(directory, PREPARED_METADATA)
   try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
+    meta = json.loads(storage.path(path).read_bytes())
+  except (OSError, ValueError) as e:  # missing, unreadable, not JSON or not UTF-8
+    storage.check(path)  # a URL's bucket that is missing or refused, named as such
     raise DataError(f"{path}: not a readable prepared-dataset description ({e}).") from None
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
     raise DataError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this "
@@ -58,8 +59,7 @@ def read_metadata(directory: str) -> dict[str, Any]:
 
 def write_metadata(directory: str, meta: dict[str, Any]) -> None:
   """Writes ``meta`` (which :func:`read_metadata` checks for ``format`` and ``version``)."""
-  with open(os.path.join(directory, PREPARED_METADATA), "w") as f:
-    json.dump(meta, f, indent=2)
+  storage.write_text(storage.join(directory, PREPARED_METADATA), json.dumps(meta, indent=2))
 
 
 def row_dtypes(vocab_size: int, seq_len: int) -> tuple[str, str]:

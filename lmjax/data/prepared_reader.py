@@ -1,7 +1,9 @@
 """Reading a prepared dataset back, in an order that does not depend on the topology.
 
-The directory (:mod:`lmjax.data.prepared_format`) is read through Grain's ArrayRecord
-source. :func:`lmjax.data.make_iterator` reads training batches through
+The directory (:mod:`lmjax.data.prepared_format`), a local path or a ``gs://`` / ``s3://``
+URL, is read through Grain's ArrayRecord source; a URL's shards are read from local copies
+in the cache (:func:`lmjax.storage.local_file`: ArrayRecord reads only local files).
+:func:`lmjax.data.make_iterator` reads training batches through
 :class:`PreparedIterator` and the held-out ones through :func:`eval_iterator` when
 ``data.source`` (or every ``data.mixture`` component) is a prepared dataset.
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from lmjax import storage
 from lmjax.data.packing import (
     BATCH_KEYS,
     DataIterator,
@@ -54,15 +56,17 @@ _READ_THREADS = 2  # threads reading rows per process (ArrayRecord reads release
 
 
 class RowSource:
-  """The records of some ArrayRecord shards as one random-access source (Grain's), whose
-  read errors name the shard and record instead of only a byte offset."""
+  """The records of some ArrayRecord shards (local paths or URLs) as one random-access
+  source (Grain's), whose read errors name the shard and record instead of only a byte
+  offset."""
 
   def __init__(self, files: Sequence[str]):
     self._files = list(files)
+    self._local = [_local_shard(f) for f in self._files]
     try:
-      self._source = grain.sources.ArrayRecordDataSource(self._files)
+      self._source = grain.sources.ArrayRecordDataSource(self._local)
     except Exception as e:  # noqa: BLE001 - name the shard that cannot be opened
-      bad = next((f for f in self._files if not _opens(f)), self._files)
+      bad = next((f for f, p in zip(self._files, self._local) if not _opens(p)), self._files)
       raise DataError(f"{bad}: cannot be opened ({e}); the prepared dataset is damaged: restore "
                       "the file or prepare the data again.") from None
 
@@ -84,8 +88,8 @@ class RowSource:
   def _error(self, index: int, error: Exception) -> DataError:
     from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
     start = 0
-    for path in self._files:
-      n = ArrayRecordReader(path).num_records()
+    for path, local in zip(self._files, self._local):
+      n = ArrayRecordReader(local).num_records()
       if index < start + n:
         return DataError(f"{path} record {index - start + 1}: cannot be read ({error}); the prepared "
                          "dataset is damaged: restore the file or prepare the data again.")
@@ -94,6 +98,16 @@ class RowSource:
 
   def __repr__(self) -> str:
     return f"RowSource({len(self._files)} files)"
+
+
+def _local_shard(path: str) -> str:
+  """A local file holding shard ``path``; DataError naming it if it cannot be read."""
+  try:
+    return storage.local_file(path)
+  except OSError as e:
+    storage.check(path)  # a URL's bucket that is missing or refused, named as such
+    raise DataError(f"{path}: cannot be read ({e}); the prepared dataset is damaged: restore the "
+                    "file or prepare the data again.") from None
 
 
 def _opens(path: str) -> bool:
@@ -108,14 +122,14 @@ class _Component:
   """One prepared directory as used by a config."""
 
   def __init__(self, directory: str, weight: float):
-    self.directory = os.path.expanduser(directory)
+    self.directory = str(storage.path(directory))  # "~" expanded
     self.weight = weight
     self.meta = read_metadata(self.directory)
     self.decoder = RowDecoder(self.meta["seq_len"], self.meta["token_dtype"],
                               self.meta["segment_dtype"])
 
   def files(self, split: str) -> list[str]:
-    return [os.path.join(self.directory, name) for name in self.meta["splits"][split]["files"]]
+    return [storage.join(self.directory, name) for name in self.meta["splits"][split]["files"]]
 
   def rows(self, split: str) -> int:
     return int(self.meta["splits"][split]["rows"])
@@ -163,7 +177,7 @@ def dataset_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
   """The tokenizer stored with the prepared source(s); checks ``data.tokenizer`` against it."""
   source = sources_of(data_cfg)[0][0]
   meta = read_metadata(source)
-  tok = Tokenizer.load(os.path.join(os.path.expanduser(source), meta["tokenizer"]["file"]))
+  tok = Tokenizer.load(storage.join(source, meta["tokenizer"]["file"]))
   if data_cfg.tokenizer:
     given = Tokenizer.load(data_cfg.tokenizer)
     if given.sha256 != tok.sha256:

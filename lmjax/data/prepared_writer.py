@@ -4,7 +4,9 @@
 sources, encodes them in chunks with sentencepiece's threads, routes each to ``train`` or
 ``eval`` by a keyed hash of its text, packs each split into rows of ``seq_len`` exactly as
 the raw-text pipeline does (same concat-then-split, same ``data.long_documents`` policy)
-and writes the directory described in :mod:`lmjax.data.prepared_format`.
+and writes the directory described in :mod:`lmjax.data.prepared_format`. A ``gs://`` or
+``s3://`` output is built in the local cache, then uploaded with its metadata file last, so
+that a half-uploaded directory is never taken for a prepared one.
 
 Example::
 
@@ -15,14 +17,18 @@ Example::
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from lmjax import storage
 from lmjax.data.packing import Encode, RowPacker, Skipped
 from lmjax.data.prepared_format import (
     FORMAT,
@@ -35,10 +41,12 @@ from lmjax.data.prepared_format import (
     write_metadata,
 )
 from lmjax.data.readers import DataError, Document
-from lmjax.data.sources import SPLITS, SkipLog, is_prepared, iter_documents
+from lmjax.data.sources import PREPARED_METADATA, SPLITS, SkipLog, is_prepared, iter_documents
 from lmjax.data.tokenizer import Tokenizer
 
 _CHUNK_DOCUMENTS = 512  # documents encoded together by sentencepiece's threads
+# What an upload cut short leaves (everything but the metadata): replaced like a prepared one.
+_UPLOADED_FIRST = re.compile(rf"^((train|eval)-\d{{5}}\.arrayrecord|{re.escape(TOKENIZER_FILE)})$")
 
 
 class _SplitWriter:
@@ -121,8 +129,9 @@ def prepare(sources: Sequence[str], output: str, tokenizer: Tokenizer, *, seq_le
 
   Documents are read in order (sources in the given order, files sorted), encoded in
   chunks with sentencepiece's threads, routed to ``eval`` when a keyed hash of their text
-  falls below ``eval_fraction``, and packed per split into rows of ``seq_len``. The
-  directory is written under a temporary name and renamed when complete.
+  falls below ``eval_fraction``, and packed per split into rows of ``seq_len``. A local
+  directory is written under a temporary name and renamed when complete; a URL's is built
+  in the cache and uploaded, the metadata last.
   ``progress(documents, bytes, tokens)`` is called after every chunk. Returns the
   metadata (also written to ``lmjax_data.json``).
   """
@@ -130,27 +139,55 @@ def prepare(sources: Sequence[str], output: str, tokenizer: Tokenizer, *, seq_le
     raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
   if seq_len <= 0:
     raise DataError(f"seq_len must be positive, got {seq_len}.")
-  output = os.path.abspath(os.path.expanduser(output))
-  if os.path.exists(output):
-    if not overwrite:
-      raise DataError(f"{output} exists; choose another output or pass --overwrite.")
-    if os.listdir(output) and not is_prepared(output):
-      raise DataError(f"{output} exists and is not a prepared dataset; not overwriting it.")
-  tmp = output + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  output = os.fspath(storage.absolute(output))
+  _check_output(output, overwrite)
+  if storage.is_url(output):
+    staging = os.path.join(storage.cache_root(), "staging")
+    os.makedirs(staging, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="prepare-", dir=staging)
+  else:
+    tmp = output + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
   try:
     meta = _write(sources, tmp, tokenizer, seq_len=seq_len, text_field=text_field,
                   txt_split=txt_split, eval_fraction=eval_fraction, split_seed=split_seed,
                   long_documents=long_documents, bad_records=bad_records, shard_mb=shard_mb,
                   encode_threads=encode_threads, progress=progress)
-  except BaseException:
+    if storage.is_url(output):
+      _upload(tmp, output)
+    else:
+      if os.path.exists(output):
+        shutil.rmtree(output)
+      os.replace(tmp, output)
+  finally:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if os.path.exists(output):
-    shutil.rmtree(output)
-  os.replace(tmp, output)
   return meta
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+  """DataError unless ``output`` is new, or (``overwrite``) a prepared dataset, an empty
+  directory or what an interrupted upload left; a URL must be writable."""
+  storage.check(output, write=True)
+  target = storage.path(output)
+  if not target.exists():
+    return
+  if not overwrite:
+    raise DataError(f"{output} exists; choose another output or pass --overwrite.")
+  names = [p.name for p in target.iterdir()] if target.is_dir() else [""]
+  if names and not is_prepared(output) and not all(_UPLOADED_FIRST.match(n) for n in names):
+    raise DataError(f"{output} exists and is not a prepared dataset; not overwriting it.")
+
+
+def _upload(staging: str, output: str) -> None:
+  """Replaces the files under URL ``output`` with those of local directory ``staging``:
+  the old metadata is deleted first and the new one uploaded last."""
+  old = storage.glob(storage.join(glob.escape(output), "**"))
+  for path in sorted(old, key=lambda p: not p.endswith("/" + PREPARED_METADATA)):
+    storage.path(path).unlink()
+  names = sorted(os.listdir(staging), key=lambda name: name == PREPARED_METADATA)
+  for name in names:
+    storage.copy_file(os.path.join(staging, name), storage.join(output, name))
 
 
 def _write(sources: Sequence[str], directory: str, tokenizer: Tokenizer, *, seq_len: int,

@@ -20,12 +20,14 @@ module raises the same error without importing a module above it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
 from collections.abc import Iterator
-from typing import NamedTuple, Protocol
+from typing import IO, NamedTuple, Protocol
 
+from lmjax import storage
 from lmjax.config import TXT_SPLITS  # noqa: F401 - a config choice, defined once
 
 TEXT_EXTENSIONS = (".txt", ".txt.gz")
@@ -98,13 +100,20 @@ def _decode(data: bytes, path: str, first_line: int, unit: str, skips: Skips,
     return None
 
 
-def _open(path: str):
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+@contextlib.contextmanager
+def open_file(path: str) -> Iterator[IO[bytes]]:
+  """``path`` (a local path or a URL) opened for reading bytes; gunzipped if it ends in .gz."""
+  with storage.path(path).open("rb") as raw:
+    if not path.endswith(".gz"):
+      yield raw
+      return
+    with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+      yield f
 
 
 def read_txt(path: str, txt_split: str, skips: Skips) -> Iterator[Document]:
   """A ``.txt`` file as one document, or one per blank-line-separated block."""
-  with _open(path) as f:
+  with open_file(path) as f:
     data = f.read()
   if not data.strip():
     skips.bad("empty_file", path, "the file is empty")
@@ -135,7 +144,7 @@ def read_txt(path: str, txt_split: str, skips: Skips) -> Iterator[Document]:
 def read_jsonl(path: str, text_field: str, skips: Skips) -> Iterator[Document]:
   """One document per JSON line, read line by line (the file is never held whole)."""
   records = 0
-  with _open(path) as f:
+  with open_file(path) as f:
     for lineno, raw in enumerate(f, 1):
       if not raw.strip():
         continue  # blank lines (e.g. a trailing newline) are not records
@@ -179,7 +188,8 @@ def _field(record: object, text_field: str, path: str, index: int, unit: str,
 
 
 def read_parquet(path: str, text_field: str, skips: Skips) -> Iterator[Document]:
-  """One document per row of the string column ``text_field``; needs the ``parquet`` extra."""
+  """One document per row of the string column ``text_field``; needs the ``parquet`` extra.
+  A URL is read through a file object of :mod:`lmjax.storage` (ranged reads, no copy)."""
   try:
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
@@ -188,49 +198,53 @@ def read_parquet(path: str, text_field: str, skips: Skips) -> Iterator[Document]
                     'pip install "lmjax[parquet]" (or pip install -e ".[parquet]" in a '
                     "checkout).") from None
 
-  try:
-    pf = pq.ParquetFile(path)
-  except (pa.ArrowException, OSError) as e:
-    skips.bad("unreadable", path, f"not a readable Parquet file ({e})")
-    return
-  names = pf.schema_arrow.names
-  if text_field not in names:
-    skips.bad("missing_field", path, f"no column {text_field!r} (columns: {', '.join(names)}); "
-                                     "set data.text_field to the column holding the text")
-    return
-  kind = pf.schema_arrow.field(text_field).type
-  is_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_bytes):
-    skips.bad("invalid_field", path, f"column {text_field!r} must hold strings, it holds {kind}")
-    return
-  if pf.metadata.num_rows == 0:
-    skips.bad("empty_file", path, "the file has no rows")
-    return
-  row = 0
-  try:
-    for batch in pf.iter_batches(batch_size=_READ_CHUNK, columns=[text_field]):
-      for value in batch.column(0).to_pylist():
-        row += 1
-        if value is None:
-          skips.bad("invalid_field", where(path, row, "row"), f"column {text_field!r} is null")
-          continue
-        if is_bytes:
-          value = _decode(value, path, 0, "row", skips, index=row)
+  with contextlib.ExitStack() as stack:
+    try:
+      source = stack.enter_context(storage.path(path).open("rb")) if storage.is_url(path) else path
+      pf = pq.ParquetFile(source)
+    except (pa.ArrowException, OSError) as e:
+      skips.bad("unreadable", path, f"not a readable Parquet file ({e})")
+      return
+    names = pf.schema_arrow.names
+    if text_field not in names:
+      skips.bad("missing_field", path, f"no column {text_field!r} (columns: {', '.join(names)}); "
+                                       "set data.text_field to the column holding the text")
+      return
+    kind = pf.schema_arrow.field(text_field).type
+    is_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_bytes):
+      skips.bad("invalid_field", path, f"column {text_field!r} must hold strings, it holds {kind}")
+      return
+    if pf.metadata.num_rows == 0:
+      skips.bad("empty_file", path, "the file has no rows")
+      return
+    row = 0
+    try:
+      for batch in pf.iter_batches(batch_size=_READ_CHUNK, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+          row += 1
           if value is None:
+            skips.bad("invalid_field", where(path, row, "row"), f"column {text_field!r} is null")
             continue
-        doc = _usable(value, path, row, "row", skips)
-        if doc is not None:
-          yield doc
-  except (pa.ArrowException, OSError) as e:
-    skips.bad("unreadable", where(path, row + 1, "row"), f"the file is damaged ({e})")
+          if is_bytes:
+            value = _decode(value, path, 0, "row", skips, index=row)
+            if value is None:
+              continue
+          doc = _usable(value, path, row, "row", skips)
+          if doc is not None:
+            yield doc
+    except (pa.ArrowException, OSError) as e:
+      skips.bad("unreadable", where(path, row + 1, "row"), f"the file is damaged ({e})")
 
 
 def read_array_record(path: str, text_field: str, skips: Skips) -> Iterator[Document]:
-  """One document per record: UTF-8 text, a JSON object or a ``tf.train.Example``."""
+  """One document per record: UTF-8 text, a JSON object or a ``tf.train.Example``. A URL
+  is read from a local copy in the cache (:func:`lmjax.storage.local_file`): ArrayRecord
+  reads only local files."""
   from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
 
   try:
-    reader = ArrayRecordReader(path)
+    reader = ArrayRecordReader(storage.local_file(path))
     problem = "" if reader.ok() else "its index cannot be read"
   except (RuntimeError, OSError, ValueError) as e:
     problem = str(e)

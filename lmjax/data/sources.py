@@ -1,7 +1,8 @@
 """Documents from ``data.source``, the bad-record policy, and the held-out split.
 
 A source is ``"default"`` (the embedded corpus, see :mod:`lmjax.data.corpus`), a file, a
-directory (every supported file directly in it) or a glob (``**`` recurses). Supported
+directory (every supported file directly in it) or a glob (``**`` recurses), each a local
+path or a ``gs://`` / ``s3://`` URL (read through :mod:`lmjax.storage`). Supported
 files are ``.txt``, ``.jsonl`` / ``.json`` (JSON lines; all three also gzipped),
 ``.parquet`` and ``.arrayrecord`` (see :mod:`lmjax.data.readers`). A directory written by
 ``tools/prepare_data.py`` is a *prepared* source (:func:`is_prepared`), read by
@@ -34,6 +35,7 @@ from collections.abc import Iterator, Sequence
 import ml_collections
 import numpy as np
 
+from lmjax import storage
 from lmjax.config import BAD_RECORD_POLICIES, TXT_SPLITS
 from lmjax.data import readers
 from lmjax.data.corpus import default_documents
@@ -60,7 +62,6 @@ REASONS = {
     "invalid_field": "data.text_field is not a string",
     "long_document": "document longer than data.seq_len (data.long_documents='skip')",
 }
-_GLOB_CHARS = frozenset("*?[")
 _EXAMPLES_PER_REASON = 3  # messages kept (and logged) per reason; the rest are only counted
 
 
@@ -113,31 +114,52 @@ class SkipLog:
 
 def is_prepared(source: str) -> bool:
   """Whether ``source`` is a directory written by ``tools/prepare_data.py``."""
-  return os.path.isfile(os.path.join(os.path.expanduser(source), PREPARED_METADATA))
+  if source == "default" or storage.has_glob(source):
+    return False
+  return storage.path(source).joinpath(PREPARED_METADATA).is_file()
 
 
 def resolve_paths(source: str, skips: SkipLog) -> list[str]:
-  """The files a source names, sorted; a path or glob naming nothing goes to ``skips``."""
-  path = os.path.expanduser(source)
-  if _GLOB_CHARS & set(path):
-    matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+  """The files a source names, sorted; a path or glob naming nothing goes to ``skips``
+  (a URL's bucket that is missing or refused raises StorageError instead)."""
+  url = storage.is_url(source)
+  path = source if url else os.path.expanduser(source)
+  if storage.has_glob(path):
+    try:
+      matches = storage.glob(path)
+    except FileNotFoundError:  # gcsfs: the bucket is missing (named by the check below)
+      matches = []
+    except Exception as e:  # noqa: BLE001 - a store refusing the listing: one line
+      if not url:
+        raise
+      raise storage.explain(source, e) from None
     if not matches:
+      storage.check(source)  # a missing or refused bucket: StorageError naming it
       skips.bad("missing_path", source, "the glob matches no files")
     return matches
-  if os.path.isdir(path):
+  where = storage.path(path)
+  if where.is_dir():
     if is_prepared(path):
       raise DataError(f"{source}: a prepared dataset (tools/prepare_data.py) is not a source of "
                       "raw documents; use it as data.source for training.")
-    files = sorted(os.path.join(path, name) for name in os.listdir(path)
-                   if name.endswith(EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
+    files = [p for p in _files_in(path) if p.endswith(EXTENSIONS)]
     if not files:
       skips.bad("missing_path", source, f"the directory holds no {', '.join(EXTENSIONS)} files")
     return files
-  if os.path.isfile(path):
+  if where.is_file():
     return [path]
+  storage.check(source)  # a missing or refused bucket: StorageError naming it
   skips.bad("missing_path", source, "no such file or directory; give \"default\", a file, a "
                                     "directory or a glob")
   return []
+
+
+def _files_in(directory: str) -> list[str]:
+  """The files directly in ``directory``, sorted."""
+  if storage.is_url(directory):
+    return storage.glob(storage.join(glob.escape(directory), "*"))
+  return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                if os.path.isfile(os.path.join(directory, name)))
 
 
 def iter_documents(source: str, *, text_field: str = "text", txt_split: str = "file",
@@ -165,6 +187,10 @@ def iter_documents(source: str, *, text_field: str = "text", txt_split: str = "f
                                             f"{', '.join(EXTENSIONS)} files")
     except (OSError, EOFError, zlib.error) as e:  # permissions, a file vanishing, a damaged .gz
       skips.bad("unreadable", path, f"could not be read ({e})")
+    except Exception as e:  # noqa: BLE001 - an object store's own error: one line naming the URL
+      if isinstance(e, ValueError) or not storage.is_url(path):
+        raise
+      raise storage.explain(path, e) from None
 
 
 def load_records(source: str, *, text_field: str = "text", txt_split: str = "file",
@@ -218,17 +244,17 @@ def cached_records(source: str, *, text_field: str = "text", txt_split: str = "f
 
   Training loads a source for the tokenizer, the training split and every evaluation;
   the files are read (and their bad records logged) once. The key holds each file's
-  path, size and modification time.
+  path, size and version (modification time, or an object's generation or ETag).
   """
   probe = SkipLog(quiet=True)
   files = resolve_paths(source, probe) if source != "default" else []
-  stats = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)
+  stats = tuple((p, *storage.size_and_version(p)) for p in files)
   return _records(source, text_field, txt_split, bad_records, stats)
 
 
 @functools.lru_cache(maxsize=8)  # sources kept loaded (a mixture's components, the tokenizer's corpus)
 def _records(source: str, text_field: str, txt_split: str, bad_records: str,
-             stats: tuple[tuple[str, int, int], ...]) -> tuple[list[Document], SkipLog]:
+             stats: tuple[tuple[str, int, str], ...]) -> tuple[list[Document], SkipLog]:
   """The documents of ``source``; ``stats`` (the files' sizes and times) is only a key."""
   del stats
   skips = SkipLog(bad_records)

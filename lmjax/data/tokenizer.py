@@ -3,7 +3,9 @@
 lmjax's token ids are fixed: 0 pad, 1 unk, 2 bos, 3 eos. Trained tokenizers use
 byte fallback (no text is ever unknown) and identity normalisation, so
 ``decode(encode(text)) == text`` for any text, newlines and indentation included.
-Which tokenizer a config uses is decided by :func:`lmjax.data.get_tokenizer`.
+Which tokenizer a config uses is decided by :func:`lmjax.data.get_tokenizer`. A ``.model``
+file is a local path or a ``gs://`` / ``s3://`` URL (read and written through
+:mod:`lmjax.storage`); the cache of trained tokenizers is a local directory.
 
 Example::
 
@@ -20,12 +22,12 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sentencepiece as spm
 
+from lmjax import storage
 from lmjax.data.readers import DataError
 
 log = logging.getLogger("lmjax.data")  # the logger lmjax.data.sources warns through
@@ -62,13 +64,19 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> Tokenizer:
-    """Loads a ``.model`` file; DataError if it is missing, corrupt or lacks bos/eos."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
+    """Loads a ``.model`` file (a local path or a URL); DataError if it is missing, corrupt
+    or lacks bos/eos (StorageError if its bucket cannot be read)."""
+    path = os.fspath(storage.path(path))
+    try:
+      proto = storage.path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+      storage.check(path)  # a URL's bucket that is missing or refused, named as such
       raise DataError(f"tokenizer {path}: no such file; set data.tokenizer to a sentencepiece "
-                      ".model file, or to \"\" to train one for data.source.")
-    with open(path, "rb") as f:
-      proto = f.read()
+                      ".model file, or to \"\" to train one for data.source.") from None
+    except Exception as e:  # noqa: BLE001 - a store's refusal or an unreadable file: one line
+      if not storage.is_url(path):
+        raise DataError(f"tokenizer {path}: cannot be read ({e}).") from None
+      raise storage.explain(path, e) from None
     tok = cls(_processor_from_proto(proto, path), path)
     for name, token_id in (("bos", tok.bos_id), ("eos", tok.eos_id)):
       if token_id < 0:
@@ -204,24 +212,10 @@ class _TrainingLines:
         yield from pieces
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` so that readers see the old file or the whole new one."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
                     model_type: str = "bpe", special_tokens: Sequence[str] = ()) -> Tokenizer:
-  """Trains a sentencepiece model on ``documents`` and writes it atomically to ``model_path``.
+  """Trains a sentencepiece model on ``documents`` and writes it atomically to ``model_path``
+  (a local path or a URL).
 
   ``special_tokens`` (e.g. ``["<|im_start|>", "<|im_end|>"]``) become user-defined pieces:
   each gets its own id right after the four control ids and is always one token when it
@@ -231,6 +225,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
   """
   if model_type not in MODEL_TYPES:
     raise DataError(f"tokenizer model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
+  storage.check(storage.path(model_path).parent, write=True)  # a URL: writable before training
   special = list(special_tokens)
   for token in special:
     if not isinstance(token, str) or not token or token != token.strip() or token == "\n":
@@ -259,15 +254,19 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
                 "(%d bytes) were split into pieces, at whitespace where possible", lines.split,
                 options["max_sentence_length"])
   proto = writer.getvalue()
-  _atomic_write(model_path, proto)
+  storage.write_bytes(model_path, proto)
   return Tokenizer(_processor_from_proto(proto, model_path), model_path)
 
 
 def cache_dir(data_cfg: Any = None) -> str:
-  """Where generated tokenizers live: data.tokenizer_cache, $LMJAX_CACHE or ~/.cache/lmjax."""
+  """Where generated tokenizers live: data.tokenizer_cache, $LMJAX_CACHE or ~/.cache/lmjax
+  (a local directory: a cache; a URL is refused)."""
   configured = getattr(data_cfg, "tokenizer_cache", "") if data_cfg is not None else ""
-  root = configured or os.environ.get("LMJAX_CACHE") or os.path.join("~", ".cache", "lmjax")
-  return os.path.expanduser(root)
+  if configured and storage.is_url(configured):
+    raise DataError(f"config.data.tokenizer_cache={configured!r}: a cache is a local directory; "
+                    "give a local path, or \"\" for $LMJAX_CACHE (store a tokenizer in a bucket "
+                    "and name it with data.tokenizer).")
+  return os.path.expanduser(configured) if configured else storage.cache_root()
 
 
 def _cache_key(documents: Sequence[str], vocab_size: int, model_type: str) -> str:
