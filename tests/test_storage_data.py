@@ -381,8 +381,6 @@ def test_hf_import_into_a_bucket_workdir(hf_run, bucket):
   assert storage.path(f"{url}/checkpoints/0/state").is_dir()
 
 
-@pytest.mark.xfail(strict=True, reason="lmjax.load / rundir.run_config read a workdir through "
-                   "pathlib, not lmjax.storage, so a bucket workdir is not readable yet")
 def test_hf_import_into_a_bucket_workdir_loads_back(hf_run, bucket):
   from lmjax import hf
   url = f"{bucket}/runs/imported"
