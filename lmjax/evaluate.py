@@ -85,7 +85,8 @@ def perplexity(setup, params, tokenizer, batches: Iterable[Batch], max_batches: 
   if sums["tokens"] == 0:
     if allow_empty:
       return {}
-    raise ValueError("no tokens to evaluate: the held-out split or source is empty")
+    raise DataError("no tokens to evaluate: the held-out split or source is empty; give "
+                    "another --eval_source")
   loss = sums["loss_sum"] / sums["tokens"]
   out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": sums["tokens"]}
   if tokenizer is not None:

@@ -42,9 +42,10 @@ def _env(stores, home: Path) -> dict:
 def _bucket_inputs(bucket: str) -> list[str]:
   """The data (two text files, one in a subdirectory) and the tokenizer, put in ``bucket``;
   the overrides that read them from there."""
-  docs = default_documents()[:240]
-  storage.write_text(f"{bucket}/data/a.txt", "\n\n".join(docs[:120]))
-  storage.write_text(f"{bucket}/data/more/b.txt", "\n\n".join(docs[120:]))
+  docs = default_documents()
+  half = len(docs) // 2
+  storage.write_text(f"{bucket}/data/a.txt", "\n\n".join(docs[:half]))
+  storage.write_text(f"{bucket}/data/more/b.txt", "\n\n".join(docs[half:]))
   tok = data_lib.get_tokenizer(default_config().data, 1024)
   storage.write_bytes(f"{bucket}/tokenizer/bpe.model", Path(tok.path).read_bytes())
   return [f"--config.data.source={bucket}/data/**/*.txt",
@@ -139,9 +140,10 @@ def test_a_run_in_a_bucket_trains_resumes_after_sigkill_mid_save_and_is_read_bac
   cli.main(["runs", bucket])
   table = capsys.readouterr().out
   assert "run " in table and "uninterrupted" in table
-  cli.main(["eval", "--workdir", run, "--max_batches", "2"])
+  cli.main(["eval", "--workdir", run, "--eval_batches", "2",
+            "--eval_source", f"{bucket}/data/a.txt"])
   results = json.loads(storage.path(f"{run}/eval.json").read_text())
-  assert results["loss"] > 0
+  assert results["step"] == STEPS and results["source"]["loss"] > 0
   cli.main(["generate", "--workdir", run, "--prompt", "The", "--max_new_tokens", "4"])
   assert f"# {run} step {STEPS}" in capsys.readouterr().out
 
