@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmjax import cli, storage
@@ -186,7 +187,12 @@ def test_two_processes_share_an_s3_workdir_and_one_resumes_it(stores, prepared, 
   launch(f"{bucket}/shared", 4, 2)
   assert Checkpointer(f"{bucket}/shared/checkpoints", read_only=True).all_steps() == [4]
   launch(f"{bucket}/shared", 8, 1)  # resumed by one process on another mesh split
-  assert _losses(f"{bucket}/shared") == _losses(f"{bucket}/alone")
+  # The same global mesh and batches (prepared data are read by global row); collectives
+  # run through gloo in another order, so fp32 sums agree to rounding, not bit for bit.
+  shared, alone = _losses(f"{bucket}/shared"), _losses(f"{bucket}/alone")
+  assert sorted(shared) == sorted(alone) == list(range(1, 9))
+  np.testing.assert_allclose([shared[s] for s in sorted(shared)],
+                             [alone[s] for s in sorted(alone)], rtol=2e-5)
 
 
 # -- one line, before anything compiles ------------------------------------------------------
