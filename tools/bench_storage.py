@@ -33,12 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lmjax import storage  # noqa: E402
-from lmjax.checkpoint import Checkpointer  # noqa: E402
-from lmjax.config import default_config  # noqa: E402
-from lmjax.data import default_documents, get_tokenizer, make_iterator  # noqa: E402
+from lmjax import storage
+from lmjax.checkpoint import Checkpointer
+from lmjax.config import default_config
+from lmjax.data import default_documents, get_tokenizer, make_iterator
 
 
 class _Position:
@@ -109,7 +107,13 @@ def main() -> None:
   p.add_argument("--batches", type=int, default=100, help="batches timed per data read")
   args = p.parse_args()
 
-  from tests.object_stores import Stores
+  import importlib.util
+  here = os.path.dirname(os.path.abspath(__file__))
+  spec = importlib.util.spec_from_file_location(
+      "object_stores", os.path.join(here, os.pardir, "tests", "object_stores.py"))
+  object_stores = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(object_stores)
+  Stores = object_stores.Stores
   tmp = tempfile.mkdtemp(prefix="lmjax-bench-storage-")
   os.environ.setdefault("LMJAX_CACHE", os.path.join(tmp, "cache"))
   stores = Stores(tmp)
