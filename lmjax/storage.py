@@ -383,13 +383,13 @@ def check(url: PathLike, *, write: bool = False) -> None:
   else:
     opts.update(timeout=20)
   try:
-    fs = fsspec.filesystem(name, **opts)
     bucket = _bucket(url)
     if not bucket:
       raise StorageError(f"{url}: names no bucket; write {name}://BUCKET/PATH")
     if name == "gs" and os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
-      _load_google_credentials(url)
+      _load_google_credentials(url)  # before gcsfs, which would try other sources first
     _reach(name)
+    fs = fsspec.filesystem(name, **opts)
     try:
       fs.ls(bucket, detail=False)  # a missing bucket or refused credentials fail here
     except FileNotFoundError:
