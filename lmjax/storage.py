@@ -265,10 +265,17 @@ def local_file(p: PathLike) -> str:
   return target
 
 
+_SETTINGS = ("STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_configured_for: tuple | None = None
+
+
 def configure() -> None:
   """Hands the standard endpoint settings to every library lmjax uses (idempotent; run on
   import and whenever a URL is used, so settings made after the import count too): the GCS
   emulator to TensorStore, ``s3://`` to Orbax; quiets what an emulator cannot answer."""
+  global _configured_for
+  if tuple(os.environ.get(k) for k in _SETTINGS) == _configured_for:
+    return  # nothing changed since the last call
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   if emulator:
     if not emulator.startswith(("http://", "https://")):
@@ -293,6 +300,7 @@ def configure() -> None:
   logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
   from lmjax import orbax_s3
   orbax_s3.install()
+  _configured_for = tuple(os.environ.get(k) for k in _SETTINGS)
 
 
 configure()
