@@ -115,10 +115,32 @@ def size_and_version(p: PathLike) -> tuple[int, str]:
   if not is_url(q):
     st = os.stat(os.fspath(q))
     return st.st_size, str(st.st_mtime_ns)
-  info = filesystem(scheme(q)).info(os.fspath(q))
+  return _size_and_version(filesystem(scheme(q)).info(os.fspath(q)))
+
+
+def _size_and_version(info: dict) -> tuple[int, str]:
   version = (info.get("generation") or info.get("ETag") or info.get("etag") or info.get("mtime")
              or info.get("LastModified") or info.get("updated") or "")
   return int(info.get("size") or 0), str(version)
+
+
+def sizes_and_versions(paths: list[str]) -> list[tuple[int, str]]:
+  """:func:`size_and_version` of each of ``paths``; files in a bucket cost one listing per
+  directory, not one request per file."""
+  listed: dict[str, dict[str, dict]] = {}
+  out = []
+  for p in paths:
+    if not is_url(p):
+      out.append(size_and_version(p))
+      continue
+    parent = os.fspath(path(p).parent)
+    if parent not in listed:
+      fs = filesystem(scheme(p))
+      listed[parent] = {f"{scheme(p)}://{info['name'].split('://')[-1]}": info
+                        for info in fs.ls(parent, detail=True)}
+    info = listed[parent].get(os.fspath(path(p)))
+    out.append(_size_and_version(info) if info is not None else size_and_version(p))
+  return out
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:

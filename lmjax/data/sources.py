@@ -248,7 +248,7 @@ def cached_records(source: str, *, text_field: str = "text", txt_split: str = "f
   """
   probe = SkipLog(quiet=True)
   files = resolve_paths(source, probe) if source != "default" else []
-  stats = tuple((p, *storage.size_and_version(p)) for p in files)
+  stats = tuple((p, *sv) for p, sv in zip(files, storage.sizes_and_versions(files)))
   return _records(source, text_field, txt_split, bad_records, stats)
 
 
