@@ -64,6 +64,9 @@ def test_files_globs_moves_and_whole_writes(stores, scheme, tmp_path, monkeypatc
   assert files["a.txt"][0] == 3 and files["a.txt"][1]  # the store's checksum, no read-back
   storage.write_text(f"{root}/a.txt", "uno")
   assert storage.files(root)["a.txt"][1] != files["a.txt"][1]
+  names = [f"{root}/a.txt", f"{root}/sub/b.jsonl", f"{root}/sub/deeper/c.txt"]
+  assert storage.sizes_and_versions(names) == [storage.size_and_version(n) for n in names]
+  assert storage.sizes_and_versions(names)[0][0] == 3
   storage.move(f"{root}/sub", f"{root}/moved")
   assert sorted(storage.files(root)) == ["a.txt", "moved/b.jsonl", "moved/deeper/c.txt"]
   # A local copy for libraries that read local files, fetched again when the file changes.
