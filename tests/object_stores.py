@@ -78,9 +78,10 @@ class Stores:
       self._strict = f"http://127.0.0.1:{port}"
     return self._strict
 
-  def bucket(self, scheme: str, prefix: str = "lmjax") -> str:
-    """A new, empty bucket on the ``scheme`` (``"s3"`` or ``"gs"``) server: its URL."""
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+  def bucket(self, scheme: str, prefix: str = "lmjax", name: str | None = None) -> str:
+    """A new, empty bucket on the ``scheme`` (``"s3"`` or ``"gs"``) server (named ``name``,
+    else ``<prefix>-<random>``): its URL."""
+    name = name or f"{prefix}-{uuid.uuid4().hex[:12]}"
     if scheme == "s3":
       import botocore.session
       client = botocore.session.get_session().create_client(

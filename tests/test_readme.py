@@ -4,7 +4,8 @@ and succeeds, and every output it shows is what the command prints.
 The only changes made to the README's text: training is shrunk to a few steps (and
 gpt2_small, which needs a GPU, to a toy width), the 32000-piece tokenizer to 1024 pieces (the
 test corpus is small), placeholders such as ``/data/`` and ``/models/`` point at files this
-test makes, ``pip install`` and ``python -m pytest`` (the set-up itself) are not rerun, and
+test makes (``gs://my-bucket`` is a bucket on the tests' GCS emulator), ``pip install`` and
+``python -m pytest`` (the set-up itself) are not rerun, and
 ``[optional]`` arguments are given. A new code block needs no change here unless it shows
 output (then :data:`OUTPUTS` says which command prints it).
 """
@@ -134,10 +135,23 @@ def _fresh(tmp: Path) -> None:
   train_tokenizer(docs, 1024, str(hf / "tokenizer.model"))
 
 
+def _bucket(stores) -> None:
+  """``gs://my-bucket`` on the test's GCS emulator, with a gzipped JSONL corpus in it."""
+  import gzip
+  from lmjax import storage
+  from lmjax.data import default_documents
+  bucket = stores.bucket("gs", name="my-bucket")
+  docs = default_documents()
+  for i in range(2):
+    storage.write_bytes(f"{bucket}/corpus/part-{i}/docs.jsonl.gz", gzip.compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs[i::2]).encode()))
+
+
 @pytest.mark.slow
-def test_readme_followed_in_order_on_a_fresh_directory(tmp_path):
+def test_readme_followed_in_order_on_a_fresh_directory(tmp_path, stores):
   _fresh(tmp_path)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  _bucket(stores)
+  env = {**os.environ, **stores.env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   printed: dict[str, str] = {}  # command -> stdout
   errors: dict[str, str] = {}  # command -> stderr
 
