@@ -1,11 +1,11 @@
-"""A fault-injecting HTTP reverse proxy in front of the tests' S3 server.
+"""A fault-injecting HTTP reverse proxy in front of the tests' S3 server or GCS emulator.
 
 Runs in the test process, on a thread, on a free loopback port. Every request (method, path,
 query, headers, body) is forwarded to the upstream server and its answer (status, headers,
-body) relayed back, except the ones a rule fails: those get S3's own retryable error, HTTP
-503 ``SlowDown``, and never reach the server. The ``Host`` header is forwarded as the client
-sent it (the client signed for the proxy's host); the tests' S3 server does not check
-signatures.
+body) relayed back, except the ones a rule fails: those get the store's own retryable error,
+HTTP 503 (S3's ``SlowDown``, GCS's ``backendError``), and never reach the server. The ``Host``
+header is forwarded as the client sent it (the client signed for the proxy's host); the
+tests' S3 server does not check signatures.
 
   with FlakyProxy(stores.env["AWS_ENDPOINT_URL"]) as proxy:
     os.environ["AWS_ENDPOINT_URL"] = proxy.url
@@ -19,6 +19,7 @@ signatures.
 from __future__ import annotations
 
 import http.client
+import sys
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message>"
              b"<RequestId>FLAKYPROXY</RequestId></Error>")
+GCS_UNAVAILABLE = (b'{"error": {"code": 503, "message": "Backend Error", "errors": '
+                   b'[{"reason": "backendError", "message": "Backend Error"}]}}')
+GCS_API = ("/storage/v1/b/", "/upload/storage/v1/b/")
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,16 @@ class Request:
   query: str
 
   @property
+  def gcs(self) -> bool:
+    return self.path.startswith(GCS_API)
+
+  @property
   def key(self) -> str:
-    """The object key (the path less the bucket)."""
+    """The object's name: S3's path less the bucket; GCS's ``name`` parameter or the path
+    after ``/o/`` (empty when the request names no object in its URL)."""
+    if self.gcs:
+      name = urllib.parse.parse_qs(self.query).get("name", [""])[0]
+      return name or (self.path.split("/o/", 1)[1] if "/o/" in self.path else "")
     parts = self.path.lstrip("/").split("/", 1)
     return parts[1] if len(parts) > 1 else ""
 
@@ -50,8 +62,8 @@ Matcher = Callable[[Request], bool]
 
 
 def writes_under(prefix: str) -> Matcher:
-  """Uploads (PUT, and POST: multipart uploads) of objects whose key has a path segment
-  starting with ``prefix`` (e.g. ``"checkpoints/"`` matches ``run/checkpoints/2/x``)."""
+  """Uploads (PUT, and POST: S3's multipart uploads, GCS's uploads) of objects whose key has a
+  path segment starting with ``prefix`` (``"checkpoints/"`` matches ``run/checkpoints/2/x``)."""
   def match(r: Request) -> bool:
     return r.method in ("PUT", "POST") and ("/" + r.key).find("/" + prefix) >= 0
   return match
@@ -97,12 +109,14 @@ class FlakyProxy:
         split = urllib.parse.urlsplit(self.path)
         request = Request(self.command, urllib.parse.unquote(split.path), split.query)
         if proxy._should_fail(request):
-          self.send_response(503, "Slow Down")
-          self.send_header("Content-Type", "application/xml")
-          self.send_header("Content-Length", str(len(SLOW_DOWN)))
+          error, kind = ((GCS_UNAVAILABLE, "application/json") if request.gcs else
+                         (SLOW_DOWN, "application/xml"))
+          self.send_response(503, "Service Unavailable")
+          self.send_header("Content-Type", kind)
+          self.send_header("Content-Length", str(len(error)))
           self.end_headers()
           if self.command != "HEAD":
-            self.wfile.write(SLOW_DOWN)
+            self.wfile.write(error)
           proxy._record(request, 503, True)
           return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -135,8 +149,14 @@ class FlakyProxy:
 
       do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-    self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+      daemon_threads = True
+
+      def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that went away
+          super().handle_error(request, client_address)
+
+    self.server = Server(("127.0.0.1", 0), Handler)
     self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
     self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                     name="flaky-proxy")
