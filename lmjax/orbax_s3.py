@@ -20,12 +20,12 @@ other paths:
   without it is an unfinished save: never listed, and removed on the next start.
 
 TensorStore writes the arrays of ``s3://`` and ``gs://`` checkpoints itself and retries a
-request the store turns away for now (S3's 503 ``SlowDown``, another 5xx) on its own. Its default (32 retries, waiting
-1 s, 2 s, 4 s ... up to 32 s between them) keeps a save going for about 15 minutes per request
-while the store keeps failing; every ``s3`` and ``gcs`` kvstore Orbax builds here carries
-:data:`RETRIES` instead: 8 retries, waiting 1 s doubling to at most 32 s, about 2 minutes (at
-most 132 s of waiting) before the save fails and the run stops with one line naming the step.
-``LMJAX_TENSORSTORE_RETRIES`` replaces it with TensorStore's own JSON
+request the store turns away for now (S3's 503 ``SlowDown``, another 5xx) on its own. Its
+default (32 retries, waiting 1 s, 2 s, 4 s ... up to 32 s between them) keeps a save going for
+about 15 minutes per request while the store keeps failing; every ``s3`` and ``gcs`` kvstore
+Orbax builds here carries :data:`RETRIES` instead: 8 retries, waiting 1 s doubling to at most
+32 s, about 2 minutes (at most 132 s of waiting) before the save fails and the run stops with
+one line naming the step. ``LMJAX_TENSORSTORE_RETRIES`` replaces it with TensorStore's own JSON
 (``{"max_retries": 3, "initial_delay": "0.5s", "max_delay": "2s"}``). The other files of a
 checkpoint go through fsspec, whose retries :func:`lmjax.storage.configure` bounds.
 """

@@ -27,7 +27,8 @@ STEPS = 6
 OVERRIDES = [
     "--config.model.num_layers=2", "--config.model.embed_dim=64", "--config.model.mlp_dim=128",
     "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
-    "--config.model.max_seq_len=64", "--config.data.seq_len=64", "--config.data.global_batch_size=8",
+    "--config.model.max_seq_len=64", "--config.data.seq_len=64",
+    "--config.data.global_batch_size=8",
     "--config.optim.warmup_steps=4", "--config.optim.decay_steps=40",
     f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=0",
     "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5",
@@ -38,8 +39,9 @@ OVERRIDES = [
 SHORT_RETRIES = {
     orbax_s3.RETRIES_VARIABLE: json.dumps(
         {"max_retries": 2, "initial_delay": "0.1s", "max_delay": "0.2s"}),
-    "FSSPEC_S3": json.dumps({"config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
-                                               "retries": {"max_attempts": 2, "mode": "standard"}}}),
+    "FSSPEC_S3": json.dumps({"config_kwargs": {
+        "connect_timeout": 5, "read_timeout": 30,
+        "retries": {"max_attempts": 2, "mode": "standard"}}}),
 }
 # Lines that runs print with or without faults, not lmjax's: TensorStore's native log (missing
 # ~/.aws or gcloud files) and Orbax's note that a save waited for the one before.
