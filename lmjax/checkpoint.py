@@ -22,11 +22,13 @@ the run writes that step anew. Nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -103,9 +105,10 @@ class Checkpointer:
         config=ocp.args.JsonSave(json.loads(cfg.to_json())),
         meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "step": step}),
     )
-    self.manager.save(step, args=args, force=True)  # waits for the previous save first
-    self._in_flight = step
-    self._write_manifests()
+    self.wait()  # the previous save: a failure there is reported as that step's
+    with self._saving(step):
+      self.manager.save(step, args=args, force=True)
+      self._in_flight = step
     return time.perf_counter() - start
 
   def save_params(self, step: int, params: Any, cfg: ml_collections.ConfigDict,
@@ -122,9 +125,24 @@ class Checkpointer:
     self.wait()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-    self._in_flight = None
-    self._write_manifests()
+    with self._saving(self._in_flight):
+      self.manager.wait_until_finished()
+      self._in_flight = None
+      self._write_manifests()
+
+  @contextlib.contextmanager
+  def _saving(self, step: int | None):
+    """Turns a failed save of ``step`` (the store still failing after the retries of
+    :mod:`lmjax.orbax_s3` and :func:`lmjax.storage.configure`) into one CheckpointError. The
+    step is left unfinished: never listed, never resumed from."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - every failure to write is reported alike
+      what = f"checkpoint step {step} in {self._step_dir(step)}" if step is not None else \
+          f"a checkpoint in {self.directory}"
+      cause = re.sub(r" \[[\w-]+='.*?'\]", "", (str(e).strip() or repr(e)).splitlines()[0])
+      raise CheckpointError(f"saving {what} failed ({type(e).__name__}: {cause[:300]}); rerun "
+                            "the same command to resume from the newest whole checkpoint") from e
 
   def close(self) -> None:
     self.wait()

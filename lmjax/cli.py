@@ -9,8 +9,11 @@ A mistake the user can fix is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
+import warnings
 from typing import Callable
 
 import jax
@@ -363,9 +366,31 @@ def parse(argv: list[str]) -> argparse.Namespace:
   return args
 
 
+def _drop_orbax_traceback(record) -> bool:
+  return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _drop_closed_loop(unraisable, report) -> None:
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed"):
+    report(unraisable)
+
+
+def _quiet_failed_saves() -> None:
+  """A checkpoint save that fails in the background (a store that keeps failing) is reported
+  by lmjax in one line (CheckpointError). Before that, Orbax logs it with its traceback, and
+  the save's other writes report, as they end, that the save's event loop is gone, or were
+  never awaited: those reports alone are dropped."""
+  logging.get_absl_logger().addFilter(_drop_orbax_traceback)
+  warnings.filterwarnings("ignore", r"coroutine '\w+CheckpointHandler\.", RuntimeWarning)
+  if getattr(sys.unraisablehook, "func", None) is not _drop_closed_loop:
+    sys.unraisablehook = functools.partial(_drop_closed_loop, report=sys.unraisablehook)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain are chatty at INFO
+  _quiet_failed_saves()
   try:
     args = parse(argv)
     if args.command not in ("validate", "runs", "plan"):  # these touch no devices

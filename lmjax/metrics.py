@@ -252,7 +252,7 @@ class MetricsWriter:
     clean.update(time=now, elapsed_sec=now - self.started)
     if self.enabled:
       self._file.write((json.dumps({"step": step, **clean}) + "\n").encode())
-      self._file.flush()
+      self._upload(force=False)
       tracked = {k: v for k, v in clean.items() if k != "time"}
       for tracker in self._trackers:
         tracker.write(step, tracked, now)
@@ -261,13 +261,22 @@ class MetricsWriter:
   def flush(self) -> None:
     """Uploads metrics.jsonl now (on an object store; a local file is always current)."""
     if self.enabled:
-      self._file.flush(force=True)
+      self._upload(force=True)
+
+  def _upload(self, force: bool) -> None:
+    """Flushes metrics.jsonl; on an object store, an upload that still fails after the file
+    system's retries is one StorageError (the records stay here for the next upload)."""
+    try:
+      self._file.flush(force=force)
+    except Exception as e:  # noqa: BLE001 - any failure of the store becomes one line
+      raise storage.StorageError(f"{storage.explain(self.path, e)} (uploading it failed; rerun "
+                                 "the same command to resume from the newest checkpoint)") from e
 
   def finish(self, summary: dict[str, Any]) -> None:
     """Writes ``summary.json`` and marks the trackers' runs done with ``summary["status"]``."""
     self.status = summary["status"]
     if self.enabled:
-      self._file.flush(force=True)
+      self._upload(force=True)
       storage.write_text(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
   def close(self) -> None:

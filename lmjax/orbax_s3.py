@@ -1,4 +1,4 @@
-"""S3 checkpoints through Orbax and TensorStore.
+"""S3 checkpoints through Orbax and TensorStore, with bounded retries on every object store.
 
 Orbax 0.12 writes ``gs://`` checkpoints natively but not ``s3://`` ones, though TensorStore
 has an ``s3`` kvstore driver. Three places in Orbax decide, from the path alone, how a
@@ -18,17 +18,36 @@ other paths:
   copies every object), so an ``s3://`` checkpoint commits as a ``gs://`` one does: written
   in place, then marked whole by a ``commit_success.txt`` written last. A step directory
   without it is an unfinished save: never listed, and removed on the next start.
+
+TensorStore writes the arrays of ``s3://`` and ``gs://`` checkpoints itself and retries a
+request the store turns away for now (S3's 503 ``SlowDown``, another 5xx) on its own. Its
+default (32 retries, waiting 1 s, 2 s, 4 s ... up to 32 s between them) keeps a save going for
+about 15 minutes per request while the store keeps failing; every ``s3`` and ``gcs`` kvstore
+Orbax builds here carries :data:`RETRIES` instead: 8 retries, waiting 1 s doubling to at most
+32 s, about 2 minutes (at most 132 s of waiting) before the save fails and the run stops with
+one line naming the step. ``LMJAX_TENSORSTORE_RETRIES`` replaces it with TensorStore's own JSON
+(``{"max_retries": 3, "initial_delay": "0.5s", "max_delay": "2s"}``). The other files of a
+checkpoint go through fsspec, whose retries :func:`lmjax.storage.configure` bounds.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from orbax.checkpoint._src.path import atomicity, atomicity_defaults
 from orbax.checkpoint._src.serialization import tensorstore_utils
 
+from lmjax.config import ConfigError
+
 S3 = "s3://"
+# TensorStore's s3_request_retries / gcs_request_retries: 1+2+4+8+16+32+32+32 s of waiting,
+# plus up to 1 s of jitter on each of the first five.
+RETRIES = {"max_retries": 8, "initial_delay": "1s", "max_delay": "32s"}
+RETRIES_VARIABLE = "LMJAX_TENSORSTORE_RETRIES"
+_RETRY_RESOURCE = {"s3": "s3_request_retries", "gcs": "gcs_request_retries",
+                   "gcs_grpc": "gcs_request_retries"}
 _installed = False
 
 
@@ -51,6 +70,36 @@ def region() -> str:
   return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+def retries() -> dict[str, Any]:
+  """The retry settings of TensorStore's object-store requests: :data:`RETRIES`, or the JSON
+  object in ``$LMJAX_TENSORSTORE_RETRIES``."""
+  text = os.environ.get(RETRIES_VARIABLE, "").strip()
+  if not text:
+    return dict(RETRIES)
+  try:
+    value = json.loads(text)
+  except ValueError:
+    value = None
+  if not isinstance(value, dict) or not set(value) <= set(RETRIES):
+    raise ConfigError(f"{RETRIES_VARIABLE}={text!r}: not TensorStore's retry settings; give a "
+                      'JSON object such as {"max_retries": 8, "initial_delay": "1s", '
+                      '"max_delay": "32s"}, or unset it')
+  return value
+
+
+def _with_retries(spec: Any) -> Any:
+  """``spec`` with :func:`retries` set on every ``s3``/``gcs`` kvstore in it."""
+  if isinstance(spec, list):
+    return [_with_retries(s) for s in spec]
+  if not isinstance(spec, dict):
+    return spec
+  out = {k: _with_retries(v) for k, v in spec.items()}
+  resource = _RETRY_RESOURCE.get(out.get("driver"))
+  if resource and resource not in out:
+    out[resource] = retries()
+  return out
+
+
 def _to_s3(spec: Any) -> Any:
   """``spec`` with every TensorStore ``gcs`` kvstore turned into the same ``s3`` one."""
   if isinstance(spec, list):
@@ -71,7 +120,7 @@ def _to_s3(spec: Any) -> Any:
 
 
 def install() -> None:
-  """Teaches the Orbax in this process ``s3://`` checkpoints (idempotent)."""
+  """Teaches the Orbax in this process ``s3://`` checkpoints and bounded retries (idempotent)."""
   global _installed
   if _installed:
     return
@@ -81,8 +130,8 @@ def install() -> None:
   def build_kvstore_tspec(directory: str, *args: Any, **kwargs: Any) -> Any:
     url = _s3_url(directory)
     if url is None:
-      return build(directory, *args, **kwargs)
-    return _to_s3(build("gs://" + url[len(S3):], *args, **kwargs))
+      return _with_retries(build(directory, *args, **kwargs))
+    return _with_retries(_to_s3(build("gs://" + url[len(S3):], *args, **kwargs)))
 
   build_kvstore_tspec.__doc__ = build.__doc__
   tensorstore_utils.build_kvstore_tspec = build_kvstore_tspec

@@ -273,6 +273,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
   # asynchronously; there, each step completes before the next is dispatched.
   sync_every_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
   blocked = 0.0
+  failed = True
   try:
     with _StopRequest() as stop:
       for step in range(start + 1, t.steps + 1):
@@ -302,12 +303,13 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
           if step == start + 1:  # the bar's rate and ETA leave out the compilation
             metrics_lib.restart_clock(bar)
         stopping = stop.requested(step)
+        if stopping and pending:
+          log(step, jax.device_get(pending), {})
+          pending = []
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stopping:
+          writer.flush()  # a checkpoint's steps are in metrics.jsonl before the checkpoint is
           blocked += checkpointer.save(step, state, train_iter, cfg)
-          writer.flush()
         if stopping:
-          if pending:
-            log(step, jax.device_get(pending), {})
           checkpointer.wait()
           _say(f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
                f"{checkpointer.directory / str(step)}. Rerun the same command to resume.")
@@ -319,9 +321,17 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
           _say(line)
       else:
         _say(f"nothing to train: {workdir} is at step {start} of train.steps={t.steps}.")
+    failed = False
   finally:
-    checkpointer.close()
-    writer.close()
-    if bar is not None:
-      bar.close()
+    # A failed run's error is the one to report: closing must not hide it behind another
+    # (a store that keeps failing fails the closing uploads too).
+    errors = []
+    for close in (checkpointer.close, writer.close, bar.close if bar is not None else None):
+      try:
+        if close is not None:
+          close()
+      except Exception as e:  # noqa: BLE001 - raised below unless the run already failed
+        errors.append(e)
+    if errors and not failed:
+      raise errors[0]
   return history
