@@ -111,13 +111,13 @@ class FlakyProxy:
         if proxy._should_fail(request):
           error, kind = ((GCS_UNAVAILABLE, "application/json") if request.gcs else
                          (SLOW_DOWN, "application/xml"))
+          proxy._record(request, 503, True)  # before the client can see the answer
           self.send_response(503, "Service Unavailable")
           self.send_header("Content-Type", kind)
           self.send_header("Content-Length", str(len(error)))
           self.end_headers()
           if self.command != "HEAD":
             self.wfile.write(error)
-          proxy._record(request, 503, True)
           return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
@@ -130,6 +130,7 @@ class FlakyProxy:
           conn.endheaders(body or None)
           response = conn.getresponse()
           data = response.read()
+          proxy._record(request, response.status, False)
           self.send_response(response.status, response.reason)
           for k, v in response.getheaders():
             if k.lower() not in HOP_BY_HOP:
@@ -143,7 +144,6 @@ class FlakyProxy:
           self.end_headers()
           if self.command != "HEAD":
             self.wfile.write(data)
-          proxy._record(request, response.status, False)
         finally:
           conn.close()
 
