@@ -274,7 +274,8 @@ STORAGE = {"GOOGLE_APPLICATION_CREDENTIALS": "/secrets/gcp.json",
            "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9023",
            "TENSORSTORE_GCS_HTTP_URL": "http://127.0.0.1:9023",
            "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ACCESS_KEY_ID": "AKIA0",
-           "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_PROFILE": "lab", "AWS_DEFAULT_REGION": "eu-west-1"}
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_PROFILE": "lab", "AWS_DEFAULT_REGION": "eu-west-1",
+           "LMJAX_TENSORSTORE_RETRIES": '{"max_retries": 3}'}
 
 
 def _hosts(stdout: str) -> list[tuple[dict[str, str], list[str]]]:

@@ -23,7 +23,7 @@ set -euo pipefail
 NAME=${1:?TPU name}; ZONE=${2:?zone}; CONFIG=${3:?config}; WORKDIR=${4:?workdir}; shift 4
 STORAGE_VARS="GOOGLE_APPLICATION_CREDENTIALS STORAGE_EMULATOR_HOST TENSORSTORE_GCS_HTTP_URL
   AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_PROFILE
-  AWS_DEFAULT_REGION AWS_REGION"
+  AWS_DEFAULT_REGION AWS_REGION AWS_ENDPOINT_URL_S3 LMJAX_TENSORSTORE_RETRIES"
 LIBTPU_INIT_ARGS="${LIBTPU_INIT_ARGS:-} --xla_tpu_enable_data_parallel_all_reduce_opt=true \
 --xla_tpu_data_parallel_opt_different_sized_ops=true \
 --xla_tpu_enable_async_collective_fusion=true \
