@@ -89,21 +89,29 @@ def _local_files(root: Path) -> list[str]:
   return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(stores, tmp_path_factory) -> dict[int, float]:
+  """The losses of the run, uninterrupted, in an S3 bucket (the same data and tokenizer in a
+  GCS bucket give the same losses, bit for bit)."""
+  bucket = stores.bucket("s3")
+  home = tmp_path_factory.mktemp("home")
+  _run(_train_args(f"{bucket}/uninterrupted", _bucket_inputs(bucket)), _env(stores, home), home)
+  losses = _losses(f"{bucket}/uninterrupted")
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  return losses
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_a_run_in_a_bucket_trains_resumes_after_sigkill_mid_save_and_is_read_back(
-    stores, tmp_path, scheme, capsys):
+    stores, uninterrupted, tmp_path, scheme, capsys):
   bucket = stores.bucket(scheme)
   inputs = _bucket_inputs(bucket)
   home, cwd = tmp_path / "home", tmp_path / "cwd"
   home.mkdir()
   cwd.mkdir()
   env = _env(stores, home)
-
-  reference = f"{bucket}/uninterrupted"
-  _run(_train_args(reference, inputs), env, cwd)
-  expected = _losses(reference)
-  assert sorted(expected) == list(range(1, STEPS + 1))
+  expected = uninterrupted
 
   run = f"{bucket}/run"
   p = subprocess.Popen(_train_args(run, inputs), env=env, cwd=cwd, stdout=subprocess.PIPE,
@@ -140,7 +148,7 @@ def test_a_run_in_a_bucket_trains_resumes_after_sigkill_mid_save_and_is_read_bac
   capsys.readouterr()
   cli.main(["runs", bucket])
   table = capsys.readouterr().out
-  assert "run " in table and "uninterrupted" in table
+  assert "run " in table
   cli.main(["eval", "--workdir", run, "--eval_batches", "2",
             "--eval_source", f"{bucket}/data/a.txt"])
   results = json.loads(storage.path(f"{run}/eval.json").read_text())
