@@ -272,7 +272,7 @@ def test_cli_generate_prints_the_continuations_of_a_trained_run(tmp_path):
   for p in prompts:
     cmd += ["--prompt", p]
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", ""))
+      "--xla_force_host_platform_device_count=8", "").strip())
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith(f"# {tmp_path} step 2: temperature 0.0")
