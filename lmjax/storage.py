@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from typing import Any, Iterable
+from typing import Any
 
 from etils import epath
 
@@ -433,16 +433,6 @@ def check(url: PathLike, *, write: bool = False) -> None:
     raise
   except Exception as e:  # noqa: BLE001 - any failure of the store becomes one line
     raise explain(url, e) from None
-
-
-def check_all(urls: Iterable[tuple[PathLike, bool]]) -> None:
-  """:func:`check` each ``(url, write)`` once."""
-  seen = set()
-  for url, write in urls:
-    key = (os.fspath(url), write)
-    if key not in seen:
-      seen.add(key)
-      check(url, write=write)
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:

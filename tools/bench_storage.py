@@ -31,7 +31,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lmjax import storage
 from lmjax.checkpoint import Checkpointer
