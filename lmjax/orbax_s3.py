@@ -87,28 +87,29 @@ def retries() -> dict[str, Any]:
   return value
 
 
-def _with_retries(spec: Any) -> Any:
-  """``spec`` with :func:`retries` set on every ``s3``/``gcs`` kvstore in it."""
+def _each_kvstore(spec: Any, change: Any) -> Any:
+  """``spec`` with ``change(d)`` applied to every dict in it, innermost first."""
   if isinstance(spec, list):
-    return [_with_retries(s) for s in spec]
+    return [_each_kvstore(s, change) for s in spec]
   if not isinstance(spec, dict):
     return spec
-  out = {k: _with_retries(v) for k, v in spec.items()}
-  resource = _RETRY_RESOURCE.get(out.get("driver"))
-  if resource and resource not in out:
-    out[resource] = retries()
-  return out
+  return change({k: _each_kvstore(v, change) for k, v in spec.items()})
+
+
+def _with_retries(spec: Any) -> Any:
+  """``spec`` with :func:`retries` set on every ``s3``/``gcs`` kvstore in it."""
+  def change(d: dict) -> dict:
+    resource = _RETRY_RESOURCE.get(d.get("driver"))
+    return {**d, resource: retries()} if resource and resource not in d else d
+  return _each_kvstore(spec, change)
 
 
 def _to_s3(spec: Any) -> Any:
   """``spec`` with every TensorStore ``gcs`` kvstore turned into the same ``s3`` one."""
-  if isinstance(spec, list):
-    return [_to_s3(s) for s in spec]
-  if not isinstance(spec, dict):
-    return spec
-  out = {k: _to_s3(v) for k, v in spec.items()}
-  if out.get("driver") in ("gcs", "gcs_grpc"):
-    out = {"driver": "s3", "bucket": out["bucket"], "path": out.get("path", ""),
+  def change(d: dict) -> dict:
+    if d.get("driver") not in ("gcs", "gcs_grpc"):
+      return d
+    out = {"driver": "s3", "bucket": d["bucket"], "path": d.get("path", ""),
            "aws_region": region()}
     if endpoint():
       out["endpoint"] = endpoint()
@@ -116,7 +117,8 @@ def _to_s3(spec: Any) -> Any:
       # The keys in the environment win, as with AWS's tools; naming that source spares
       # TensorStore's default chain, which logs an error for each missing ~/.aws file.
       out["aws_credentials"] = {"type": "environment"}
-  return out
+    return out
+  return _each_kvstore(spec, change)
 
 
 def install() -> None:
