@@ -37,3 +37,14 @@ def stores(tmp_path_factory):
       else:
         os.environ[k] = v
     servers.close()
+
+
+@pytest.fixture(scope="session")
+def prepared_default(tmp_path_factory) -> str:
+  """The default corpus prepared at seq_len 64 with the cached 1024-piece tokenizer."""
+  from lmjax import data as data_lib
+  from lmjax.config import default_config
+  out = tmp_path_factory.mktemp("prepared") / "default"
+  tok = data_lib.get_tokenizer(default_config().data, 1024)
+  data_lib.prepare(["default"], str(out), tok, seq_len=64, eval_fraction=0.05)
+  return str(out)

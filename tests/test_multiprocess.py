@@ -29,11 +29,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-  out = tmp_path_factory.mktemp("prepared") / "default"
-  tok = data_lib.get_tokenizer(default_config().data, 1024)
-  data_lib.prepare(["default"], str(out), tok, seq_len=64, eval_fraction=0.05)
-  return str(out)
+def dataset(prepared_default) -> str:
+  return prepared_default
 
 
 def _args(dataset, workdir, steps):

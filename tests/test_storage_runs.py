@@ -157,21 +157,14 @@ def test_a_run_in_a_bucket_trains_resumes_after_sigkill_mid_save_and_is_read_bac
   assert f"# {run} step {STEPS}" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> str:
-  out = tmp_path_factory.mktemp("prepared") / "default"
-  tok = data_lib.get_tokenizer(default_config().data, 1024)
-  data_lib.prepare(["default"], str(out), tok, seq_len=64, eval_fraction=0.05)
-  return str(out)
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_share_an_s3_workdir_and_one_resumes_it(stores, prepared, tmp_path):
+def test_two_processes_share_an_s3_workdir_and_one_resumes_it(stores, prepared_default,
+                                                              tmp_path):
   from tests.object_stores import free_port
   bucket = stores.bucket("s3")
   data = f"{bucket}/prepared"
-  storage.filesystem("s3").put(prepared, data, recursive=True)
+  storage.filesystem("s3").put(prepared_default, data, recursive=True)
   env = {**_env(stores, tmp_path), "XLA_FLAGS": ""}
 
   def launch(workdir: str, steps: int, processes: int) -> None:
