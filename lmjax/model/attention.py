@@ -35,7 +35,7 @@ from lmjax.config import ATTENTION_BACKENDS
 from lmjax.mesh import constrain
 from lmjax.model.kernels import (MASKED, blockwise_attention, causal_mask, cudnn_attention,
                                  per_shard, splash_attention)
-from lmjax.model.layers import Rope, param, rope
+from lmjax.model.layers import Rope, param, rope, weight
 
 # backend -> (platforms it runs on, as jax.default_backend() names them; what it needs)
 _PLATFORMS = {
@@ -198,9 +198,9 @@ class Attention(nnx.Module):
   def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projections with RoPE: x (b, t, d) -> q (b, t, n, h), k and v (b, t, k, h)."""
     dt = x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))  # (b, t, n, h)
-    k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))  # (b, t, k, h)
-    v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+    q = jnp.einsum("btd,dnh->btnh", x, weight(self.q, dt))  # (b, t, n, h)
+    k = jnp.einsum("btd,dkh->btkh", x, weight(self.k, dt))  # (b, t, k, h)
+    v = jnp.einsum("btd,dkh->btkh", x, weight(self.v, dt))
     if self.bias:
       q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
     if self.rope is not None:
@@ -212,5 +212,5 @@ class Attention(nnx.Module):
 
   def _out(self, out: jax.Array, dt) -> jax.Array:
     """The output projection: out (b, t, n, h) -> (b, t, d)."""
-    y = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+    y = jnp.einsum("btnh,nhd->btd", out, weight(self.o, dt))
     return y + self.o_bias[...].astype(dt) if self.bias else y
