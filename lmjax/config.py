@@ -57,7 +57,7 @@ POSITIVE = (
     "train.keep_checkpoints", "train.spike_threshold", "train.spike_max_consecutive",
 )
 AT_LEAST = {  # key -> smallest allowed value
-    "model.sliding_window": 0, "data.worker_count": 0, "data.prefetch": 0,
+    "model.sliding_window": 0, "model.loss_chunk": 0, "train.z_loss": 0, "data.worker_count": 0, "data.prefetch": 0,
     "optim.warmup_steps": 0, "optim.grad_clip_norm": 0, "train.eval_every": 0,
     "train.checkpoint_every": 0, "train.keep_every": 0, "train.spike_window": 2,
     "mesh.dcn_data": 1, "mesh.dcn_fsdp": 1,
@@ -115,6 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.pipeline_repeats = 1  # circular pipeline: layer chunks per stage (1 = GPipe)
   m.attention = "xla"  # xla | blockwise (any platform; memory-efficient) | cudnn (NVIDIA GPU, bf16) | splash (TPU)
   m.init_std = 0.02  # normal init std of embeddings and projections
+  m.loss_chunk = 1024  # the loss walks the sequence this many positions at a time, never holding the (b, t, v) logits; 0 = whole logits
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "default"  # "default", a file/dir/glob of .txt .jsonl .json .parquet .arrayrecord files, or a tools/prepare_data.py directory
@@ -162,6 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind, else no MFU
   t.trackers = ("tensorboard",)  # metric writers besides metrics.jsonl (always): tensorboard, wandb, mlflow (pip install "lmjax[wandb]" / "lmjax[mlflow]")
   t.project, t.run_name = "", ""  # W&B project / MLflow experiment ("" = $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, else "lmjax"); run name ("" = the workdir's name)
+  t.z_loss = 0.0  # weight of the z-loss, z * logsumexp(logits)^2 per token (PaLM: 1e-4); reported as z_loss
   t.nan_policy = "halt"  # non-finite loss/grads: "halt" (raise naming the step) | "skip" (count)
   t.skip_spikes = False  # skip updates whose loss exceeds mean + spike_threshold * std
   t.spike_window = 32  # steps in the rolling loss mean/std for spike detection

@@ -27,6 +27,7 @@ from lmjax.checkpoint import abstract_with_shardings
 from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, rules_from_config, tree_shardings, use_rules
 from lmjax.model import Transformer, count_params, logical_axes
 from lmjax.model.attention import check_backend
+from lmjax.model.cross_entropy import cross_entropy, plain_cross_entropy
 from lmjax.optim import make_optimizer
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (+ weights): (b, t)
@@ -61,8 +62,8 @@ class Setup:
   def _score(self):
     def score(params, batch):  # per row: summed weighted log-probability, summed weight
       weights = token_weights(batch)
-      return {"logprob": jnp.sum(token_logprobs(self.graphdef, params, batch) * weights, axis=1),
-              "weight": jnp.sum(weights, axis=1)}
+      logprob = loss_terms(self.graphdef, params, batch)[1]["logprob"]
+      return {"logprob": jnp.sum(logprob * weights, axis=1), "weight": jnp.sum(weights, axis=1)}
 
     return jax.jit(score, in_shardings=(self.state_shardings["params"], self.batch_sharding),
                    out_shardings=replicated(self.mesh))
@@ -142,14 +143,6 @@ def init_state(setup: Setup) -> State:
 
 # -- the loss ------------------------------------------------------------------------------
 
-def token_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> jax.Array:
-  """(b, t) log-probability of each next-token target: the forward pass and the
-  cross-entropy, written once for training, evaluation and scoring."""
-  model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # (b, t, v)
-  return -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-
-
 def token_weights(batch: Batch) -> Any:
   """(b, t) weight of each target in the loss: padding (segment 0) never counts; a batch may
   weight tokens itself (``weights``, e.g. a fine-tuning batch that trains on responses only)."""
@@ -158,7 +151,30 @@ def token_weights(batch: Batch) -> Any:
   return (batch["segment_ids"] != 0).astype(np.float32)
 
 
-def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy over the weighted tokens, and their weight."""
+def loss_terms(graphdef: nnx.GraphDef, params: Any, batch: Batch,
+               z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The forward pass and the next-token cross-entropy, written once for training,
+  evaluation and scoring: the weighted sum to differentiate (cross-entropy plus ``z_loss``
+  times the z-loss) and, not differentiated, ``logprob`` (b, t) of each target, the summed
+  ``nll`` and ``z`` (logsumexp^2) over the weighted tokens and their ``weight``.
+
+  ``config.model.loss_chunk`` > 0 (the default) computes the output projection and the loss
+  a chunk of positions at a time (:mod:`lmjax.model.cross_entropy`); 0 takes whole logits.
+  """
+  model = nnx.merge(graphdef, params)
   weights = token_weights(batch)
-  return -jnp.sum(token_logprobs(graphdef, params, batch) * weights), jnp.sum(weights)
+  args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  if model.cfg.loss_chunk > 0:
+    total, nll, lse = cross_entropy(model.features(*args), model.head.table[...], batch["targets"],
+                                    weights, z_loss, model.cfg.loss_chunk)
+  else:
+    total, nll, lse = plain_cross_entropy(model(*args), batch["targets"], weights, z_loss)
+  nll, lse = jax.lax.stop_gradient(nll), jax.lax.stop_gradient(lse)
+  return total, {"logprob": -nll, "nll": jnp.sum(weights * nll), "z": jnp.sum(weights * lse * lse),
+                 "weight": jnp.sum(weights)}
+
+
+def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over the weighted tokens (differentiable), and their weight."""
+  total, terms = loss_terms(graphdef, params, batch)
+  return total, terms["weight"]

@@ -30,7 +30,7 @@ from lmjax.checkpoint import Checkpointer, CheckpointError
 from lmjax.mesh import host_to_global, replicated
 from lmjax.metrics import MetricsWriter, RunSummary, Throughput
 from lmjax.optim import learning_rate_schedule
-from lmjax.state import Batch, Setup, State, build, init_state, token_losses
+from lmjax.state import Batch, Setup, State, build, init_state, loss_terms
 
 
 
@@ -40,24 +40,30 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   The loss is the mean over all real tokens of the batch, whatever the microbatching.
   """
   accum = setup.cfg.optim.grad_accum_steps
-  grad_fn = jax.value_and_grad(functools.partial(token_losses, setup.graphdef), has_aux=True)
+  z_loss = setup.cfg.train.z_loss
 
+  def objective(params, batch):  # the weighted sum to differentiate; sums of nll, z, weight
+    total, terms = loss_terms(setup.graphdef, params, batch, z_loss)
+    return total, {k: terms[k] for k in ("nll", "z", "weight")}
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   if accum == 1:
-    (loss_sum, count), grads = grad_fn(state["params"], batch)
+    (_, sums), grads = grad_fn(state["params"], batch)
   else:
     # (b, t) -> (accum, b/accum, t), keeping each device's rows on that device.
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
                          batch)
 
     def one(carry, mb):
-      (loss_sum, count), grads = grad_fn(state["params"], mb)
-      return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+      (_, sums), grads = grad_fn(state["params"], mb)
+      return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
-    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-    (loss_sum, count, grads), _ = jax.lax.scan(one, zeros, micro)
+    zeros = (dict.fromkeys(("nll", "z", "weight"), jnp.zeros(())),
+             jax.tree.map(jnp.zeros_like, state["params"]))
+    (sums, grads), _ = jax.lax.scan(one, zeros, micro)
 
-  count = jnp.maximum(count, 1.0)
-  loss = loss_sum / count
+  count = jnp.maximum(sums["weight"], 1.0)
+  loss = sums["nll"] / count  # the cross-entropy (the z-loss is reported apart)
   grads = jax.tree.map(lambda g: g / count, grads)
   t = setup.cfg.train
   if t.debug_nan_at_step:
@@ -102,6 +108,7 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
       "param_norm": optax.global_norm(new_state["params"]),
       "learning_rate": learning_rate_schedule(setup.cfg)(state["step"]),
       "tokens": count,
+      **({"z_loss": sums["z"] / count} if z_loss else {}),
       "nonfinite": ~finite,
       "spike": spike,
       "skipped_steps": new_state["skipped"],

@@ -123,10 +123,16 @@ def test_compiled_state_bytes_match_the_shardings():
 
 def test_tensor_parallel_forward_has_one_reduction_per_sublayer():
   """Megatron-style: per layer, the forward pass all-reduces the attention output and the
-  MLP output (b, t, d) once each, and gathers nothing."""
-  fwd = []
+  MLP output (b, t, d) once each, and gathers nothing. (The loss, in a loop of its own over
+  chunks of positions, reduces over the vocabulary, which tensor splits: the logits' max and
+  the hidden states' gradient.)"""
+  layer, loss = [], []
   for line in run("tensor8")["compiled"].as_text().splitlines():
     m = re.search(r"= (\S+) (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)\(", line)
     if m and "/jvp()/while/body/" in line and "transpose(" not in line:
-      fwd.append((m.group(2), m.group(1).split("{")[0]))
-  assert sorted(fwd) == [("all-reduce", "f32[16,16,32]")] * 2, fwd
+      op = re.search(r'op_name="([^"]*)"', line).group(1).rsplit("closed_call/", 1)[-1]
+      in_loss = op.startswith(("bcv,", "reduce_max", "reduce_sum"))  # lmjax.model.cross_entropy
+      (loss if in_loss else layer).append((m.group(2), m.group(1).split("{")[0], op))
+  assert sorted(layer) == [("all-reduce", "f32[16,16,32]", "btf,fd->btd/dot_general"),
+                           ("all-reduce", "f32[16,16,32]", "btnh,nhd->btd/dot_general")], layer
+  assert {kind for kind, _, _ in loss} <= {"all-reduce"}, loss

@@ -52,6 +52,7 @@ class ModelConfig:
   pipeline_repeats: int
   attention: str
   init_std: float
+  loss_chunk: int
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any] | ModelConfig) -> ModelConfig:

@@ -102,7 +102,18 @@ class Transformer(nnx.Module):
     ``positions`` restart at 0 for each packed document and ``segment_ids`` (0 = padding)
     keep attention within a document; both default to one document per row.
     """
-    cfg = self.cfg
+    logits = self.head.attend(self.features(tokens, positions, segment_ids)).astype(jnp.float32)
+    return constrain(logits, ("act_batch", "act_seq", "act_vocab"))  # (b, t, v)
+
+  @property
+  def head(self) -> Embed:
+    """The output projection: the token embedding when tied, else ``lm_head``."""
+    return self.embed if self.cfg.tie_embeddings else self.lm_head
+
+  def features(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final-normed hidden states (b, t, d) in the compute dtype: what the output
+    projection (:attr:`head`) turns into logits. Arguments as for ``__call__``."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -110,10 +121,7 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones((b, t), jnp.int32)
     x = self._embed(tokens, positions)  # (b, t, d)
     x = self._run_blocks(x, positions, segment_ids)
-    x = self.final_norm(x)
-    head = self.embed if cfg.tie_embeddings else self.lm_head
-    logits = head.attend(x).astype(jnp.float32)  # (b, t, v)
-    return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+    return self.final_norm(x)
 
   def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token embeddings (plus learned position embeddings) in the compute dtype: (b, t, d)."""
@@ -200,8 +208,7 @@ class Transformer(nnx.Module):
     if last_only:
       x = x[:, -1:]
     x = self.final_norm(x)
-    head = self.embed if cfg.tie_embeddings else self.lm_head
-    logits = constrain(head.attend(x).astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+    logits = constrain(self.head.attend(x).astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
     return logits, KVCache(k=k, v=v, index=cache.index + t, start=cache.start)
 
 
