@@ -102,6 +102,31 @@ def cache_mask(start: jax.Array, index: jax.Array, t: int, s: int, window: int =
   return mask[:, None, None]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+  """softmax(scores where mask, else -inf) over the last axis, in float32, returned in
+  ``dtype`` (the dtype the probabilities are multiplied into the values in).
+
+  Its backward keeps only those probabilities (ds = p (dp - sum(p dp))): autodiff of the
+  same lines would keep the float32 masked scores, their float32 exponentials, the mask and
+  the ``dtype`` copy, 4.5 times the bytes of (b, n, t, s) in bfloat16.
+  """
+  return jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1).astype(dtype)
+
+
+def _masked_softmax_fwd(scores, mask, dtype):
+  probs = masked_softmax(scores, mask, dtype)
+  return probs, probs
+
+
+def _masked_softmax_bwd(dtype, probs, dprobs):
+  p, dp = probs.astype(jnp.float32), dprobs.astype(jnp.float32)
+  return p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Reference attention in plain XLA ops; softmax in float32.
 
@@ -111,9 +136,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   kv = k.shape[2]
   q = q.reshape(b, t, kv, n // kv, h)  # (b, t, k, g, h)
   scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (h ** -0.5)
-  scores = jnp.where(mask, scores, MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = masked_softmax(scores * (h ** -0.5), mask, v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
   return out.reshape(b, t, n, h)
 

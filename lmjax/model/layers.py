@@ -9,6 +9,7 @@ n query heads, k key/value heads, h head width, v vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -61,9 +62,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return _rms_norm(x, self.scale[...], self.eps)
 
 
 class LayerNorm(nnx.Module):
@@ -78,10 +77,39 @@ class LayerNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+    return _layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+# The norms and the MLP activations are recomputed in the backward pass from their inputs
+# (jax.checkpoint): what stays alive for it is x in the compute dtype, not the float32 copies
+# and intermediate products autodiff would keep (two float32 (b, t, d) arrays per norm in
+# bfloat16, three (b, t, f) arrays per SwiGLU), for a few elementwise operations.
+_recomputed = functools.partial(jax.checkpoint, prevent_cse=False)
+
+
+@functools.partial(_recomputed, static_argnums=(2,))
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+@functools.partial(_recomputed, static_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+@_recomputed
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  return jax.nn.silu(gate) * up
+
+
+@_recomputed
+def _gelu(up: jax.Array) -> jax.Array:
+  return jax.nn.gelu(up, approximate=True)
 
 
 def make_norm(kind: str, dim: int, *, eps: float, param_dtype) -> RMSNorm | LayerNorm:
@@ -137,10 +165,7 @@ class MLP(nnx.Module):
       return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.bias else y
 
     u = project("up")
-    if self.kind == "swiglu":
-      h = jax.nn.silu(project("gate")) * u
-    else:
-      h = jax.nn.gelu(u, approximate=True)
+    h = _swiglu(project("gate"), u) if self.kind == "swiglu" else _gelu(u)
     h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
     out = jnp.einsum("btf,fd->btd", h, weight(self.down, dt))
     return out + self.down_bias[...].astype(dt) if self.bias else out
