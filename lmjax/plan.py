@@ -223,6 +223,8 @@ def _layout(setup, stand_in: bool) -> dict[str, Any]:
               model_flops=flops_per_token(cfg, setup.num_params) * tokens, tokens=tokens,
               stand_in=stand_in, scores_bytes=micro * heads * t * t * 4,
               block_bytes=micro * heads * math.gcd(t, BLOCK) * t * 4 if stand_in else 0,
+              logits_bytes=micro * t * math.ceil(m.vocab_size / tensor) * 4,
+              loss_chunk_bytes=micro * min(m.loss_chunk, t) * math.ceil(m.vocab_size / tensor) * 4,
               platform=jax.devices()[0].platform)
 
 

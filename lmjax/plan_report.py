@@ -116,6 +116,8 @@ class Plan:
   stand_in: bool  # the attention kernel was planned with the 'blockwise' backend
   scores_bytes: int  # f32 (b, n, t, t) attention scores per layer per device on the XLA path
   block_bytes: int  # one block of the stand-in's scores
+  logits_bytes: int  # f32 (b, t, v) logits of one microbatch per device, if held whole
+  loss_chunk_bytes: int  # f32 (b, c, v) logits of one loss chunk per device (0: whole logits)
   platform: str
   candidates: tuple[Candidate, ...] = ()  # tried, in order
   suggestion: Candidate | None = None
@@ -217,6 +219,15 @@ def format_plan(p: Plan) -> str:
   elif m.attention == "xla":
     lines += _wrap(f"attention 'xla' materialises f32 scores (b, n, t, t) of {format_bytes(p.scores_bytes)} "
                    f"per layer per device ({dims}); the cudnn and splash kernels hold none of it.")
+  logits = f"f32 logits (b, t, v) of {format_bytes(p.logits_bytes)} per device (b={p.micro_rows}, " \
+           f"t={cfg.data.seq_len}, v={m.vocab_size}/{p.mesh['tensor']})"
+  if m.loss_chunk:
+    lines += _wrap(f"loss: {m.loss_chunk} positions at a time, at most {format_bytes(p.loss_chunk_bytes)} "
+                   f"of f32 logits per device; whole logits (--config.model.loss_chunk=0) would keep "
+                   f"{logits} from the forward to the backward pass, with their gradient as large.")
+  else:
+    lines += _wrap(f"loss: whole logits, {logits} kept for the backward pass, their gradient as "
+                   "large; --config.model.loss_chunk=1024 computes them 1024 positions at a time.")
   if p.platform == "cpu":
     lines += _wrap("activations come from XLA's CPU compiler, whose fusion and buffer assignment "
                    "differ from the GPU/TPU compilers: an estimate, usually within tens of percent. "
