@@ -115,9 +115,14 @@ _D256 = dict(num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=2, head_dim=
              vocab_size=4096)
 CPU_CONFIGS = {
     "d256-l4-s256": (_D256, 8, 256),
+    # ../shared/peers/run_maxtext_cpu.sh's shape (tools/bench_peer.py): a 32k vocabulary
+    "d256-l4-s256-v32k-untied": (dict(_D256, num_kv_heads=4, mlp_dim=1024, vocab_size=32000,
+                                      tie_embeddings=False), 8, 256),
     "d512-l4-s512-untied": (dict(num_layers=4, embed_dim=512, num_heads=8, num_kv_heads=4, head_dim=64,
                                  mlp_dim=1536, vocab_size=8192, tie_embeddings=False), 4, 512),
 }
+CPU_DTYPES = ("float32", "bfloat16")
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 QUICK_CPU_CONFIGS = {
     "d256-l2-s256": (dict(_D256, num_layers=2), 4, 256),
 }
@@ -190,14 +195,16 @@ def mfu_configs(gpu: bool, quick: bool, batch: int) -> dict:
       c.data.global_batch_size = batch or rows
       c.optim.grad_accum_steps = 1
       out[name] = c
-  else:
+  else:  # every shape in float32 and in bfloat16 (the second name ends in "bf16")
     for name, (model, rows, seq) in (QUICK_CPU_CONFIGS if quick else CPU_CONFIGS).items():
-      c = default_config()
-      for k, v in model.items():
-        c.model[k] = v
-      c.model.max_seq_len = c.data.seq_len = seq
-      c.data.global_batch_size = rows
-      out[name] = c
+      for dtype in CPU_DTYPES:
+        c = default_config()
+        for k, v in model.items():
+          c.model[k] = v
+        c.model.max_seq_len = c.data.seq_len = seq
+        c.model.compute_dtype = dtype
+        c.data.global_batch_size = rows
+        out[f"{name} {DTYPE_NAMES[dtype]}"] = c
   for c in out.values():
     c.mesh.fsdp = 1
   return out
@@ -296,24 +303,26 @@ def mfu(quick: bool, steps: int, gpu: bool, batch_rows: int, profile: str) -> No
              f"pip install -e '.[cuda]').")
   configs = mfu_configs(backend == "gpu", quick, batch_rows)
   device = jax.devices()[0]
-  dtype = jnp.dtype(next(iter(configs.values())).model.compute_dtype)  # bf16 on GPU, else fp32
+  dtypes = sorted({c.model.compute_dtype for c in configs.values()})  # bf16 on GPU, both on CPU
   sizes = (((1024,), (512, 1024, 2048)) if backend == "cpu" else ((8192,), (4096, 8192, 16384)))[not quick]
   seconds = 0.05 if quick else 0.25
-  peak, rates = matmul_peak(dtype, sizes, seconds)
+  peaks = {d: matmul_peak(jnp.dtype(d), sizes, seconds) for d in dtypes}  # d -> (peak, rates)
   rounds, per_round = (8, 2) if quick else (max(5, steps // 2), 2)
   results = [_run_config(name, cfg, device, rounds, per_round, backend == "cpu" and not quick, profile)
              for name, cfg in configs.items()]
-  # The peak again at the end: on a shared machine the larger one is the less disturbed.
-  best_n = max(rates, key=rates.get)
-  peak_after, _ = matmul_peak(dtype, (best_n,), seconds)
-  peak = max(peak, peak_after)
 
   print(f"Machine: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores; "
         f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"Measured peak: {peak / 1e12:.4g} TFLOP/s ({dtype.name} (n, n) x (n, n) matmul, "
-        f"median of 7 repeats: " + ", ".join(f"n={n}: {r / 1e12:.4g}" for n, r in rates.items())
-        + f"; n={best_n} again after the configs: {peak_after / 1e12:.4g})\n")
-  reports = [_report(r, peak) for r in results]
+  for d, (peak, rates) in list(peaks.items()):
+    # The peak again at the end: on a shared machine the larger one is the less disturbed.
+    best_n = max(rates, key=rates.get)
+    after, _ = matmul_peak(jnp.dtype(d), (best_n,), seconds)
+    peaks[d] = (max(peak, after), rates)
+    print(f"Measured peak: {peaks[d][0] / 1e12:.4g} TFLOP/s ({d} (n, n) x (n, n) matmul, median of "
+          f"7 repeats: " + ", ".join(f"n={n}: {r / 1e12:.4g}" for n, r in rates.items())
+          + f"; n={best_n} again after the configs: {after / 1e12:.4g})")
+  print()
+  reports = [_report(r, peaks[r["cfg"].model.compute_dtype][0]) for r in results]
   print("| config | params | tokens/step | lmjax tokens/s | model TFLOP/s | MFU vs measured peak | "
         "reference tokens/s | overhead (lmjax/reference) |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -321,6 +330,15 @@ def mfu(quick: bool, steps: int, gpu: bool, batch_rows: int, profile: str) -> No
   print(f"\nMedian of {rounds} rounds of {per_round} step(s), lmjax and the reference taking turns, "
         f"after one warm-up step; model FLOPs/token = 6 x matmul parameters + 12 l n h t.")
   print("\n".join(note for _, note in reports))
+  by_name = {r["name"]: r for r in results}
+  pairs = [(n.removesuffix(" fp32"), by_name[n], by_name[n.removesuffix("fp32") + "bf16"])
+           for n in by_name if n.endswith(" fp32") and n.removesuffix("fp32") + "bf16" in by_name]
+  for shape, fp32, bf16 in pairs:
+    ratio = {who: statistics.median(fp32["times"][who]) / statistics.median(bf16["times"][who])
+             for who in fp32["times"]}
+    print(f"- {shape}: bf16 / fp32 tokens/s: lmjax {ratio['lmjax']:.2f}, reference "
+          f"{ratio['reference']:.2f}; matmul peak bf16 / fp32 "
+          f"{peaks['bfloat16'][0] / peaks['float32'][0]:.2f}")
   if profile:
     print(f"\nProfiler traces: {profile}/<config> (3 steps of each step function).")
 
