@@ -205,15 +205,16 @@ class Checkpointer:
 
   def check_compatible(self, step: int, cfg: ml_collections.ConfigDict,
                        params_only: bool = False) -> None:
-    """Raises CheckpointError if ``step`` was written by another format or model shape, or
-    holds parameters alone (imported weights) when a whole train state is needed
-    (``params_only=False``)."""
+    """Raises CheckpointError if ``step`` was written by another format, model shape or
+    optimizer (``optim.name``, when a whole train state is needed), or holds parameters alone
+    (imported weights) when a whole train state is needed (``params_only=False``)."""
     meta = self.meta(step)
     if meta.get("format_version") != FORMAT_VERSION:
       raise IncompatibleCheckpoint(
           f"{self._step_dir(step)} has checkpoint format {meta.get('format_version')}; this "
           f"lmjax reads format {FORMAT_VERSION}.")
-    saved = self.saved_config(step)["model"]
+    saved_config = self.saved_config(step)
+    saved = saved_config["model"]
     # Parameters alone restore into any dtype (Orbax casts); a whole train state does not.
     keys = [k for k in SHAPE_KEYS if not (params_only and k == "param_dtype")]
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {cfg.model[k]!r}"
@@ -222,8 +223,14 @@ class Checkpointer:
       raise IncompatibleCheckpoint(
           f"{self._step_dir(step)} holds a different model ({'; '.join(diffs)}). Use the "
           f"checkpoint's config, or a new workdir to start afresh.")
+    run = self.directory.parent if self.directory.name == "checkpoints" else self.directory
+    optimizer = saved_config.get("optim", {}).get("name", "adamw")
+    if not params_only and not meta.get("params_only") and optimizer != cfg.optim.name:
+      raise IncompatibleCheckpoint(
+          f"{self._step_dir(step)} holds {optimizer} optimizer state, but config.optim.name is "
+          f"{cfg.optim.name!r}. Resume with --config.optim.name={optimizer}, or train from its "
+          f"parameters in a new --workdir with --config.train.init_from={run}.")
     if meta.get("params_only") and not params_only:
-      run = self.directory.parent if self.directory.name == "checkpoints" else self.directory
       raise IncompatibleCheckpoint(
           f"{self._step_dir(step)} holds parameters only (imported from "
           f"{meta.get('source') or 'elsewhere'}), not a run to resume: train from it in a new "

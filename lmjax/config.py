@@ -31,6 +31,9 @@ TXT_SPLITS = ("file", "blank_line")  # this and the next two: imported by lmjax.
 BAD_RECORD_POLICIES = ("skip", "fail")
 LONG_DOCUMENT_POLICIES = ("split", "truncate", "skip", "fail")
 NAN_POLICIES = ("halt", "skip")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "muon")
+SCHEDULES = ("cosine", "wsd", "constant", "linear")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 # What validate checks field by field; relations between fields are checked after these.
 CHOICES = {  # key -> allowed values
@@ -47,6 +50,9 @@ CHOICES = {  # key -> allowed values
     "data.bad_records": BAD_RECORD_POLICIES,
     "data.long_documents": LONG_DOCUMENT_POLICIES,
     "train.nan_policy": NAN_POLICIES,
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "optim.decay_shape": DECAY_SHAPES,
 }
 CHOICE_HINTS = {"float16": " float16 needs loss scaling, which lmjax lacks (small gradients underflow): use bfloat16."}
 POSITIVE = (
@@ -55,10 +61,12 @@ POSITIVE = (
     "model.pipeline_repeats", "data.seq_len", "data.global_batch_size", "optim.learning_rate",
     "optim.grad_accum_steps", "train.steps", "train.log_every", "train.eval_batches",
     "train.keep_checkpoints", "train.spike_threshold", "train.spike_max_consecutive",
+    "optim.muon_ns_steps",
 )
 AT_LEAST = {  # key -> smallest allowed value
-    "model.sliding_window": 0, "model.loss_chunk": 0, "train.z_loss": 0, "data.worker_count": 0, "data.prefetch": 0,
-    "optim.warmup_steps": 0, "optim.grad_clip_norm": 0, "train.eval_every": 0,
+    "model.sliding_window": 0, "model.loss_chunk": 0, "train.z_loss": 0, "data.worker_count": 0,
+    "data.prefetch": 0, "optim.warmup_steps": 0, "optim.grad_clip_norm": 0, "optim.muon_rms": 0,
+    "train.eval_every": 0,
     "train.checkpoint_every": 0, "train.keep_every": 0, "train.spike_window": 2,
     "mesh.dcn_data": 1, "mesh.dcn_fsdp": 1,
 }
@@ -66,6 +74,9 @@ POSITIVE_OR_MINUS_ONE = {"data.num_epochs": "forever", "model.pipeline_microbatc
 FRACTIONS = {  # key -> (low, high, whether high is allowed)
     "data.eval_fraction": (0, 1, False),
     "optim.end_lr_fraction": (0, 1, True),
+    "optim.lion_b1": (0, 1, True),
+    "optim.lion_b2": (0, 1, False),
+    "optim.muon_beta": (0, 1, False),
 }
 
 
@@ -138,17 +149,27 @@ def default_config() -> ml_collections.ConfigDict:
   d.prefetch = 2  # batches prefetched ahead of the step
 
   c.optim = o = ml_collections.ConfigDict()
+  o.name = "adamw"  # adamw | adafactor (factored second moments) | lion | muon (orthogonalised block matrices, AdamW for the rest)
   o.learning_rate = 3e-3  # peak learning rate
+  o.schedule = "cosine"  # after a linear warmup: cosine | wsd (stable, then decay) | constant | linear (decay)
   o.warmup_steps = 20  # linear warmup from 0
-  o.decay_steps = -1  # cosine decay length after warmup; <= 0 = train.steps - warmup_steps
-  o.end_lr_fraction = 0.1  # final lr as a fraction of the peak
+  o.decay_steps = -1  # cosine / linear decay length after warmup; <= 0 = train.steps - warmup_steps
+  o.decay_fraction = 0.2  # wsd: the decay takes this last fraction of train.steps
+  o.decay_shape = "1-sqrt"  # wsd decay: linear | cosine | 1-sqrt (1 - sqrt(progress), Hägele et al. 2024)
+  o.end_lr_fraction = 0.1  # final lr as a fraction of the peak (cosine, linear, wsd)
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-8
-  o.weight_decay = 0.1  # decoupled (AdamW) weight decay
+  o.weight_decay = 0.1  # decoupled weight decay, multiplied by the learning rate (every optimizer)
   o.decay_norms_and_embeddings = False  # also decay norm scales and embeddings
   o.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
   o.grad_accum_steps = 1  # microbatches accumulated per update
+  o.lion_b1 = 0.9  # lion: interpolation between momentum and gradient for the sign (Chen et al. 2023)
+  o.lion_b2 = 0.99  # lion: momentum decay
+  o.muon_beta = 0.95  # muon: momentum of the orthogonalised matrices (b1, b2, eps: its AdamW part's)
+  o.muon_ns_steps = 5  # muon: Newton-Schulz iterations
+  o.muon_rms = 0.2  # muon: update RMS as AdamW's (Moonlight), so AdamW's lr carries over; 0 = Jordan's scale (lr ~0.02)
+  o.lr_multipliers = ()  # ((regex, multiplier >= 0), ...): lr (and decay) x multiplier of the first regex found in a param's path
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 200  # optimizer updates
@@ -357,6 +378,20 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             and entry[0] and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
             and entry[1] > 0):
       _fail(f"data.mixture[{i}]", f"must be (source, weight > 0), got {entry!r}.")
+  if not 0 < o.decay_fraction <= 1:
+    _fail("optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}.")
+  if o.schedule == "wsd" and o.warmup_steps + wsd_decay_steps(cfg) > cfg.train.steps:
+    _fail("optim.decay_fraction", f"the wsd decay ({wsd_decay_steps(cfg)} steps, {o.decay_fraction} of "
+                                  f"train.steps) and optim.warmup_steps ({o.warmup_steps}) exceed "
+                                  f"train.steps ({cfg.train.steps}); lower one of them.")
+  for i, entry in enumerate(o.lr_multipliers):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and entry[1] >= 0):
+      _fail(f"optim.lr_multipliers[{i}]", f"must be (regex, multiplier >= 0), got {entry!r}.")
+    try:
+      re.compile(entry[0])
+    except re.error as e:
+      _fail(f"optim.lr_multipliers[{i}]", f"invalid regex {entry[0]!r}: {e}.")
   sizes = [cfg.mesh[a] for a in MESH_AXES]
   if sizes.count(-1) > 1:
     _fail("mesh", f"at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
@@ -394,6 +429,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         _fail("model.pipeline_microbatches",
               f"a circular pipeline (model.pipeline_repeats={m.pipeline_repeats}) needs at least "
               f"as many microbatches as stages ({stages}), got {micro}.")
+
+
+def wsd_decay_steps(cfg: ml_collections.ConfigDict) -> int:
+  """Steps of the wsd schedule's decay: ``optim.decay_fraction`` of ``train.steps``, at least 1."""
+  return max(round(cfg.optim.decay_fraction * cfg.train.steps), 1)
 
 
 def resolve_mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:

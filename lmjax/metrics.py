@@ -23,8 +23,8 @@ from lmjax.optim import learning_rate_schedule
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.trackers: besides metrics.jsonl (always)
 SUMMARY_FILE = "summary.json"
 # The keys optim.learning_rate_schedule reads.
-SCHEDULE_KEYS = ("optim.learning_rate", "optim.warmup_steps", "optim.decay_steps",
-                 "optim.end_lr_fraction", "train.steps")
+SCHEDULE_KEYS = ("optim.learning_rate", "optim.schedule", "optim.warmup_steps", "optim.decay_steps",
+                 "optim.decay_fraction", "optim.decay_shape", "optim.end_lr_fraction", "train.steps")
 
 # Dense bf16 peak FLOP/s per device, by substrings of ``jax.Device.device_kind``.
 PEAK_FLOPS = (

@@ -17,6 +17,10 @@ import ml_collections
 from lmjax import config as config_lib
 from lmjax.metrics import PEAK_FLOPS
 
+OPT_STATE = {  # optim.name -> what its state holds (the memory table's note)
+    "adamw": "AdamW moments, counts", "adafactor": "Adafactor factored second moments, counts",
+    "lion": "Lion momentum, counts", "muon": "Muon momentum, AdamW moments of the rest, counts"}
+
 GiB = 2**30
 JAX_GPU_PREALLOCATE = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs
 
@@ -172,7 +176,7 @@ def format_plan(p: Plan) -> str:
   name, shape, shard, size = p.largest_shard
   rows = [("parameters", mem.params, f"exact; largest shard {name} {tuple(shape)} -> {tuple(shard)}, "
                                      f"{format_bytes(size)}"),
-          ("optimizer state", mem.opt_state, "exact (AdamW moments, counts)"),
+          ("optimizer state", mem.opt_state, f"exact ({OPT_STATE[cfg.optim.name]})"),
           ("batch + step counters", mem.batch + mem.other_state,
            f"exact (4 x int32 ({p.batch_rows}, {cfg.data.seq_len}))"),
           ("activations, temporaries", mem.temp, "XLA temp_size_in_bytes (gradients, saved "

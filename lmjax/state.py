@@ -28,7 +28,7 @@ from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, ru
 from lmjax.model import Transformer, count_params, logical_axes
 from lmjax.model.attention import check_backend
 from lmjax.model.cross_entropy import cross_entropy, plain_cross_entropy
-from lmjax.optim import make_optimizer
+from lmjax.optim import check_lr_multipliers, make_optimizer, opt_state_shardings
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (+ weights): (b, t)
 # step, params, opt_state; loss_window (recent losses, for spike detection), spike_run (spikes
@@ -107,10 +107,8 @@ def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = Non
   graphdef, abstract_params = nnx.split(abstract_model)
   abstract_params = abstract_params.to_pure_dict()
   param_shardings = tree_shardings(logical_axes(abstract_model), abstract_params, mesh, rules)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-  opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: replicated(mesh))
+  check_lr_multipliers(cfg, abstract_params)
+  abstract_opt, opt_shardings = opt_state_shardings(optimizer, abstract_params, param_shardings, mesh)
   shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings,
                "loss_window": replicated(mesh), "spike_run": replicated(mesh), "skipped": replicated(mesh)}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,

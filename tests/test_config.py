@@ -85,6 +85,14 @@ def test_every_default_field_is_documented_where_defined():
     ("optim.end_lr_fraction", 1.5, "config.optim.end_lr_fraction: must be in [0, 1], got 1.5."),
     ("data.seq_len", 0, "config.data.seq_len: must be positive, got 0."),
     ("model.num_kv_heads", 0, "config.model.num_kv_heads: must be positive, got 0."),
+    ("optim.name", "sgd", "config.optim.name: must be one of ('adamw', 'adafactor', 'lion', 'muon'), got 'sgd'."),
+    ("optim.schedule", "step", "config.optim.schedule: must be one of ('cosine', 'wsd', 'constant', 'linear')"),
+    ("optim.decay_shape", "sqrt", "config.optim.decay_shape: must be one of ('linear', 'cosine', '1-sqrt')"),
+    ("optim.decay_fraction", 0.0, "config.optim.decay_fraction: must be in (0, 1], got 0.0."),
+    ("optim.lion_b2", 1.0, "config.optim.lion_b2: must be in [0, 1), got 1.0."),
+    ("optim.muon_ns_steps", 0, "config.optim.muon_ns_steps: must be positive, got 0."),
+    ("optim.lr_multipliers", (("embed(", 0.1),), "config.optim.lr_multipliers[0]: invalid regex 'embed('"),
+    ("optim.lr_multipliers", (("embed", -1.0),), "config.optim.lr_multipliers[0]: must be (regex, multiplier >= 0)"),
 ])
 def test_validation_errors_name_the_key(key, value, needle):
   cfg = default_config()
@@ -93,6 +101,15 @@ def test_validation_errors_name_the_key(key, value, needle):
   with pytest.raises(ConfigError) as e:
     validate(cfg, num_devices=8)
   assert needle in str(e.value)
+
+
+def test_a_wsd_decay_that_does_not_fit_after_the_warmup_is_refused():
+  cfg = default_config()
+  cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.decay_fraction = "wsd", 20, 100, 0.5
+  validate(cfg)
+  cfg.optim.decay_fraction = 0.9
+  with pytest.raises(ConfigError, match=r"config.optim.decay_fraction: the wsd decay \(90 steps.*\(20\) exceed"):
+    validate(cfg)
 
 
 def test_validation_tables_name_real_keys_and_shared_choices():
@@ -216,7 +233,7 @@ def test_override_sets_dotted_keys_and_parses_command_line_strings():
 
 @pytest.mark.parametrize("key,value,needle", [
     ("optim.learnig_rate", 1e-4, "config.optim.learnig_rate: unknown key. Known keys under optim: "
-                                 "b1, b2, decay_norms_and_embeddings"),
+                                 "b1, b2, decay_fraction, decay_norms_and_embeddings"),
     ("optimizer.learning_rate", 1e-4, "config.optimizer.learning_rate: unknown key. Known keys under "
                                       "config: data, mesh, model, optim, seed, train."),
     ("seed.x", 1, "config.seed: not a config section, so config.seed.x does not exist."),

@@ -92,6 +92,9 @@ def test_schedule_change_names_the_keys_and_the_new_learning_rate():
   warmup = _cfg(100)
   warmup.optim.warmup_steps = 10
   assert "optim.warmup_steps 2 -> 10" in metrics.schedule_change(warmup, saved, 5)
+  wsd = _cfg(100)
+  wsd.optim.schedule = "wsd"
+  assert "optim.schedule cosine -> wsd" in metrics.schedule_change(wsd, saved, 50)
 
 
 def test_mfu_absence_is_explained_on_cpu():
