@@ -7,12 +7,15 @@ by a scale that maps the tensor's own amax (largest magnitude) onto the format's
 value (e4m3: 448, e5m2: 57344). The scale is computed from the tensor itself at every call,
 so the scaling is stateless: no amax history lives in the train state or the checkpoint.
 The dots take fp8 operands, accumulate in float32 and are rescaled by the product of the
-two inverse scales; the output is in the operands' (compute) dtype, bfloat16 or float32.
+two inverse scales; the output is in the operands' (compute) dtype, bfloat16 or float32
+(float32 compute is allowed: the fp8 operands are the same, only the result skips a
+bfloat16 rounding). A scale comes from the whole tensor, so one row's result depends
+slightly on the other rows of its batch.
 
 The backward is the standard one: dx = g w and dw = x g, each an fp8 dot of the e5m2
 cotangent against the e4m3 operand saved by the forward (so the residuals are fp8 too).
 
-  >>> y = fp8_einsum("btd,df->btf", x, w)  # x (b, t, d), w (d, f) -> (b, t, f), x's dtype
+  >>> y = fp8_einsum("btd,df->btf", x, w)  # x (b, t, d), w (d, f) -> (b, t, f), in the dtype of x and w
   >>> q, scale_inv = quantise(x, E4M3)  # x ~= dequantise(q, scale_inv, x.dtype)
 """
 
