@@ -25,6 +25,7 @@ MLPS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
+QUANTIZATIONS = ("none", "fp8")
 DTYPES = ("float32", "bfloat16")  # float16 is refused: without loss scaling its gradients underflow
 DATA_FORMATS = ("text", "prompt_response")
 TXT_SPLITS = ("file", "blank_line")  # this and the next two: imported by lmjax.data
@@ -45,6 +46,7 @@ CHOICES = {  # key -> allowed values
     "model.rope_scaling": ROPE_SCALINGS,
     "model.remat": REMAT_POLICIES,
     "model.attention": ATTENTION_BACKENDS,
+    "model.quantization": QUANTIZATIONS,
     "data.format": DATA_FORMATS,
     "data.txt_split": TXT_SPLITS,
     "data.bad_records": BAD_RECORD_POLICIES,
@@ -125,6 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.pipeline_microbatches = -1  # microbatches per pipeline pass when mesh.stage > 1; -1 = stages
   m.pipeline_repeats = 1  # circular pipeline: layer chunks per stage (1 = GPipe)
   m.attention = "xla"  # xla | blockwise (any platform; memory-efficient) | cudnn (NVIDIA GPU, bf16) | splash (TPU)
+  m.quantization = "none"  # attention/MLP projection matmuls: none | fp8 (e4m3 operands, e5m2 gradients, per-tensor current scaling)
   m.init_std = 0.02  # normal init std of embeddings and projections
   m.loss_chunk = 1024  # the loss walks the sequence this many positions at a time, never holding the (b, t, v) logits; 0 = whole logits
 

@@ -35,7 +35,7 @@ from lmjax.config import ATTENTION_BACKENDS
 from lmjax.mesh import constrain
 from lmjax.model.kernels import (MASKED, blockwise_attention, causal_mask, cudnn_attention,
                                  per_shard, splash_attention)
-from lmjax.model.layers import Rope, param, rope, weight
+from lmjax.model.layers import Rope, param, project, rope
 
 # backend -> (platforms it runs on, as jax.default_backend() names them; what it needs)
 _PLATFORMS = {
@@ -168,6 +168,7 @@ class Attention(nnx.Module):
   is RoPE's base frequency or a :class:`Rope` (scaled frequencies); ``use_rope=False``
   leaves positions to the caller (learned position embeddings). ``bias`` adds biases to
   the four projections; ``sliding_window`` > 0 limits each token to that many latest tokens.
+  ``quantization`` is the four projections' (see :func:`lmjax.model.layers.project`).
 
   >>> attn = Attention(64, 4, 2, 16, rope_theta=1e4, rngs=nnx.Rngs(0), std=0.02,
   ...                  param_dtype=jnp.float32, backend="xla")
@@ -177,7 +178,7 @@ class Attention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float | Rope, rngs: nnx.Rngs, std: float, param_dtype,
                backend: str = "xla", use_rope: bool = True, bias: bool = False,
-               sliding_window: int = 0):
+               sliding_window: int = 0, quantization: str = "none"):
     if backend not in ATTENTION_BACKENDS:
       raise _unknown(backend)
     self.q = param(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
@@ -195,6 +196,7 @@ class Attention(nnx.Module):
     self.rope = (rope_theta if isinstance(rope_theta, Rope) else Rope(theta=rope_theta)) if use_rope else None
     self.backend = backend
     self.sliding_window = sliding_window
+    self.quantization = quantization
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._qkv(x, positions)
@@ -221,9 +223,9 @@ class Attention(nnx.Module):
   def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projections with RoPE: x (b, t, d) -> q (b, t, n, h), k and v (b, t, k, h)."""
     dt = x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, weight(self.q, dt))  # (b, t, n, h)
-    k = jnp.einsum("btd,dkh->btkh", x, weight(self.k, dt))  # (b, t, k, h)
-    v = jnp.einsum("btd,dkh->btkh", x, weight(self.v, dt))
+    q = project("btd,dnh->btnh", x, self.q, dt, self.quantization)  # (b, t, n, h)
+    k = project("btd,dkh->btkh", x, self.k, dt, self.quantization)  # (b, t, k, h)
+    v = project("btd,dkh->btkh", x, self.v, dt, self.quantization)
     if self.bias:
       q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
     if self.rope is not None:
@@ -235,5 +237,5 @@ class Attention(nnx.Module):
 
   def _out(self, out: jax.Array, dt) -> jax.Array:
     """The output projection: out (b, t, n, h) -> (b, t, d)."""
-    y = jnp.einsum("btnh,nhd->btd", out, weight(self.o, dt))
+    y = project("btnh,nhd->btd", out, self.o, dt, self.quantization)
     return y + self.o_bias[...].astype(dt) if self.bias else y

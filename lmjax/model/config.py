@@ -51,6 +51,7 @@ class ModelConfig:
   pipeline_microbatches: int
   pipeline_repeats: int
   attention: str
+  quantization: str
   init_std: float
   loss_chunk: int
 

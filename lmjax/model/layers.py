@@ -20,6 +20,7 @@ from flax import nnx
 
 from lmjax.mesh import constrain
 from lmjax.model.config import ModelConfig
+from lmjax.model.fp8 import fp8_einsum
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
@@ -49,6 +50,21 @@ def weight(p: nnx.Param, dtype) -> jax.Array:
     return x
   axes = tuple(p.get_metadata()["out_sharding"])[-x.ndim:]  # a scanned layer's slice has no "layers"
   return constrain(x.astype(dtype), axes)
+
+
+def project(eq: str, x: jax.Array, p: nnx.Param, dtype, quantization: str = "none") -> jax.Array:
+  """A dense projection ``einsum(eq, x, p)`` in the compute ``dtype``: the matmul of every
+  attention and MLP projection (not the embedding, the LM head or attention's scores).
+  ``quantization`` (``config.model.quantization``): "none", or "fp8" for e4m3 operands and
+  e5m2 gradients with current scaling (:func:`lmjax.model.fp8.fp8_einsum`).
+
+  >>> y = project("btd,df->btf", x, self.up, jnp.bfloat16, "fp8")  # (b, t, f) bfloat16
+  """
+  if quantization == "fp8":
+    return fp8_einsum(eq, x, weight(p, dtype))
+  if quantization != "none":
+    raise ValueError(f"config.model.quantization={quantization!r} is unknown; use 'none' or 'fp8'.")
+  return jnp.einsum(eq, x, weight(p, dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -136,16 +152,18 @@ class Embed(nnx.Module):
 
 class MLP(nnx.Module):
   """Feed-forward block. ``kind="swiglu"``: down(silu(x gate) * (x up)) (Llama);
-  ``kind="gelu"``: down(gelu_tanh(x up)) (GPT-2). ``bias`` adds a bias to each projection.
+  ``kind="gelu"``: down(gelu_tanh(x up)) (GPT-2). ``bias`` adds a bias to each projection;
+  ``quantization`` is the projections' (see :func:`project`).
 
   >>> mlp = MLP(16, 48, rngs=nnx.Rngs(0), std=0.02, param_dtype=jnp.float32)
   """
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float, param_dtype,
-               kind: str = "swiglu", bias: bool = False):
+               kind: str = "swiglu", bias: bool = False, quantization: str = "none"):
     if kind not in ("swiglu", "gelu"):
       raise ValueError(f"config.model.mlp={kind!r} is unknown; use 'swiglu' or 'gelu'.")
     self.kind = kind
+    self.quantization = quantization
     if kind == "swiglu":
       self.gate = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype, std=std)  # (d, f)
     self.up = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype, std=std)  # (d, f)
@@ -160,14 +178,14 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
 
-    def project(name: str) -> jax.Array:  # x (b, t, d) -> (b, t, f)
-      y = jnp.einsum("btd,df->btf", x, weight(getattr(self, name), dt))
+    def up(name: str) -> jax.Array:  # x (b, t, d) -> (b, t, f)
+      y = project("btd,df->btf", x, getattr(self, name), dt, self.quantization)
       return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.bias else y
 
-    u = project("up")
-    h = _swiglu(project("gate"), u) if self.kind == "swiglu" else _gelu(u)
+    u = up("up")
+    h = _swiglu(up("gate"), u) if self.kind == "swiglu" else _gelu(u)
     h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-    out = jnp.einsum("btf,fd->btd", h, weight(self.down, dt))
+    out = project("btf,fd->btd", h, self.down, dt, self.quantization)
     return out + self.down_bias[...].astype(dt) if self.bias else out
 
 

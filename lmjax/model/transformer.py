@@ -38,10 +38,10 @@ class Block(nnx.Module):
                           rope_theta=Rope.from_config(cfg), rngs=rngs, std=cfg.init_std,
                           param_dtype=pdt, backend=cfg.attention,
                           use_rope=cfg.position_embedding == "rope", bias=cfg.attention_bias,
-                          sliding_window=cfg.sliding_window)
+                          sliding_window=cfg.sliding_window, quantization=cfg.quantization)
     self.mlp_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt,
-                   kind=cfg.mlp, bias=cfg.mlp_bias)
+                   kind=cfg.mlp, bias=cfg.mlp_bias, quantization=cfg.quantization)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
