@@ -8,9 +8,8 @@ untied embeddings, vocab 128256, RoPE theta 500000) for GPU clusters; FSDP over 
 
 bf16 compute, fp32 master weights, sequence 8192, global batch 512 (4.2M tokens/step),
 cuDNN flash attention (on TPUs add --config.model.attention=splash); the family's settings
-are in ``llama.py``. 8.03B parameters. `lmjax plan` on 256 H100s: 65 GiB per device (set
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9), about 2.4 s per step at 40% MFU; on 40 GB A100s it
-suggests --config.model.remat=full (27 GiB). At that estimate the 100k steps take about 67
+are in ``llama.py``. 8.03B parameters. `lmjax plan` on 256 H100s: 50 GiB per device (65 GiB
+with whole logits, ``model.loss_chunk=0``), about 2.4 s per step at 40% MFU. At that estimate the 100k steps take about 67
 hours on 256 H100s; neither that nor the final loss (it depends on the data) is measured.
 
 ``runlocal`` (``--config configs/llama_8b.py:runlocal``) is the same family shrunk for a CPU

@@ -2,8 +2,9 @@
 
   python tools/bench.py --quick          # the MFU table in under a minute (default section: mfu)
   python tools/bench.py mfu              # peak matmul FLOP/s; lmjax vs a hand-written step; MFU
-  python tools/bench.py mfu --gpu        # one GPU: gpt2_small and llama_1b, bf16, cuDNN attention
+  python tools/bench.py mfu --gpu        # one GPU: gpt2_small and llama_1b, bf16 and fp8, cuDNN attention
   python tools/bench.py mfu --profile DIR  # also a jax.profiler trace of a few steps per config
+  python tools/bench.py loss             # chunked vs whole-logits loss: temp bytes, step time
   python tools/bench.py compile          # compile time vs depth, scanned vs unrolled layers
   python tools/bench.py memory           # per-device bytes per mesh layout, peak host RSS
   python tools/bench.py layouts          # step time and memory of every layout on 8 devices
@@ -13,7 +14,8 @@
   python tools/bench.py all              # every section; --quick: smaller models, fewer steps
 
 ``mfu`` (the default) measures, in one process: the peak, as the median FLOP/s of a large
-square matmul in the configs' compute dtype (float32 on CPU, bfloat16 on GPU), best
+square matmul in each of the configs' compute dtypes (float32 and bfloat16 on CPU, where
+every shape runs in both, with the bf16/fp32 ratio; bfloat16 on GPU, with fp8 rows), best
 over a few sizes, measured before and after the rest (the larger counts); for a few fixed
 configs, lmjax's compiled train step (tokens/s, model FLOP/s from
 ``lmjax.metrics.flops_per_token``, MFU = model FLOP/s / measured peak); and the same step
@@ -45,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # configs/ lives there
 
-SECTIONS = ("mfu", "compile", "memory", "layouts", "pipeline", "checkpoint", "processes", "all")
+SECTIONS = ("mfu", "loss", "compile", "memory", "layouts", "pipeline", "checkpoint", "processes", "all")
 _FAKE_DEVICES = {"memory", "layouts", "pipeline", "checkpoint", "all"}
 # docs/scaling.md ("XLA flags that matter"), as tools/launch/slurm.sbatch sets them.
 GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
@@ -188,13 +190,15 @@ def _config_file(path: str):
 def mfu_configs(gpu: bool, quick: bool, batch: int) -> dict:
   """name -> config of the mfu section (one device, no data loading)."""
   out = {}
-  if gpu:
+  if gpu:  # each config in bf16 and with fp8 projections (compared with the bf16 reference)
     for name, (path, rows) in GPU_CONFIGS.items():
-      c = _config_file(path)
-      c.model.attention = "cudnn"
-      c.data.global_batch_size = batch or rows
-      c.optim.grad_accum_steps = 1
-      out[name] = c
+      for quantization in ("none", "fp8"):
+        c = _config_file(path)
+        c.model.attention = "cudnn"
+        c.model.quantization = quantization
+        c.data.global_batch_size = batch or rows
+        c.optim.grad_accum_steps = 1
+        out[name + (" fp8" if quantization == "fp8" else "")] = c
   else:  # every shape in float32 and in bfloat16 (the second name ends in "bf16")
     for name, (model, rows, seq) in (QUICK_CPU_CONFIGS if quick else CPU_CONFIGS).items():
       for dtype in CPU_DTYPES:
@@ -242,7 +246,7 @@ def _run_config(name: str, cfg, device, rounds: int, per_round: int, breakdown: 
   r = {"name": name, "cfg": cfg, "params": setup.num_params, "loss": float(metrics["loss"]),
        "ref_loss": float(ref_loss), "tokens": cfg.data.global_batch_size * cfg.data.seq_len,
        "flops_per_token": flops_per_token(cfg, setup.num_params)}
-  tol = 1e-4 if cfg.model.compute_dtype == "float32" else 2e-2
+  tol = 1e-4 if cfg.model.compute_dtype == "float32" and cfg.model.quantization == "none" else 2e-2
   if not abs(r["loss"] - r["ref_loss"]) <= tol * abs(r["loss"]):
     sys.exit(f"bench.py: {name}: lmjax's first-step loss {r['loss']} differs from the reference's "
              f"{r['ref_loss']}; the comparison would not be like for like.")
@@ -372,6 +376,41 @@ def compile_times(quick: bool) -> None:
   print(f"\nwidth {c.model.embed_dim}, {c.model.num_heads} heads / {c.model.num_kv_heads} KV heads, "
         f"SwiGLU {c.model.mlp_dim}, vocab {c.model.vocab_size}, batch {c.data.global_batch_size} x "
         f"{c.data.seq_len}, fp32, one device; caches cleared before each, persistent cache off.")
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+
+def loss(quick: bool, steps: int) -> None:
+  """The train step's temporaries (XLA's temp_size_in_bytes, one device) and step time with
+  whole logits (``model.loss_chunk=0``) and chunked, for vocabularies of 32k and 128k, in
+  bf16; the step times alternate, one round per chunk setting at a time."""
+  vocabs, chunks = ((32000,), (0, 128)) if quick else ((32000, 128256), (0, 1024, 256))
+  rows, seq = (2, 512) if quick else (2, 1024)
+  print(f"Model: 2 layers, width 256, untied, bf16 compute; batch {rows} x {seq}; one device "
+        f"({jax.devices()[0].device_kind}).\n")
+  print("| vocab | loss_chunk | f32 logits (b, t, v) | temp bytes | step s (median) | vs whole |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for vocab in vocabs:
+    fns, states, temp = {}, {}, {}
+    for chunk in chunks:
+      c = default_config()
+      c.model.update(num_layers=2, embed_dim=256, num_heads=4, num_kv_heads=4, head_dim=64,
+                     mlp_dim=1024, vocab_size=vocab, tie_embeddings=False, compute_dtype="bfloat16",
+                     loss_chunk=chunk, max_seq_len=seq)
+      c.data.seq_len, c.data.global_batch_size, c.mesh.fsdp = seq, rows, 1
+      setup = build(c, jax.devices()[:1])
+      states[chunk] = init_state(setup)
+      batch = host_to_global(_random_batch(c), setup.mesh, setup.batch_sharding)
+      fns[chunk] = compile_train_step(setup).lower(states[chunk], batch).compile()
+      temp[chunk] = fns[chunk].memory_analysis().temp_size_in_bytes
+      states[chunk], _ = fns[chunk](states[chunk], batch)
+    times = _interleaved(fns, states, batch, rounds=max(3, steps // 2), steps=1)
+    for chunk in chunks:
+      secs = statistics.median(times[chunk])
+      print(f"| {vocab} | {chunk or 'whole'} | {rows * seq * vocab * 4 / 2**20:.0f} MiB | "
+            f"{temp[chunk] / 2**20:.0f} MiB | {secs:.3f} | "
+            f"{secs / statistics.median(times[0]):.2f}x time, {temp[chunk] / temp[0]:.2f}x memory |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,6 +625,7 @@ def main() -> None:
   steps = args.steps or (3 if quick else 10)
   sections = {
       "mfu": lambda: mfu(quick, steps, args.gpu, args.batch, args.profile),
+      "loss": lambda: loss(quick, steps),
       "compile": lambda: compile_times(quick),
       "memory": lambda: memory(quick),
       "layouts": lambda: layouts(quick, steps),
