@@ -1,6 +1,7 @@
 """The math does not change with the mesh: loss, gradients and one update on 8 (and 16)
-fake devices equal the single-device result, and parameters are laid out as the rules
-table says."""
+fake devices equal the single-device result (in float32, and in bfloat16 compute within its
+rounding), parameters are laid out as the rules table says, and FSDP gathers weights in the
+compute dtype."""
 
 import os
 import re
@@ -16,11 +17,13 @@ from jax.sharding import PartitionSpec as P
 from lmjax.config import ConfigError
 from lmjax.mesh import LOGICAL_AXES, RULES, make_rules
 from lmjax.state import build
-from tests.layouts import LAYOUTS, assert_same_step, config, param_specs, run
+from tests.layouts import LAYOUTS, assert_close_bf16_step, assert_same_step, config, param_specs, run
+from tools.hlo import collectives
 
 ROOT = Path(__file__).resolve().parents[1]
 EIGHT = ["single_unrolled_remat", "data8", "fsdp8", "tensor8", "data2_fsdp2_tensor2",
          "data2_fsdp2_tensor2_seq", "stage4_data2", "stage2_fsdp2_tensor2"]
+BF16 = ["data2_fsdp2_tensor2", "data8", "fsdp8", "tensor8", "stage4_data2", "stage2_fsdp4_circular_m2"]
 
 
 # One layout of three axes in the fast lane; the others with the slow tests.
@@ -28,6 +31,15 @@ EIGHT = ["single_unrolled_remat", "data8", "fsdp8", "tensor8", "data2_fsdp2_tens
                                   for n in EIGHT])
 def test_same_loss_gradients_and_update_as_one_device(name):
   assert_same_step(run("single"), run(name))
+
+
+# bfloat16 compute: the three axes at once in the fast lane, each axis and the pipelines slow.
+@pytest.mark.parametrize("name", [n if n == "data2_fsdp2_tensor2" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in BF16])
+def test_bfloat16_loss_gradients_and_update_as_one_device(name):
+  """Within bfloat16's rounding noise, measured by one device's float32 step: see
+  tests/layouts.py assert_close_bf16_step for the bounds and why."""
+  assert_close_bf16_step(run("single", "bfloat16"), run(name, "bfloat16"), run("single"))
 
 
 @pytest.mark.slow
@@ -136,3 +148,39 @@ def test_tensor_parallel_forward_has_one_reduction_per_sublayer():
   assert sorted(layer) == [("all-reduce", "f32[16,16,32]", "btf,fd->btd/dot_general"),
                            ("all-reduce", "f32[16,16,32]", "btnh,nhd->btd/dot_general")], layer
   assert {kind for kind, _, _ in loss} <= {"all-reduce"}, loss
+
+
+def _weight_gathers(name, dtype):
+  """The all-gathers of FSDP-sharded weights in layout ``name``'s train step with compute
+  ``dtype``, from its HLO right after SPMD partitioning: those whose result has a parameter's
+  shape (a block parameter's without the layer axis) with only its fsdp axis gathered."""
+  r = run(name, dtype)
+  mesh = dict(r["setup"].mesh.shape)
+  shapes = set()
+  for (path, x), spec in zip(jax.tree_util.tree_leaves_with_path(r["params0"]),
+                             jax.tree.leaves(r["specs"], is_leaf=lambda s: isinstance(s, P))):
+    axes = [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec]
+    axes += [()] * (x.ndim - len(axes))
+    if any("fsdp" in a for a in axes):
+      others = [int(np.prod([mesh[a] for a in ax if a != "fsdp"])) for ax in axes]
+      shape = tuple(n // k for n, k in zip(x.shape, others))
+      shapes.add(shape[1:] if jax.tree_util.keystr(path).startswith("['blocks']") else shape)
+  return [c for c in collectives(r["partitioned"], "all-gather") if c.shape in shapes]
+
+
+@pytest.mark.parametrize("name", ["data2_fsdp2_tensor2", pytest.param("fsdp8", marks=pytest.mark.slow)])
+def test_fsdp_gathers_weights_in_the_compute_dtype(name):
+  """Each weight is cast to the compute dtype where it is stored, sharded (layers.weight), so
+  FSDP's gathers move bfloat16, half float32's bytes. Read from the program the SPMD
+  partitioner writes (tools/hlo.py): XLA:CPU's later float-normalization upcasts bfloat16
+  collectives to float32 (no bfloat16 collectives on CPU), GPU and TPU keep them."""
+  bf16, f32 = _weight_gathers(name, "bfloat16"), _weight_gathers(name, "float32")
+  assert {c.dtype for c in bf16} == {"bf16"}, bf16
+  assert {c.dtype for c in f32} == {"f32"}, f32
+  # The same gathers in both dtypes: the 7 block matrices once in the forward scan and again
+  # in the backward scan (its residuals are the sharded weights), the tied embedding once
+  # (the logits' forward and backward share it).
+  assert len(bf16) == len(f32) == 7 * 2 + 1, (bf16, f32)
+  assert sum(c.runs for c in bf16) == 7 * 2 * 4 + 1  # 4 layers
+  bf16_bytes, f32_bytes = (sum(c.bytes * c.runs for c in g) for g in (bf16, f32))
+  assert 2 * bf16_bytes == f32_bytes
