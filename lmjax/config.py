@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-MESH_AXES = ("data", "stage", "fsdp", "tensor")
+MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
@@ -26,6 +26,7 @@ POSITION_EMBEDDINGS = ("rope", "learned", "none")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 QUANTIZATIONS = ("none", "fp8")
+ROUTERS = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")  # float16 is refused: without loss scaling its gradients underflow
 DATA_FORMATS = ("text", "prompt_response")
 TXT_SPLITS = ("file", "blank_line")  # this and the next two: imported by lmjax.data
@@ -47,6 +48,7 @@ CHOICES = {  # key -> allowed values
     "model.remat": REMAT_POLICIES,
     "model.attention": ATTENTION_BACKENDS,
     "model.quantization": QUANTIZATIONS,
+    "model.router": ROUTERS,
     "data.format": DATA_FORMATS,
     "data.txt_split": TXT_SPLITS,
     "data.bad_records": BAD_RECORD_POLICIES,
@@ -66,7 +68,10 @@ POSITIVE = (
     "optim.muon_ns_steps",
 )
 AT_LEAST = {  # key -> smallest allowed value
-    "model.sliding_window": 0, "model.loss_chunk": 0, "train.z_loss": 0, "data.worker_count": 0,
+    "model.sliding_window": 0, "model.loss_chunk": 0, "model.num_experts": 0,
+    "model.experts_per_token": 1, "model.expert_mlp_dim": 0, "model.num_shared_experts": 0,
+    "model.first_dense_layers": 0, "model.moe_every": 1, "model.capacity_factor": 0,
+    "model.moe_aux_loss": 0, "model.moe_z_loss": 0, "model.router_bias_rate": 0, "train.z_loss": 0, "data.worker_count": 0,
     "data.prefetch": 0, "optim.warmup_steps": 0, "optim.grad_clip_norm": 0, "optim.muon_rms": 0,
     "train.eval_every": 0,
     "train.checkpoint_every": 0, "train.keep_every": 0, "train.spike_window": 2,
@@ -129,6 +134,18 @@ def default_config() -> ml_collections.ConfigDict:
   m.attention = "xla"  # xla | blockwise (any platform; memory-efficient) | cudnn (NVIDIA GPU, bf16) | splash (TPU)
   m.quantization = "none"  # attention/MLP projection matmuls: none | fp8 (e4m3 operands, e5m2 gradients, per-tensor current scaling)
   m.init_std = 0.02  # normal init std of embeddings and projections
+  m.num_experts = 0  # E: mixture-of-experts feed-forward blocks with E routed experts; 0 = a dense MLP in every layer
+  m.experts_per_token = 2  # k: routed experts each token goes through
+  m.expert_mlp_dim = 0  # hidden width of each expert (SwiGLU/GELU as model.mlp); 0 = mlp_dim
+  m.num_shared_experts = 0  # experts every token goes through besides its k (DeepSeek): one MLP num_shared_experts x expert_mlp_dim wide
+  m.first_dense_layers = 0  # the first layers keep a dense MLP of mlp_dim (DeepSeek's first_k_dense_replace)
+  m.moe_every = 1  # after those, every moe_every-th layer is MoE and the rest dense (1 = all)
+  m.router = "softmax"  # softmax over experts, top-k weights renormalised (Mixtral) | sigmoid: scores + a balancing bias pick, scores weigh (DeepSeek-V3)
+  m.router_scale = 1.0  # routed experts' output x this (DeepSeek-V3's routed_scaling_factor)
+  m.capacity_factor = 0.0  # 0 = dropless; > 0: an expert takes at most ceil(factor x t x k / E) of a sequence's assignments, the overflow is dropped (counted)
+  m.moe_aux_loss = 0.01  # weight of the load-balancing loss E * sum_i f_i P_i (Switch; 1 x k when balanced), mean over MoE layers
+  m.moe_z_loss = 0.001  # weight of the router z-loss, logsumexp(router logits)^2 (ST-MoE)
+  m.router_bias_rate = 0.001  # sigmoid router: after each update the bias of an over-(under-)loaded expert falls (rises) by this (DeepSeek-V3)
   m.loss_chunk = 1024  # the loss walks the sequence this many positions at a time, never holding the (b, t, v) logits; 0 = whole logits
 
   c.data = d = ml_collections.ConfigDict()
@@ -201,6 +218,7 @@ def default_config() -> ml_collections.ConfigDict:
   ms.data = 1  # pure data parallelism (parameters replicated)
   ms.stage = 1  # pipeline stages
   ms.fsdp = -1  # fully-sharded data parallelism; -1 fills the remaining devices
+  ms.expert = 1  # expert parallelism: MoE experts split over it, tokens sent to their experts (all-to-all); a batch axis elsewhere
   ms.tensor = 1  # tensor (model) parallelism
   ms.rules = ()  # ((logical_name, mesh_axes), ...) overriding the default rules table
   ms.dcn_data = 1  # of mesh.data, groups across slices/nodes (slow network, outermost)
@@ -374,6 +392,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       _fail("data.seq_len", f"attention 'cudnn' needs an even sequence length, got {d.seq_len}.")
   if m.attention == "splash" and d.seq_len % 128:
     _fail("data.seq_len", f"attention 'splash' needs a multiple of 128, got {d.seq_len}.")
+  if m.num_experts:
+    if not 1 <= m.experts_per_token <= m.num_experts:
+      _fail("model.experts_per_token", f"must be in [1, model.num_experts={m.num_experts}], "
+                                       f"got {m.experts_per_token}.")
+    moe_part = m.num_layers - m.first_dense_layers
+    if moe_part <= 0 or moe_part % m.moe_every:
+      _fail("model.moe_every", f"the {moe_part} layers after model.first_dense_layers "
+                               f"({m.first_dense_layers}) must be a positive multiple of "
+                               f"model.moe_every ({m.moe_every}).")
+    if m.router_scale <= 0:
+      _fail("model.router_scale", f"must be positive, got {m.router_scale}.")
   if d.seq_len > m.max_seq_len:
     _fail("data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}], got {d.seq_len}.")
   for i, entry in enumerate(d.mixture):
@@ -411,11 +440,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       if shape[axis] % cfg.mesh[f"dcn_{axis}"]:
         _fail(f"mesh.dcn_{axis}", f"mesh.{axis}={shape[axis]} is not divisible into "
                                   f"{cfg.mesh[f'dcn_{axis}']} groups across slices/nodes.")
-    batch_shards = shape["data"] * shape["fsdp"]
+    batch_shards = shape["data"] * shape["fsdp"] * shape["expert"]
     if d.global_batch_size % (batch_shards * o.grad_accum_steps):
       _fail("data.global_batch_size",
-            f"{d.global_batch_size} must be divisible by mesh data*fsdp ({batch_shards}) "
+            f"{d.global_batch_size} must be divisible by mesh data*fsdp*expert ({batch_shards}) "
             f"times optim.grad_accum_steps ({o.grad_accum_steps}).")
+    if shape["expert"] > 1 and m.num_experts % shape["expert"]:
+      _fail("mesh.expert", f"{shape['expert']} does not divide model.num_experts ({m.num_experts}).")
     stages = shape["stage"]
     if stages > 1:
       chunks = stages * m.pipeline_repeats
@@ -427,7 +458,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       if rows % (micro * batch_shards):
         _fail("model.pipeline_microbatches",
               f"{micro} microbatches of the {rows}-row batch (data.global_batch_size / "
-              f"optim.grad_accum_steps) must each divide over mesh data*fsdp ({batch_shards}).")
+              f"optim.grad_accum_steps) must each divide over mesh data*fsdp*expert ({batch_shards}).")
+      if m.num_experts:
+        _fail("mesh.stage", f"{stages} pipeline stages with model.num_experts={m.num_experts}: "
+                            "MoE models do not pipeline; use mesh.stage=1 (expert, fsdp and "
+                            "tensor parallelism instead).")
       if m.pipeline_repeats > 1 and micro < stages:
         _fail("model.pipeline_microbatches",
               f"a circular pipeline (model.pipeline_repeats={m.pipeline_repeats}) needs at least "

@@ -2,7 +2,7 @@
 
 Model code names array axes logically (``"embed"``, ``"mlp"``, ``"act_batch"`` ...).
 :data:`RULES` is the one table that maps those names onto the mesh axes
-``data``, ``stage``, ``fsdp`` and ``tensor``: an activation name ``act_X`` without a rule
+``data``, ``stage``, ``fsdp``, ``expert`` and ``tensor``: an activation name ``act_X`` without a rule
 follows ``X``, and a name without any rule is replicated. ``config.mesh.rules`` overrides
 entries (overriding ``heads`` also moves ``act_heads``, unless that is overridden too).
 
@@ -39,12 +39,13 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("act_batch", ("data", "stage", "fsdp")),  # inside the pipeline, "stage" is taken
+    ("experts", "expert"),  # a MoE layer's experts; tokens travel to them (lmjax.model.moe)
+    ("act_batch", ("data", "stage", "fsdp", "expert")),  # inside the pipeline, "stage" is taken
     ("act_embed", None),  # the residual stream stays whole (FSDP splits only the weights)
 )
 # Every logical name model code uses, ruled or not; anything else is a typo.
 LOGICAL_AXES = ("layers", "stage", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
-                "norm", "act_batch", "act_seq", "act_embed", "act_heads", "act_kv_heads",
+                "experts", "norm", "act_batch", "act_seq", "act_embed", "act_heads", "act_kv_heads",
                 "act_mlp", "act_vocab")
 
 
@@ -100,6 +101,11 @@ def axes_taken(logical_name: str) -> Iterator[tuple[str, ...]]:
     _taken_axes.reset(token)
 
 
+def mesh_rules() -> dict[str, MeshAxes]:
+  """The rules table :func:`constrain` uses now (see :func:`use_rules`)."""
+  return _current_rules.get()
+
+
 def mesh_axes(logical_name: str) -> tuple[str, ...]:
   """The mesh axes the current rules map ``logical_name`` to."""
   axes = _current_rules.get().get(logical_name)
@@ -107,13 +113,13 @@ def mesh_axes(logical_name: str) -> tuple[str, ...]:
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes (data, stage, fsdp, tensor) sized from ``config.mesh``; with
+  """A mesh with axes (data, stage, fsdp, expert, tensor) sized from ``config.mesh``; with
   ``mesh.dcn_data``/``mesh.dcn_fsdp`` > 1 a hybrid mesh whose outer groups of those axes
   span slices or nodes."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(cfg, len(devices))
   types = (AxisType.Auto,) * len(MESH_AXES)
-  dcn = (cfg.mesh.dcn_data, 1, cfg.mesh.dcn_fsdp, 1)
+  dcn = (cfg.mesh.dcn_data, 1, cfg.mesh.dcn_fsdp, 1, 1)
   if math.prod(dcn) == 1:
     return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
   # Several slices (TPU) or nodes/processes (GPU, CPU): the dcn part of an axis crosses

@@ -18,6 +18,7 @@ import numpy as np
 
 from lmjax import config as config_lib
 from lmjax import storage
+from lmjax.model.config import ModelConfig
 from lmjax.optim import learning_rate_schedule
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.trackers: besides metrics.jsonl (always)
@@ -35,17 +36,52 @@ PEAK_FLOPS = (
 
 
 def flops_per_token(cfg: ml_collections.ConfigDict, num_params: int) -> float:
-  """Training FLOPs per token: 6 * (matmul parameters) + 12 * l * n * h * t for attention.
+  """Training FLOPs per token: 6 * (matmul parameters a token uses) + 12 * l * n * h * t for
+  attention.
 
   The input embedding (and a learned position table) is a lookup, not a matmul, so it is
-  left out unless it is tied to the output projection. The attention term counts QK^T and
-  AV without causal savings, over min(t, model.sliding_window) keys per query.
+  left out unless it is tied to the output projection; so are the experts a token is not
+  routed to (:func:`inactive_params`). The attention term counts QK^T and AV without causal
+  savings, over min(t, model.sliding_window) keys per query.
   """
   m = cfg.model
   lookups = (0 if m.tie_embeddings else m.vocab_size * m.embed_dim) + (
-      m.max_seq_len * m.embed_dim if m.position_embedding == "learned" else 0)
+      m.max_seq_len * m.embed_dim if m.position_embedding == "learned" else 0) + inactive_params(m)
   keys = min(cfg.data.seq_len, m.sliding_window) if m.sliding_window > 0 else cfg.data.seq_len
   return 6.0 * (num_params - lookups) + 12.0 * m.num_layers * m.num_heads * m.head_dim * keys
+
+
+# Per-expert load scalars are written while there are at most this many (layers x experts).
+MAX_EXPERT_SCALARS = 256
+
+
+def expert_load_scalars(m: ml_collections.ConfigDict, load: Any) -> dict[str, float]:
+  """Metrics of a MoE step's ``expert_load`` (l_moe, E) (assignments per expert; None for a
+  dense model): per MoE layer i (its index in the model), ``moe/layer{i}/max_load`` and
+  ``min_load``, the busiest and idlest expert's share of the layer's assignments times E
+  (1 = balanced), and, while layers x experts <= MAX_EXPERT_SCALARS, each expert's share
+  ``moe/layer{i}/expert{j}``."""
+  if load is None:
+    return {}
+  load = np.asarray(load, np.float64)
+  share = load / np.maximum(load.sum(axis=-1, keepdims=True), 1.0)
+  out = {}
+  for i, row in zip(ModelConfig.from_config(m).moe_layers, share):
+    out[f"moe/layer{i}/max_load"] = float(row.max() * row.size)
+    out[f"moe/layer{i}/min_load"] = float(row.min() * row.size)
+    if share.size <= MAX_EXPERT_SCALARS:
+      out.update({f"moe/layer{i}/expert{j}": float(v) for j, v in enumerate(row)})
+  return out
+
+
+def inactive_params(m: ml_collections.ConfigDict) -> int:
+  """Parameters of the routed experts a token does not go through: (E - k) experts per MoE
+  layer (0 for a dense model). Total minus these is the active parameter count."""
+  if not m.num_experts:
+    return 0
+  per_expert = (3 if m.mlp == "swiglu" else 2) * m.embed_dim * (m.expert_mlp_dim or m.mlp_dim)
+  moe_layers = len(ModelConfig.from_config(m).moe_layers)
+  return moe_layers * (m.num_experts - m.experts_per_token) * per_expert
 
 
 def peak_flops_per_device(cfg: ml_collections.ConfigDict) -> float | None:

@@ -153,23 +153,39 @@ def loss_terms(graphdef: nnx.GraphDef, params: Any, batch: Batch,
                z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The forward pass and the next-token cross-entropy, written once for training,
   evaluation and scoring: the weighted sum to differentiate (cross-entropy plus ``z_loss``
-  times the z-loss) and, not differentiated, ``logprob`` (b, t) of each target, the summed
-  ``nll`` and ``z`` (logsumexp^2) over the weighted tokens and their ``weight``.
+  times the z-loss, plus a MoE model's router losses) and, not differentiated, ``logprob``
+  (b, t) of each target, the summed ``nll`` and ``z`` (logsumexp^2) over the weighted tokens
+  and their ``weight``.
+
+  A MoE model adds ``moe_aux`` and ``router_z`` (its load-balancing and router z-losses,
+  means over MoE layers, times ``weight`` so that microbatches add up), ``expert_load``
+  (l_moe, E) assignments per expert, and the ``dropped`` and ``assigned`` assignment
+  counts. The router losses enter the sum with ``model.moe_aux_loss`` and
+  ``model.moe_z_loss`` times ``weight``: after the train step divides by the weight, each
+  is its weight times its batch mean.
 
   ``config.model.loss_chunk`` > 0 (the default) computes the output projection and the loss
   a chunk of positions at a time (:mod:`lmjax.model.cross_entropy`); 0 takes whole logits.
   """
   model = nnx.merge(graphdef, params)
   weights = token_weights(batch)
-  args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  features, moe = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
   if model.cfg.loss_chunk > 0:
-    total, nll, lse = cross_entropy(model.features(*args), model.head.table[...], batch["targets"],
+    total, nll, lse = cross_entropy(features, model.head.table[...], batch["targets"],
                                     weights, z_loss, model.cfg.loss_chunk)
   else:
-    total, nll, lse = plain_cross_entropy(model(*args), batch["targets"], weights, z_loss)
+    total, nll, lse = plain_cross_entropy(model.logits(features), batch["targets"], weights, z_loss)
   nll, lse = jax.lax.stop_gradient(nll), jax.lax.stop_gradient(lse)
-  return total, {"logprob": -nll, "nll": jnp.sum(weights * nll), "z": jnp.sum(weights * lse * lse),
-                 "weight": jnp.sum(weights)}
+  weight = jnp.sum(weights)
+  terms = {"logprob": -nll, "nll": jnp.sum(weights * nll), "z": jnp.sum(weights * lse * lse),
+           "weight": weight}
+  if moe:
+    aux, router_z = jnp.mean(moe["aux"]), jnp.mean(moe["z"])
+    total = total + weight * (model.cfg.moe_aux_loss * aux + model.cfg.moe_z_loss * router_z)
+    terms.update(jax.lax.stop_gradient({
+        "moe_aux": weight * aux, "router_z": weight * router_z, "expert_load": moe["load"],
+        "dropped": jnp.sum(moe["dropped"]), "assigned": jnp.sum(moe["assigned"])}))
+  return total, terms
 
 
 def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -28,7 +28,8 @@ from lmjax import metrics as metrics_lib
 from lmjax import rundir, storage, workdir_lock
 from lmjax.checkpoint import Checkpointer, CheckpointError
 from lmjax.mesh import host_to_global, replicated
-from lmjax.metrics import MetricsWriter, RunSummary, Throughput
+from lmjax.metrics import MetricsWriter, RunSummary, Throughput, expert_load_scalars
+from lmjax.model.moe import update_router_bias
 from lmjax.optim import learning_rate_schedule
 from lmjax.state import Batch, Setup, State, build, init_state, loss_terms
 
@@ -41,10 +42,11 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   """
   accum = setup.cfg.optim.grad_accum_steps
   z_loss = setup.cfg.train.z_loss
+  m = setup.cfg.model
 
-  def objective(params, batch):  # the weighted sum to differentiate; sums of nll, z, weight
+  def objective(params, batch):  # the weighted sum to differentiate; sums that add up
     total, terms = loss_terms(setup.graphdef, params, batch, z_loss)
-    return total, {k: terms[k] for k in ("nll", "z", "weight")}
+    return total, {k: v for k, v in terms.items() if k != "logprob"}
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
   if accum == 1:
@@ -58,8 +60,8 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
       (_, sums), grads = grad_fn(state["params"], mb)
       return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
-    zeros = (dict.fromkeys(("nll", "z", "weight"), jnp.zeros(())),
-             jax.tree.map(jnp.zeros_like, state["params"]))
+    shapes = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (shapes[0][1], shapes[1]))
     (sums, grads), _ = jax.lax.scan(one, zeros, micro)
 
   count = jnp.maximum(sums["weight"], 1.0)
@@ -89,7 +91,10 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
 
   def update():
     updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
-    return optax.apply_updates(state["params"], updates), opt_state
+    params = optax.apply_updates(state["params"], updates)
+    if m.num_experts and m.router == "sigmoid" and m.router_bias_rate:
+      params = update_router_bias(params, sums["expert_load"], m.router_bias_rate)
+    return params, opt_state
 
   # One conditional (as optax.apply_if_finite), not a select over every array: a select
   # keeps the old optimizer moments alive beside the new ones and costs a copy of each.
@@ -109,6 +114,9 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
       "learning_rate": learning_rate_schedule(setup.cfg)(state["step"]),
       "tokens": count,
       **({"z_loss": sums["z"] / count} if z_loss else {}),
+      **({"moe_aux_loss": sums["moe_aux"] / count, "router_z_loss": sums["router_z"] / count,
+          "dropped_fraction": sums["dropped"] / jnp.maximum(sums["assigned"], 1.0),
+          "expert_load": sums["expert_load"]} if m.num_experts else {}),
       "nonfinite": ~finite,
       "spike": spike,
       "skipped_steps": new_state["skipped"],
@@ -265,7 +273,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
             f"step {s}: loss {float(m['loss'])}, grad norm {float(m['grad_norm'])} "
             f"(train.nan_policy='halt'; the update was not applied). Newest checkpoint: "
             f"step {checkpointer.latest_step()} in {checkpointer.directory}.")
-    record = {k: float(v) for k, v in fetched[-1][1].items() if k not in ("nonfinite", "spike")}
+    last = dict(fetched[-1][1])
+    record = expert_load_scalars(cfg.model, last.pop("expert_load", None))
+    record.update({k: float(v) for k, v in last.items() if k not in ("nonfinite", "spike")})
     record["loss"] = float(np.mean([m["loss"] for _, m in fetched]))
     record.update(extra)
     record.update(train_iter.metrics())  # data_skipped (+ per reason), data_truncated

@@ -140,8 +140,8 @@ def test_imported_weights_restore_onto_other_meshes(converted):
   model, _, workdir = converted["llama_gqa_untied_llama3_bias"]
   want = _hf_logits(model, TOKENS)
   for mesh in ({"fsdp": 2, "tensor": 4}, {"data": 2, "fsdp": 4}):
-    run = lmjax.load(workdir, mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1, **mesh})
-    assert dict(run.setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "tensor": 1, **mesh}
+    run = lmjax.load(workdir, mesh={"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "tensor": 1, **mesh})
+    assert dict(run.setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "tensor": 1, **mesh}
     q = run.params["blocks"]["attn"]["q"]
     assert q.sharding.shard_shape(q.shape) != q.shape  # really sharded
     np.testing.assert_allclose(_logits(run, TOKENS), want, rtol=1e-5, atol=1e-5)

@@ -93,7 +93,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmjax.config import default_config  # noqa: E402
+from lmjax.config import MESH_AXES, default_config  # noqa: E402
 from lmjax.mesh import host_to_global  # noqa: E402
 from lmjax.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 from lmjax.model.pipeline import bubble_fraction  # noqa: E402
@@ -457,7 +457,7 @@ def model_config(quick: bool, mesh: dict, model: dict):
 def measure(cfg, steps: int) -> dict:
   """Median step time (s) and per-device memory (bytes) of the compiled train step."""
   n = 1
-  for a in ("data", "stage", "fsdp", "tensor"):
+  for a in MESH_AXES:
     n *= max(cfg.mesh[a], 1)
   setup = build(cfg, _devices(n))
   state = init_state(setup)

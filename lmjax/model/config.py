@@ -52,8 +52,29 @@ class ModelConfig:
   pipeline_repeats: int
   attention: str
   quantization: str
+  num_experts: int  # E
+  experts_per_token: int
+  expert_mlp_dim: int
+  num_shared_experts: int
+  first_dense_layers: int
+  moe_every: int
+  router: str
+  router_scale: float
+  capacity_factor: float
+  moe_aux_loss: float
+  moe_z_loss: float
+  router_bias_rate: float
   init_std: float
   loss_chunk: int
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Indices of the layers whose feed-forward block is a mixture of experts: after the
+    ``first_dense_layers``, every ``moe_every``-th (none for a dense model)."""
+    if not self.num_experts:
+      return ()
+    k, p = self.first_dense_layers, self.moe_every
+    return tuple(i for i in range(k, self.num_layers) if (i - k) % p == p - 1)
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any] | ModelConfig) -> ModelConfig:

@@ -13,6 +13,7 @@ from lmjax.mesh import constrain
 from lmjax.model.attention import STACKED_CACHE_AXES, Attention, KVCache
 from lmjax.model.config import ModelConfig
 from lmjax.model.layers import MLP, Embed, Rope, make_norm, param
+from lmjax.model.moe import MoE
 from lmjax.model.pipeline import run_pipeline
 
 REMAT_POLICIES = {
@@ -25,13 +26,14 @@ _ACT = ("act_batch", "act_seq", "act_embed")
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)), the MLP dense or,
+  with ``moe``, a mixture of experts (:class:`lmjax.model.moe.MoE`).
 
   >>> block = Block(ModelConfig.from_config(default_config().model), rngs=nnx.Rngs(0))
-  >>> y = block(x, positions, segment_ids)  # x (b, t, d) -> (b, t, d)
+  >>> y, stats = block(x, positions, segment_ids)  # x (b, t, d) -> (b, t, d); stats: MoE's ({} if dense)
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
     pdt = jnp.dtype(cfg.param_dtype)
     self.attn_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
@@ -40,14 +42,24 @@ class Block(nnx.Module):
                           use_rope=cfg.position_embedding == "rope", bias=cfg.attention_bias,
                           sliding_window=cfg.sliding_window, quantization=cfg.quantization)
     self.mlp_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
-    self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt,
-                   kind=cfg.mlp, bias=cfg.mlp_bias, quantization=cfg.quantization)
+    if moe:
+      self.moe = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt,
+                     kind=cfg.mlp, bias=cfg.mlp_bias, quantization=cfg.quantization)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     x = constrain(x, _ACT)
-    x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, _ACT)
+    h, stats = self._feed_forward(self.mlp_norm(x), segment_ids)
+    return constrain(x + h, _ACT), stats
+
+  def _feed_forward(self, x: jax.Array, segment_ids: jax.Array,
+                    dropless: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if hasattr(self, "moe"):
+      return self.moe(x, segment_ids, dropless=dropless)
+    return self.mlp(x), {}
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
              index: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -55,7 +67,8 @@ class Block(nnx.Module):
     h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache, index,
                                            start)
     x = constrain(x + h, _ACT)
-    x = x + self.mlp(self.mlp_norm(x))
+    segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    x = x + self._feed_forward(self.mlp_norm(x), segment_ids, dropless=True)[0]
     return constrain(x, _ACT), k_cache, v_cache
 
 
@@ -85,11 +98,19 @@ class Transformer(nnx.Module):
       self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.embed_dim), (None, "embed"), pdt,
                              std=cfg.init_std)  # (max_seq_len, d)
 
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return Block(cfg, rngs=rngs)
+    def make_blocks(count: int, moe: bool) -> Block:  # params stacked (count, ...)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make(rngs):
+        return Block(cfg, rngs=rngs, moe=moe)
+      return make(rngs.split(count))
 
-    self.blocks = make_blocks(rngs.split(cfg.num_layers))  # params stacked (l, ...)
+    # A dense model stacks every block in ``blocks``; a MoE model stacks its MoE blocks there
+    # and its dense ones (the first_dense_layers, and those between MoE layers) in
+    # ``dense_blocks``; :meth:`_walk` runs them in layer order.
+    moe_layers = len(cfg.moe_layers)
+    self.blocks = make_blocks(moe_layers or cfg.num_layers, moe=moe_layers > 0)
+    if moe_layers and cfg.num_layers > moe_layers:
+      self.dense_blocks = make_blocks(cfg.num_layers - moe_layers, moe=False)
     self.final_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     if not cfg.tie_embeddings:
       self.lm_head = Embed(cfg.vocab_size, cfg.embed_dim, rngs=rngs, std=cfg.init_std,
@@ -102,7 +123,11 @@ class Transformer(nnx.Module):
     ``positions`` restart at 0 for each packed document and ``segment_ids`` (0 = padding)
     keep attention within a document; both default to one document per row.
     """
-    logits = self.head.attend(self.features(tokens, positions, segment_ids)).astype(jnp.float32)
+    return self.logits(self.forward(tokens, positions, segment_ids)[0])
+
+  def logits(self, features: jax.Array) -> jax.Array:
+    """The output projection of :meth:`features` (b, t, d): logits (b, t, v) in float32."""
+    logits = self.head.attend(features).astype(jnp.float32)
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))  # (b, t, v)
 
   @property
@@ -114,14 +139,20 @@ class Transformer(nnx.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     """The final-normed hidden states (b, t, d) in the compute dtype: what the output
     projection (:attr:`head`) turns into logits. Arguments as for ``__call__``."""
+    return self.forward(tokens, positions, segment_ids)[0]
+
+  def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:meth:`features`, and the MoE layers' statistics stacked (l_moe, ...) (``{}`` for a
+    dense model; see :func:`lmjax.model.moe.route`)."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     x = self._embed(tokens, positions)  # (b, t, d)
-    x = self._run_blocks(x, positions, segment_ids)
-    return self.final_norm(x)
+    x, stats = self._run_blocks(x, positions, segment_ids)
+    return self.final_norm(x), stats
 
   def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token embeddings (plus learned position embeddings) in the compute dtype: (b, t, d)."""
@@ -131,29 +162,55 @@ class Transformer(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     return constrain(x, _ACT)
 
-  def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def _run_blocks(self, x: jax.Array, positions: jax.Array,
+                  segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.cfg
-    graphdef, stacked = nnx.split(self.blocks)
 
-    def block(x, layer_params, positions, segment_ids):
+    def block(graphdef, x, layer_params, positions, segment_ids):
       return nnx.merge(graphdef, layer_params)(x, positions, segment_ids)
 
     if cfg.remat != "none":
-      block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-
-    def layers(params, x, positions, segment_ids):  # consecutive layers, params (l', ...)
-      if cfg.scan_layers:
-        step = lambda carry, p: (block(carry, p, positions, segment_ids), None)
-        return jax.lax.scan(step, x, params)[0]
-      for i in range(jax.tree.leaves(params)[0].shape[0]):
-        x = block(x, jax.tree.map(lambda p: p[i], params), positions, segment_ids)
-      return x
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False,
+                             static_argnums=(0,))
 
     if self.num_stages == 1:
-      return layers(stacked, x, positions, segment_ids)
+      return self._walk(x, lambda x, graphdef, params, i: block(graphdef, x, params, positions,
+                                                                segment_ids))
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layers(params, x, positions, segment_ids):  # consecutive layers, params (l', ...)
+      step = lambda carry, p: (block(graphdef, carry, p, positions, segment_ids)[0], None)
+      return _scan(step, x, params, cfg.scan_layers)[0]
+
     micro = cfg.pipeline_microbatches if cfg.pipeline_microbatches > 0 else self.num_stages
-    return run_pipeline(layers, stacked, x, positions, segment_ids, num_stages=self.num_stages,
-                        num_microbatches=micro, repeats=cfg.pipeline_repeats)
+    x = run_pipeline(layers, stacked, x, positions, segment_ids, num_stages=self.num_stages,
+                     num_microbatches=micro, repeats=cfg.pipeline_repeats)
+    return x, {}
+
+  def _walk(self, carry: Any, step) -> tuple[Any, dict[str, jax.Array]]:
+    """Runs ``step(carry, graphdef, layer_params, i) -> (carry, stats)`` over the layers in
+    order (i the layer's index); returns the carry and the MoE layers' stats stacked."""
+    cfg = self.cfg
+    scan = lambda f, carry, xs: _scan(f, carry, xs, cfg.scan_layers)
+    main_def, main = nnx.split(self.blocks)
+    on = lambda graphdef: (lambda c, xs: step(c, graphdef, *xs))
+    if not cfg.moe_layers:
+      return scan(on(main_def), carry, (main, jnp.arange(cfg.num_layers)))[0], {}
+    k, p, n = cfg.first_dense_layers, cfg.moe_every, len(cfg.moe_layers)
+    dense_def, dense = nnx.split(self.dense_blocks) if hasattr(self, "dense_blocks") else (None, None)
+    if k:
+      first = jax.tree.map(lambda a: a[:k], dense)
+      carry = scan(on(dense_def), carry, (first, jnp.arange(k)))[0]
+    between = (jax.tree.map(lambda a: a[k:].reshape(n, p - 1, *a.shape[1:]), dense)
+               if p > 1 else None)  # the p - 1 dense layers before each MoE layer
+
+    def unit(c, xs):
+      dense_params, moe_params, i = xs  # i: the MoE layer's index
+      if p > 1:
+        c = scan(on(dense_def), c, (dense_params, i - (p - 1) + jnp.arange(p - 1)))[0]
+      return step(c, main_def, moe_params, i)
+
+    return scan(unit, carry, (between, main, jnp.asarray(cfg.moe_layers)))
 
   def init_cache(self, batch: int, max_len: int, start: jax.Array | None = None) -> KVCache:
     """An empty :class:`KVCache` of ``max_len`` slots per row, in the compute dtype.
@@ -185,31 +242,33 @@ class Transformer(nnx.Module):
     slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # (t,)
     positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # (b, t); padding at 0
     x = self._embed(tokens, positions)  # (b, t, d)
-    graphdef, stacked = nnx.split(self.blocks)
 
     # The stacked cache rides in the carry and layer i's slice is written back in place,
     # so the cache is never held twice (as it would be as a scan input and output).
-    def block(carry, layer):  # carry: x (b, t, d), k and v (l, b, s, k, h)
+    def block(carry, graphdef, params, i):  # carry: x (b, t, d), k and v (l, b, s, k, h)
       x, k, v = carry
-      params, i = layer
       x, k_i, v_i = nnx.merge(graphdef, params).decode(x, positions, k[i], v[i], cache.index,
                                                        cache.start)  # k_i, v_i (b, s, k, h)
       k = constrain(jax.lax.dynamic_update_index_in_dim(k, k_i, i, 0), STACKED_CACHE_AXES)
       v = constrain(jax.lax.dynamic_update_index_in_dim(v, v_i, i, 0), STACKED_CACHE_AXES)
-      return (x, k, v), None
+      return (x, k, v), {}
 
-    carry = (x, cache.k, cache.v)
-    if cfg.scan_layers:
-      carry = jax.lax.scan(block, carry, (stacked, jnp.arange(cfg.num_layers)))[0]
-    else:
-      for i in range(cfg.num_layers):
-        carry = block(carry, (jax.tree.map(lambda p: p[i], stacked), i))[0]
-    x, k, v = carry
+    x, k, v = self._walk((x, cache.k, cache.v), block)[0]
     if last_only:
       x = x[:, -1:]
-    x = self.final_norm(x)
-    logits = constrain(self.head.attend(x).astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+    logits = self.logits(self.final_norm(x))
     return logits, KVCache(k=k, v=v, index=cache.index + t, start=cache.start)
+
+
+def _scan(f, carry: Any, xs: Any, scan: bool) -> tuple[Any, Any]:
+  """``jax.lax.scan(f, carry, xs)``, or the same as a Python loop (``scan`` False)."""
+  if scan:
+    return jax.lax.scan(f, carry, xs)
+  outs = []
+  for i in range(jax.tree.leaves(xs)[0].shape[0]):
+    carry, out = f(carry, jax.tree.map(lambda a: a[i], xs))
+    outs.append(out)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 def logical_axes(abstract_model: nnx.Module) -> dict[str, Any]:
