@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lmjax import config as config_lib
 from lmjax import storage
 from lmjax.data import DataError
 
@@ -47,7 +48,8 @@ MANIFEST = "lmjax_manifest.json"
 # Config fields that change the shape of the saved state: a mismatch is an error, not a
 # reason to fall back to an older checkpoint.
 SHAPE_KEYS = ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
-              "mlp_dim", "tie_embeddings", "param_dtype")
+              "mlp_dim", "tie_embeddings", "param_dtype", "num_experts", "expert_mlp_dim",
+              "num_shared_experts", "first_dense_layers", "moe_every", "router")
 UNUSABLE = ".unusable-"  # checkpoints/<step>.unusable-<UTC time>: a bad step, moved aside
 ADDED_LATER = ("spike_run",)  # train-state fields older checkpoints lack: restored as zeros
 
@@ -217,8 +219,9 @@ class Checkpointer:
     saved = saved_config["model"]
     # Parameters alone restore into any dtype (Orbax casts); a whole train state does not.
     keys = [k for k in SHAPE_KEYS if not (params_only and k == "param_dtype")]
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {cfg.model[k]!r}"
-             for k in keys if saved.get(k) != cfg.model[k]]
+    default = config_lib.default_config().model  # for keys older checkpoints' configs lack
+    diffs = [f"model.{k}: checkpoint {saved.get(k, default[k])!r}, config {cfg.model[k]!r}"
+             for k in keys if saved.get(k, default[k]) != cfg.model[k]]
     if diffs:
       raise IncompatibleCheckpoint(
           f"{self._step_dir(step)} holds a different model ({'; '.join(diffs)}). Use the "
