@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: Llama / Mistral-family and GPT-2.
+"""Hugging Face checkpoints in and out: Llama / Mistral-family, Mixtral and GPT-2.
 
 A Hugging Face checkpoint is a directory with ``config.json`` and safetensors weights
 (``model.safetensors``, or shards listed in ``model.safetensors.index.json``), as
@@ -22,6 +22,7 @@ and shapes); this module reads and writes the files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -38,8 +39,8 @@ from lmjax import config as config_lib
 from lmjax import config_file, storage
 from lmjax.checkpoint import SHAPE_KEYS, Checkpointer
 from lmjax.data.tokenizer import Tokenizer
-from lmjax.hf_layout import (ARCHITECTURES, FIX_CONFIG, IGNORED, ConversionError, check_shape,
-                             config_from_hf, hf_config, hf_kind, mappings)
+from lmjax.hf_layout import (ARCHITECTURES, FIX_CONFIG, FUSED_EXPERTS, IGNORED, ConversionError,
+                             check_shape, config_from_hf, hf_config, hf_kind, mappings, stacked)
 from lmjax.model import Transformer
 from lmjax.rundir import run_config
 from lmjax.trained import load
@@ -159,14 +160,16 @@ def params_from_hf(hf_dir: str | Path, cfg: ml_collections.ConfigDict,
   rename = lambda name: name.replace("transformer.", prefix, 1)
   out_dtype = np.dtype(jax.numpy.dtype(dtype or m.param_dtype))
   params: dict[str, Any] = {}
-  for path, name, shape, to_lmjax, _ in mappings(m):
-    name = rename(name)
-    if "{i}" in name:
-      value = np.stack([to_lmjax(weights.get(name.format(i=i), shape), m)
-                        for i in range(m.num_layers)])
-    else:
-      value = to_lmjax(weights.get(name, shape), m)
-    _put(params, path, value.astype(out_dtype))
+  for path, name, shape, to_lmjax, _ in mappings(m, fused_experts=FUSED_EXPERTS in weights):
+    name, indices = rename(name), stacked(name, m)
+    keys, counts = [k for k, _ in indices], [n for _, n in indices]
+    value = None  # filled in place: (layers, experts, ...) of the per-tensor arrays
+    for index in itertools.product(*map(range, counts)):
+      part = to_lmjax(weights.get(name.format(**dict(zip(keys, index))), shape), m)
+      if value is None:
+        value = np.empty((*counts, *np.shape(part)), out_dtype)
+      value[index] = part
+    _put(params, path, value)
   if m.tie_embeddings and "lm_head.weight" in weights:
     weights.used.add("lm_head.weight")  # a tied copy of the embedding
   extra = weights.unused()
@@ -228,7 +231,7 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   hf_dir, workdir = storage.absolute(hf_dir), storage.absolute(workdir)
   storage.check(workdir, write=True)
   cfg = config_from_hf(read_config(hf_dir), str(hf_dir / "config.json"))
-  shape = {k: cfg.model[k] for k in SHAPE_KEYS if k != "param_dtype"}
+  shape = {k: cfg.model[k] for k in SHAPE_KEYS + _MOE_SHAPE_KEYS if k != "param_dtype"}
   for key, value in (overrides or {}).items():
     _override(cfg, key, value)
   changed = [k for k, v in shape.items() if cfg.model[k] != v]
@@ -259,6 +262,11 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   say(f"imported {n:,} parameters ({read_config(hf_dir)['model_type']}) from {hf_dir} "
       f"into {workdir / 'checkpoints' / '0'}")
   return cfg
+
+
+# Model fields besides SHAPE_KEYS that decide which parameters a mixture of experts has.
+_MOE_SHAPE_KEYS = ("num_experts", "expert_mlp_dim", "num_shared_experts", "first_dense_layers",
+                   "moe_every", "router")
 
 
 def _override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -300,12 +308,10 @@ def params_to_hf(params: dict[str, Any], cfg: ml_collections.ConfigDict,
   for path, name, _, _, to_hf in mappings(m):
     if to_hf is None:
       continue
-    value = get(path)
-    if "{i}" in name:
-      for i in range(m.num_layers):
-        tensors[name.format(i=i)] = to_hf(value[i], m)
-    else:
-      tensors[name] = to_hf(value, m)
+    value, indices = get(path), stacked(name, m)
+    keys = [k for k, _ in indices]
+    for index in itertools.product(*(range(n) for _, n in indices)):
+      tensors[name.format(**dict(zip(keys, index)))] = to_hf(value[index], m)
   if kind == "gpt2":  # q, k, v fused into c_attn: (d, 3d) weights and (3d,) biases
     for i in range(m.num_layers):
       w = [get(("blocks", "attn", p))[i] for p in "qkv"]
@@ -352,10 +358,14 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   """Writes run ``workdir``'s parameters (newest usable checkpoint, or ``step``) to
   ``out_dir`` as a Hugging Face checkpoint: ``config.json``, safetensors (``dtype``, default
   bfloat16 for bf16-compute runs, else float32) and the run's ``tokenizer.model`` if it
-  has a sentencepiece tokenizer. Returns the written ``config.json`` contents."""
+  has a sentencepiece tokenizer. Returns the written ``config.json`` contents. A mixture of
+  experts exports as Mixtral (:data:`lmjax.hf_layout.MIXTRAL` says which models can)."""
   storage.check(out_dir, write=True)  # fail before restoring anything
   cfg = run_config(workdir, step)
-  hf_kind(cfg.model)
+  if hf_kind(cfg.model) == "mixtral" and cfg.model.capacity_factor > 0:
+    say(f"note: model.capacity_factor={cfg.model.capacity_factor} drops the assignments over "
+        "an expert's capacity in lmjax's forward pass; Mixtral runs the same weights dropless "
+        "(as lmjax generates).")
   # Onto the host: the weights go to NumPy anyway, and no accelerator need hold them whole.
   cfg.model.attention = "xla"  # any backend restores the same parameters; xla runs on the CPU
   run = load(workdir, step, cfg=cfg, devices=jax.devices("cpu")[:1],

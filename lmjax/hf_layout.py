@@ -18,6 +18,22 @@ final_norm             model.norm                              transformer.ln_f
 lm_head.table          lm_head.weight (untied)                 lm_head.weight (untied)
 =====================  ======================================  ===========================
 
+Mixtral is Mistral with a mixture of experts in every layer (expert j of layer i; lmjax
+``model.router="softmax"``, top-k renormalised, dropless):
+
+=========================  ===================================================
+lmjax                      Mixtral (``model.layers.{i}.block_sparse_moe.``)
+=========================  ===================================================
+moe.router (d, E)          gate.weight.T (E, d)
+moe.gate, moe.up (E, d, f) experts.{j}.w1.weight.T, experts.{j}.w3.weight.T
+moe.down (E, f, d)         experts.{j}.w2.weight.T (d, f)
+=========================  ===================================================
+
+``save_pretrained`` writes these per-expert names; the fused tensors ``transformers``
+holds in memory (``model.layers.{i}.mlp.gate.weight``, ``mlp.experts.gate_up_proj`` (E, 2f,
+d) = [w1; w3], ``mlp.experts.down_proj`` (E, d, f)) import too (:func:`mappings` with
+``fused_experts``); export writes the per-expert names.
+
 Llama's RoPE in the Hugging Face layout is the half-split rotation lmjax uses, so q and k
 need no permutation.
 
@@ -35,7 +51,7 @@ import numpy as np
 from lmjax import config as config_lib
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
+                 "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 class ConversionError(ValueError):
@@ -50,15 +66,17 @@ FIX_CONFIG = "use the config.json that save_pretrained wrote with these weights"
 def _number(hf: dict[str, Any], key: str, source: str, needed_by: str, default: Any = None,
             integer: bool = True, low: int = 1, label: str = "") -> Any:
   """Field ``key`` (called ``label`` in messages) of ``source``, a config.json: an integer
-  >= ``low``, or a positive number; ``default`` when absent or null, else required."""
+  >= ``low``, or a number (> 0; >= 0 with ``low`` 0); ``default`` when absent or null, else
+  required."""
   label, value = label or key, hf.get(key)
   if value is None and default is not None:
     return default
   if key not in hf:
     raise ConversionError(f"{source}: no {label}, which {needed_by} needs ({FIX_CONFIG}).")
   number = not isinstance(value, bool) and isinstance(value, (int,) if integer else (int, float))
-  if not number or not (value >= low if integer else value > 0):
-    want = ("a positive integer" if low else "an integer >= 0") if integer else "a positive number"
+  if not number or not (value >= low if integer or not low else value > 0):
+    want = (("a positive integer" if low else "an integer >= 0") if integer
+            else "a positive number" if low else "a number >= 0")
     raise ConversionError(f"{source}: {label} is {value!r}; expected {want} ({FIX_CONFIG}).")
   return value if integer else float(value)
 
@@ -99,14 +117,21 @@ def _compute_dtype(hf: dict[str, Any]) -> str:
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ml_collections.ConfigDict:
-  """The lmjax config of a Hugging Face ``config.json`` (Llama, Mistral or GPT-2; read from
-  the file ``source``); raises ConversionError naming a field that is missing, of the wrong
-  type, or that lmjax cannot represent."""
+  """The lmjax config of a Hugging Face ``config.json`` (Llama, Mistral, Mixtral or GPT-2;
+  read from the file ``source``); raises ConversionError naming a field that is missing, of
+  the wrong type, or that lmjax cannot represent.
+
+  Mixtral: ``num_local_experts`` and ``num_experts_per_tok`` are required (save_pretrained
+  writes both); ``intermediate_size`` is the experts' width (``model.expert_mlp_dim``, and
+  ``mlp_dim``, which no layer uses); the router is softmax top-k, renormalised, dropless
+  (``capacity_factor`` 0). For fine-tuning, ``router_aux_loss_coef`` becomes
+  ``model.moe_aux_loss`` (both weigh E * sum_i f_i P_i, k when balanced) and
+  ``model.moe_z_loss`` is 0, as Mixtral trains without a router z-loss."""
   kind = hf.get("model_type")
   cfg = config_lib.default_config()
   m = cfg.model
   need = lambda key, **kw: _number(hf, key, source, f"a model_type {kind!r} config", **kw)
-  if kind in ("llama", "mistral"):
+  if kind in ("llama", "mistral", "mixtral"):
     if hf.get("hidden_act", "silu") != "silu":
       raise ConversionError(f"{source}: hidden_act {hf['hidden_act']!r}; lmjax's SwiGLU uses silu.")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
@@ -122,11 +147,20 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ml_collec
     m.max_seq_len = need("max_position_embeddings", default=2048)
     m.norm_eps = need("rms_norm_eps", default=1e-6, integer=False)
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
-    m.attention_bias = bool(hf.get("attention_bias", False))
-    m.mlp_bias = bool(hf.get("mlp_bias", False))
-    m.sliding_window = need("sliding_window", default=0, low=0) if kind == "mistral" else 0
+    m.attention_bias = bool(hf.get("attention_bias", False)) and kind != "mixtral"
+    m.mlp_bias = bool(hf.get("mlp_bias", False)) and kind != "mixtral"
+    m.sliding_window = need("sliding_window", default=0, low=0) if kind != "llama" else 0
     for key, value in _rope_settings(hf, source).items():
       m[key] = value
+    if kind == "mixtral":
+      m.num_experts, m.experts_per_token = need("num_local_experts"), need("num_experts_per_tok")
+      if m.experts_per_token > m.num_experts:
+        raise ConversionError(f"{source}: num_experts_per_tok {m.experts_per_token} exceeds "
+                              f"num_local_experts {m.num_experts}; {FIX_CONFIG}.")
+      m.expert_mlp_dim = m.mlp_dim
+      m.router, m.router_scale, m.capacity_factor = "softmax", 1.0, 0.0
+      m.moe_aux_loss = need("router_aux_loss_coef", default=0.001, integer=False, low=0)
+      m.moe_z_loss = 0.0
   elif kind == "gpt2":
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -178,6 +212,12 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str = "float32",
          "rope_theta": m.rope_theta, "rope_scaling": _hf_rope_scaling(m), "attention_dropout": 0.0}
   if kind == "mistral":
     return {**out, "sliding_window": m.sliding_window}
+  if kind == "mixtral":
+    return {**out, "sliding_window": m.sliding_window or None, "num_local_experts": m.num_experts,
+            "num_experts_per_tok": m.experts_per_token,
+            "intermediate_size": m.expert_mlp_dim or m.mlp_dim,
+            "router_aux_loss_coef": m.moe_aux_loss, "router_jitter_noise": 0.0,
+            "output_router_logits": False}
   return {**out, "attention_bias": m.attention_bias, "mlp_bias": m.mlp_bias}
 
 
@@ -191,8 +231,22 @@ def _hf_rope_scaling(m: ml_collections.ConfigDict) -> dict[str, Any] | None:
   return None
 
 
+# What a mixture-of-experts model needs to be Mixtral (sliding_window and RoPE scaling are
+# free; capacity_factor too: Mixtral runs the same weights dropless, as lmjax generates).
+MIXTRAL = {"norm": "rmsnorm", "mlp": "swiglu", "position_embedding": "rope",
+           "attention_bias": False, "router": "softmax", "router_scale": 1.0,
+           "num_shared_experts": 0, "first_dense_layers": 0, "moe_every": 1}
+
+
 def hf_kind(m: ml_collections.ConfigDict) -> str:
-  """"llama", "mistral" or "gpt2": the Hugging Face architecture of model config ``m``."""
+  """"llama", "mistral", "mixtral" or "gpt2": the Hugging Face architecture of model config
+  ``m``."""
+  if m.num_experts:
+    differ = {k: m[k] for k, v in MIXTRAL.items() if m[k] != v}
+    if differ:
+      raise ConversionError(f"a mixture-of-experts model (model.num_experts={m.num_experts}) "
+                            f"exports as Mixtral, which needs {MIXTRAL}; this model has {differ}.")
+    return "mixtral"
   llama = {"norm": "rmsnorm", "mlp": "swiglu", "position_embedding": "rope"}
   gpt2 = {"norm": "layernorm", "mlp": "gelu", "position_embedding": "learned",
           "attention_bias": True, "mlp_bias": True, "sliding_window": 0}
@@ -215,13 +269,22 @@ def hf_kind(m: ml_collections.ConfigDict) -> str:
 
 
 # -- weight names --------------------------------------------------------------------------
-# One entry per lmjax parameter: (lmjax path, the HF tensor name ("{i}" for the layer), the
-# HF tensor's shape (of one layer) that the config implies, to_lmjax(tensor, m) -> array,
-# to_hf(array, m) -> tensor). GPT-2's fused q/k/v tensors (c_attn) are split on import and
-# joined again in lmjax.hf.params_to_hf (to_hf None). Every tensor goes through check_shape
-# before it is reshaped.
+# One entry per lmjax parameter: (lmjax path, the HF tensor name, the HF tensor's shape (of
+# one layer, one expert) that the config implies, to_lmjax(tensor, m) -> array, to_hf(array,
+# m) -> tensor). A name with "{i}" is one tensor per layer, stacked along the parameter's
+# first axis; with "{j}" too, one per expert of each layer, stacked along the next
+# (:func:`stacked`). GPT-2's fused q/k/v tensors (c_attn) and Mixtral's fused experts are
+# split on import; c_attn is joined again in lmjax.hf.params_to_hf (to_hf None), the experts
+# are written per expert. Every tensor goes through check_shape before it is reshaped.
 
 Mapping = tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable | None]
+
+
+def stacked(name: str, m: ml_collections.ConfigDict) -> list[tuple[str, int]]:
+  """The indices of HF tensor ``name`` (outermost first) with their counts: "i" over the
+  layers, "j" over the experts; [] for a single tensor."""
+  counts = (("i", m.num_layers), ("j", m.num_experts))
+  return [(key, n) for key, n in counts if "{" + key + "}" in name]
 
 
 def check_shape(what: str, found: Any, expected: Any, implied_by: str, fix: str) -> None:
@@ -255,7 +318,7 @@ def _heads(heads: str) -> tuple[Callable, Callable]:
   return (lambda t, m: t.reshape(count(m), m.head_dim), lambda a, m: a.reshape(-1))
 
 
-def _llama_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
+def _llama_mappings(m: ml_collections.ConfigDict, fused_experts: bool) -> list[Mapping]:
   layer = "model.layers.{i}."
   d, f, v = m.embed_dim, m.mlp_dim, m.vocab_size
   nh, kh = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
@@ -271,8 +334,12 @@ def _llama_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
       (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight", (d, nh),  # <-> (n, h, d)
        lambda t, m: t.T.reshape(m.num_heads, m.head_dim, m.embed_dim),
        lambda a, m: a.reshape(-1, m.embed_dim).T),
-  ] + [(("blocks", "mlp", p), layer + f"mlp.{p}_proj.weight", shape, _transposed, _transposed)
-       for p, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f)))]
+  ]
+  if m.num_experts:
+    maps += _mixtral_experts(m, fused_experts)
+  else:
+    maps += [(("blocks", "mlp", p), layer + f"mlp.{p}_proj.weight", shape, _transposed,
+              _transposed) for p, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f)))]
   if m.attention_bias:
     maps += [
         (("blocks", "attn", "q_bias"), layer + "self_attn.q_proj.bias", (nh,), *_heads("n")),
@@ -286,6 +353,25 @@ def _llama_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
   if not m.tie_embeddings:
     maps.append((("lm_head", "table"), "lm_head.weight", (v, d), _same, _same))
   return maps
+
+
+def _mixtral_experts(m: ml_collections.ConfigDict, fused: bool) -> list[Mapping]:
+  """Mixtral's router and experts: per expert as save_pretrained writes them, or ``fused``
+  as transformers holds them in memory (import only)."""
+  e, d, f = m.num_experts, m.embed_dim, m.expert_mlp_dim or m.mlp_dim
+  moe = lambda name: ("blocks", "moe", name)
+  if not fused:
+    layer = "model.layers.{i}.block_sparse_moe."
+    return [(moe("router"), layer + "gate.weight", (e, d), _transposed, _transposed)] + [
+        (moe(p), layer + f"experts.{{j}}.{w}.weight", shape, _transposed, _transposed)
+        for p, w, shape in (("gate", "w1", (f, d)), ("up", "w3", (f, d)), ("down", "w2", (d, f)))]
+  layer = "model.layers.{i}.mlp."
+  half = lambda i: lambda t, m: np.split(t, 2, axis=1)[i].transpose(0, 2, 1)  # of [w1; w3]
+  return [(moe("router"), layer + "gate.weight", (e, d), _transposed, None),
+          (moe("gate"), layer + "experts.gate_up_proj", (e, 2 * f, d), half(0), None),
+          (moe("up"), layer + "experts.gate_up_proj", (e, 2 * f, d), half(1), None),
+          (moe("down"), layer + "experts.down_proj", (e, d, f),
+           lambda t, m: t.transpose(0, 2, 1), None)]
 
 
 def _gpt2_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
@@ -323,9 +409,17 @@ def _gpt2_mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
   return maps
 
 
-def mappings(m: ml_collections.ConfigDict) -> list[Mapping]:
-  """Every parameter's mapping for model config ``m`` (GPT-2's when positions are learned)."""
-  return _gpt2_mappings(m) if m.position_embedding == "learned" else _llama_mappings(m)
+def mappings(m: ml_collections.ConfigDict, fused_experts: bool = False) -> list[Mapping]:
+  """Every parameter's mapping for model config ``m`` (GPT-2's when positions are learned,
+  Mixtral's with experts; ``fused_experts``: the in-memory names of transformers' Mixtral,
+  import only)."""
+  if m.position_embedding == "learned":
+    return _gpt2_mappings(m)
+  return _llama_mappings(m, fused_experts)
+
+
+# A Mixtral checkpoint of the fused names holds this tensor (lmjax.hf picks the mappings).
+FUSED_EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
 
 
 # Tensors a checkpoint may hold that carry no weights (buffers of older transformers).

@@ -110,7 +110,7 @@ def test_config_that_is_no_json_object(saved, tmp_path):
   assert "config.json: not valid JSON" in _import_error(hf_dir, tmp_path)
   (hf_dir / "config.json").write_text('{"vocab_size": 97}')
   message = _import_error(hf_dir, tmp_path)
-  assert "config.json: no model_type; lmjax converts llama, mistral, gpt2" in message
+  assert "config.json: no model_type; lmjax converts llama, mistral, mixtral, gpt2" in message
 
 
 def test_rope_scaling_without_its_fields(saved, tmp_path):

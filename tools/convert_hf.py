@@ -1,4 +1,4 @@
-"""Convert Hugging Face checkpoints (Llama / Mistral-family, GPT-2) to lmjax runs and back.
+"""Convert Hugging Face checkpoints (Llama / Mistral-family, Mixtral, GPT-2) to lmjax runs and back.
 
   python tools/convert_hf.py import /models/Llama-2-7b-hf runs/llama2-7b \
       [--set model.compute_dtype=bfloat16 --set data.seq_len=4096]
