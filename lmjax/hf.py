@@ -231,7 +231,7 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   hf_dir, workdir = storage.absolute(hf_dir), storage.absolute(workdir)
   storage.check(workdir, write=True)
   cfg = config_from_hf(read_config(hf_dir), str(hf_dir / "config.json"))
-  shape = {k: cfg.model[k] for k in SHAPE_KEYS + _MOE_SHAPE_KEYS if k != "param_dtype"}
+  shape = {k: cfg.model[k] for k in SHAPE_KEYS if k != "param_dtype"}
   for key, value in (overrides or {}).items():
     _override(cfg, key, value)
   changed = [k for k, v in shape.items() if cfg.model[k] != v]
@@ -262,11 +262,6 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   say(f"imported {n:,} parameters ({read_config(hf_dir)['model_type']}) from {hf_dir} "
       f"into {workdir / 'checkpoints' / '0'}")
   return cfg
-
-
-# Model fields besides SHAPE_KEYS that decide which parameters a mixture of experts has.
-_MOE_SHAPE_KEYS = ("num_experts", "expert_mlp_dim", "num_shared_experts", "first_dense_layers",
-                   "moe_every", "router")
 
 
 def _override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
