@@ -46,6 +46,7 @@ from lmjax import config as config_lib
 from lmjax import config_file, cpu_compile
 from lmjax.metrics import flops_per_token
 from lmjax.model.attention import check_backend
+from lmjax.model.config import ModelConfig
 from lmjax.model.kernels import BLOCK
 from lmjax.plan_report import (ACCELERATORS, GiB, JAX_GPU_PREALLOCATE, Accelerator, Candidate,
                                Measured, Memory, Plan, format_bytes, format_plan)
@@ -187,17 +188,49 @@ def _collective_bytes(setup) -> float:
   buffer, (s-1)/s of a gathered or reduce-scattered one, over an axis of size s): FSDP weight
   all-gathers (forward and backward) and gradient reduce-scatters, the gradient all-reduce
   over ``data``, all once per microbatch, and four (b, t, d) activation all-reduces per layer and
-  microbatch over ``tensor`` (six under full remat). An estimate for comparing layouts."""
+  microbatch over ``tensor`` (six under full remat), and MoE token exchanges
+  (:func:`_all_to_all_bytes`). An estimate for comparing layouts."""
   cfg, m = setup.cfg, setup.cfg.model
   shape = setup.mesh.shape
-  f, d, t = shape["fsdp"], shape["data"], shape["tensor"]
+  f, d, t, ep = shape["fsdp"], shape["data"], shape["tensor"], shape["expert"]
   k = cfg.optim.grad_accum_steps
-  params = setup.num_params * jnp.dtype(m.param_dtype).itemsize / t  # per tensor shard
-  fsdp = 3 * k * params * (f - 1) / f
-  data = 2 * k * params / f * (d - 1) / d
-  act = _micro_rows(setup)[1] * cfg.data.seq_len * m.embed_dim * jnp.dtype(m.compute_dtype).itemsize
+  size = jnp.dtype(m.param_dtype).itemsize / t  # bytes per parameter of a tensor shard
+  # Routed experts are split over the expert axis; everything else is replicated on it, so
+  # its gradients are all-reduced over data x expert.
+  experts = _expert_params(m) * size / ep
+  rest = (setup.num_params - _expert_params(m)) * size
+  fsdp = 3 * k * (rest + experts) * (f - 1) / f
+  data = 2 * k * (rest / f * (d * ep - 1) / (d * ep) + experts / f * (d - 1) / d)
+  rows = _micro_rows(setup)[1]
+  act = rows * cfg.data.seq_len * m.embed_dim * jnp.dtype(m.compute_dtype).itemsize
   tensor = k * m.num_layers * (6 if m.remat == "full" else 4) * act * 2 * (t - 1) / t
-  return fsdp + data + tensor
+  return fsdp + data + tensor + k * _all_to_all_bytes(m, shape, rows, cfg.data.seq_len)
+
+
+def _expert_params(m) -> int:
+  """Parameters of all routed experts (0 for a dense model)."""
+  if not m.num_experts:
+    return 0
+  moe_layers = len(ModelConfig.from_config(m).moe_layers)
+  return moe_layers * m.num_experts * (3 if m.mlp == "swiglu" else 2) * m.embed_dim * (
+      m.expert_mlp_dim or m.mlp_dim)
+
+
+def _all_to_all_bytes(m, shape, rows: int, t: int) -> float:
+  """Bytes a device sends per microbatch in MoE token exchanges: four all-to-alls per MoE
+  layer (to the experts and back, forward and backward) of its fixed-size buffers, of which
+  (ep - 1) / ep leave the device: dropless, rows x t x k token rows per destination;
+  with a capacity, E x rows x capacity rows in all (lmjax.model.moe)."""
+  ep = shape["expert"]
+  if not m.num_experts or ep == 1:
+    return 0.0
+  k, e = m.experts_per_token, m.num_experts
+  if m.capacity_factor > 0:
+    buffer = e * rows * max(1, math.ceil(m.capacity_factor * t * k / e))
+  else:
+    buffer = ep * rows * t * k
+  row = m.embed_dim * jnp.dtype(m.compute_dtype).itemsize
+  return 4 * len(ModelConfig.from_config(m).moe_layers) * buffer * row * (ep - 1) / ep
 
 
 def _layout(setup, stand_in: bool) -> dict[str, Any]:

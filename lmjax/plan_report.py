@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from lmjax import config as config_lib
-from lmjax.metrics import PEAK_FLOPS
+from lmjax.metrics import PEAK_FLOPS, inactive_params
 
 OPT_STATE = {  # optim.name -> what its state holds (the memory table's note)
     "adamw": "AdamW moments, counts", "adafactor": "Adafactor factored second moments, counts",
@@ -161,8 +161,10 @@ def format_plan(p: Plan) -> str:
   """The plan as a readable report."""
   cfg, m, mem, f, acc = p.cfg, p.cfg.model, p.measured.memory, p.measured, p.accelerator
   mesh = ", ".join(f"{a} {p.mesh[a]}" for a in config_lib.MESH_AXES)
+  active = (f", {_count(p.num_params - inactive_params(m))} active: {m.experts_per_token} of "
+            f"{m.num_experts} experts per token" if m.num_experts else "")
   lines = [
-      f"model   {_count(p.num_params)} parameters ({m.param_dtype}, {m.compute_dtype} compute), "
+      f"model   {_count(p.num_params)} parameters{active} ({m.param_dtype}, {m.compute_dtype} compute), "
       f"{m.num_layers} layers, seq {cfg.data.seq_len}, global batch {cfg.data.global_batch_size} "
       f"({_count(p.tokens)} tokens/step)",
       f"mesh    {p.devices} devices: {mesh}; remat {m.remat}, attention {m.attention}, grad "
@@ -197,7 +199,7 @@ def format_plan(p: Plan) -> str:
   lines += [
       "",
       "compute per step",
-      f"  model FLOPs        {p.model_flops:9.3g}   6 x matmul parameters + 12 x l n h t attention, "
+      f"  model FLOPs        {p.model_flops:9.3g}   6 x {'active ' if m.num_experts else ''}matmul parameters + 12 x l n h t attention, "
       f"x {_count(p.tokens)} tokens",
       f"  XLA matmul FLOPs   {f.dot_flops * p.devices:9.3g}   compiled HLO, {f.dot_flops:.3g}/device x "
       f"{p.devices}, loops x trip count ({f.dot_flops * p.devices / p.model_flops - 1:+.0%}: remat "
@@ -205,7 +207,7 @@ def format_plan(p: Plan) -> str:
       f"  XLA cost_analysis  {f.xla_flops:9.3g}   per device (of the partitioned program); counts the "
       f"layer scan's body once, not x {m.num_layers}",
       f"  collectives        {format_bytes(f.collective_bytes):>9}   sent per device (analytic: FSDP "
-      "gathers and reduce-scatters, data all-reduce, tensor all-reduces)",
+      "gathers and reduce-scatters, data all-reduce, tensor all-reduces, expert all-to-alls)",
       f"  step time          {p.step_seconds():7.3g} s   at 100% MFU; {p.step_seconds(p.mfu):.3g} s at "
       f"{p.mfu:.0%} MFU -> {p.tokens_per_second:,.0f} tokens/s "
       f"({p.tokens_per_second / p.devices:,.0f}/device)",

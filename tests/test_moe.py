@@ -170,12 +170,24 @@ def test_expert_parallel_layer_equals_reference(rows, sizes, capacity_factor):
   moe = _layer(cfg)
   x, seg = _inputs(rows, 10)
   graphdef, state = nnx.split(moe)
+  probe = np.random.default_rng(2).normal(size=x.shape).astype(np.float32) * (seg != 0)[..., None]
+
+  def run(st, x, s):
+    y, stats = nnx.merge(graphdef, st)(x, s)
+    return jnp.sum(y * probe) + stats["aux"] + stats["z"], (y, stats)
+
+  fn = jax.jit(jax.grad(run, argnums=(0, 1), has_aux=True))
+  (want_grads, want_dx), _ = fn(state, x, seg)  # no mesh
   with jax.set_mesh(_mesh(**sizes)), use_rules(make_rules()):
-    y, stats = jax.jit(lambda st, x, s: nnx.merge(graphdef, st)(x, s))(state, x, seg)
+    (grads, dx), (y, stats) = fn(state, x, seg)
   capacity = math.ceil(capacity_factor * 10 * K / E) if capacity_factor else 0
   want, want_stats, _ = _reference(moe, cfg, x, seg, capacity=capacity)
   np.testing.assert_allclose(np.asarray(y)[seg != 0], want[seg != 0], atol=2e-5, rtol=1e-4)
   assert float(stats["dropped"]) == want_stats["dropped"]
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(want_dx), atol=1e-5, rtol=1e-4)
+  for key in ("router", "gate", "up", "down"):
+    np.testing.assert_allclose(np.asarray(grads[key][...]), np.asarray(want_grads[key][...]),
+                               atol=1e-5, rtol=1e-4, err_msg=key)
 
 
 MOE_LAYOUTS = ["moe_expert8", "moe_expert4_fsdp2", "moe_expert2_tensor2_data2"]
@@ -336,4 +348,4 @@ def test_checkpoint_of_another_expert_shape_is_refused_by_name(tmp_path):
     other.model[key] = value
     with pytest.raises(IncompatibleCheckpoint, match=f"holds a different model .model.{key}: checkpoint"):
       lmjax.load(tmp_path, cfg=other, devices=jax.devices()[:1])
-  assert lmjax.load(tmp_path, cfg=cfg, devices=jax.devices()[:1]).params["blocks"]["moe"]["up"].shape == (2, 4, 32, 384)
+  assert lmjax.load(tmp_path, cfg=cfg, devices=jax.devices()[:1]).params["blocks"]["moe"]["up"].shape == (2, 4, 32, 48)

@@ -180,3 +180,27 @@ def test_cli_bad_config_fails_naming_the_key():
   assert out.returncode == 2 and "error: config.mesh: the fixed axes" in out.stderr
   out = _cli("--config", "configs/llama_8b.py")
   assert out.returncode == 2 and "lmjax plan: the following arguments are required: --devices" in out.stderr
+
+
+@pytest.mark.slow
+def test_moe_plan_counts_active_flops_and_splits_experts():
+  def moe(**mesh):
+    cfg = default_config()
+    cfg.model.num_experts, cfg.model.expert_mlp_dim = 8, 256
+    cfg.mesh.fsdp = 1
+    for axis, size in mesh.items():
+      cfg.mesh[axis] = size
+    return cfg
+
+  ep, dp = plan_lib.plan(moe(expert=8), 8, suggest=False), plan_lib.plan(moe(data=8), 8, suggest=False)
+  m = ep.cfg.model
+  experts = 2 * 8 * 3 * m.embed_dim * 256  # 2 MoE layers x 8 experts x (gate, up, down)
+  assert ep.num_params == dp.num_params and ep.model_flops == dp.model_flops
+  assert ep.model_flops == flops_per_token(ep.cfg, ep.num_params) * ep.tokens
+  attention = 12 * m.num_layers * m.num_heads * m.head_dim * ep.cfg.data.seq_len
+  assert ep.model_flops == (6 * (ep.num_params - experts * 6 // 8) + attention) * ep.tokens
+  # experts split 8 ways, everything else replicated on both meshes: parameters only
+  assert dp.measured.memory.params - ep.measured.memory.params == 4 * experts * 7 // 8
+  assert plan_lib._all_to_all_bytes(m, ep.mesh, 2, ep.cfg.data.seq_len) > 0  # in the estimate
+  report = plan_lib.format_plan(ep)
+  assert "active: 2 of 8 experts per token" in report and "expert 8" in report

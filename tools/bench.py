@@ -5,6 +5,7 @@
   python tools/bench.py mfu --gpu        # one GPU: gpt2_small and llama_1b, bf16 and fp8, cuDNN attention
   python tools/bench.py mfu --profile DIR  # also a jax.profiler trace of a few steps per config
   python tools/bench.py loss             # chunked vs whole-logits loss: temp bytes, step time
+  python tools/bench.py moe              # MoE vs dense at equal active FLOPs; dropless vs capacity; expert=8 memory
   python tools/bench.py compile          # compile time vs depth, scanned vs unrolled layers
   python tools/bench.py memory           # per-device bytes per mesh layout, peak host RSS
   python tools/bench.py layouts          # step time and memory of every layout on 8 devices
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import resource
 import shutil
@@ -47,8 +49,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # configs/ lives there
 
-SECTIONS = ("mfu", "loss", "compile", "memory", "layouts", "pipeline", "checkpoint", "processes", "all")
-_FAKE_DEVICES = {"memory", "layouts", "pipeline", "checkpoint", "all"}
+SECTIONS = ("mfu", "loss", "moe", "compile", "memory", "layouts", "pipeline", "checkpoint", "processes", "all")
+_FAKE_DEVICES = {"moe", "memory", "layouts", "pipeline", "checkpoint", "all"}
 # docs/scaling.md ("XLA flags that matter"), as tools/launch/slurm.sbatch sets them.
 GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
                  "--xla_gpu_enable_while_loop_double_buffering=true",
@@ -414,6 +416,64 @@ def loss(quick: bool, steps: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# moe
+
+def moe(quick: bool, steps: int) -> None:
+  """A mixture of experts (8 experts of width f/2, top-2: the dense MLP's active FLOPs)
+  against the dense model, dropless and with capacity factor 1.25, step times alternating on
+  one device; then per-device memory of the MoE step on 8 devices, experts split
+  (expert=8) and replicated (data=8)."""
+  layers, width, seq, rows = (2, 128, 128, 8) if quick else (4, 256, 256, 8)
+  dense = dict(num_layers=layers, embed_dim=width, num_heads=4, num_kv_heads=2,
+               head_dim=width // 4, mlp_dim=4 * width, vocab_size=4096, max_seq_len=seq)
+  sparse = dict(dense, num_experts=8, experts_per_token=2, expert_mlp_dim=2 * width)
+  variants = {"dense": dense, "moe dropless": sparse,
+              "moe capacity 1.25": dict(sparse, capacity_factor=1.25)}
+
+  def config(model, mesh=None):
+    c = default_config()
+    c.model.update(**model)
+    c.data.seq_len, c.data.global_batch_size, c.mesh.fsdp = seq, rows, 1
+    for k, v in (mesh or {}).items():
+      c.mesh[k] = v
+    return c
+
+  fns, states, flops, params = {}, {}, {}, {}
+  for name, model in variants.items():
+    c = config(model)
+    setup = build(c, _devices(1))
+    states[name] = init_state(setup)
+    batch = host_to_global(_random_batch(c), setup.mesh, setup.batch_sharding)
+    fns[name] = compile_train_step(setup).lower(states[name], batch).compile()
+    states[name], _ = fns[name](states[name], batch)
+    flops[name], params[name] = flops_per_token(c, setup.num_params), setup.num_params
+  times = _interleaved(fns, states, batch, rounds=max(3, steps // 2), steps=2)
+  base = statistics.median(times["dense"])
+  print(f"Model: {layers} layers, width {width}, dense MLP {4 * width} against 8 experts of "
+        f"{2 * width}, top-2; batch {rows} x {seq}; fp32; one device "
+        f"({_devices(1)[0].device_kind}); {len(times['dense'])} alternating rounds of 2 steps.\n")
+  print("| model | parameters | model FLOPs / token | step s (median) | vs dense |")
+  print("| --- | --- | --- | --- | --- |")
+  for name in variants:
+    secs = statistics.median(times[name])
+    print(f"| {name} | {params[name] / 1e6:.2f}M | {flops[name] / 1e6:.1f}M | {secs:.3f} | "
+          f"{secs / base:.2f}x |")
+  print("\n| MoE on 8 devices | expert params / device (MiB) | state / device (MiB) | "
+        "temp / device (MiB) |")
+  print("| --- | --- | --- | --- |")
+  for name, mesh in (("data=8 (experts replicated)", dict(data=8)),
+                     ("expert=8", dict(expert=8))):
+    c = config(sparse, mesh)
+    setup = build(c, _devices(8))
+    up = setup.abstract_state["params"]["blocks"]["moe"]
+    expert = sum(math.prod(a.sharding.shard_shape(a.shape)) * 4 for a in up.values()
+                 if a.ndim == 4)
+    r = measure(c, 1)
+    print(f"| {name} | {expert / 2**20:.2f} | {r['state_bytes'] / 2**20:.2f} | "
+          f"{r['temp_bytes'] / 2**20:.2f} |")
+
+
+# ---------------------------------------------------------------------------------------------
 # memory
 
 def memory(quick: bool) -> None:
@@ -626,6 +686,7 @@ def main() -> None:
   sections = {
       "mfu": lambda: mfu(quick, steps, args.gpu, args.batch, args.profile),
       "loss": lambda: loss(quick, steps),
+      "moe": lambda: moe(quick, steps),
       "compile": lambda: compile_times(quick),
       "memory": lambda: memory(quick),
       "layouts": lambda: layouts(quick, steps),
