@@ -161,8 +161,8 @@ def _mesh(**sizes):
 
 @pytest.mark.parametrize("rows,sizes,capacity_factor", [
     (8, dict(expert=8), 0.0),  # tokens split over the expert axis: all-to-all
-    (8, dict(expert=4, fsdp=2), 0.5),  # capacity buffers, FSDP-gathered experts
-    (4, dict(expert=2, tensor=2, data=2), 0.0),  # the hidden width split: partial sums
+    pytest.param(8, dict(expert=4, fsdp=2), 0.5, marks=pytest.mark.slow),  # capacity buffers, FSDP-gathered experts
+    pytest.param(4, dict(expert=2, tensor=2, data=2), 0.0, marks=pytest.mark.slow),  # the hidden width split: partial sums
     (1, dict(expert=8), 0.0),  # one row: every device keeps it and runs its own experts
 ], ids=["expert8", "expert4_fsdp2_capacity", "expert2_tensor2_data2", "one_row"])
 def test_expert_parallel_layer_equals_reference(rows, sizes, capacity_factor):
@@ -190,7 +190,9 @@ def test_expert_parallel_layer_equals_reference(rows, sizes, capacity_factor):
                                atol=1e-5, rtol=1e-4, err_msg=key)
 
 
-MOE_LAYOUTS = ["moe_expert8", "moe_expert4_fsdp2", "moe_expert2_tensor2_data2"]
+MOE_LAYOUTS = [pytest.param("moe_expert8", marks=pytest.mark.slow),
+               pytest.param("moe_expert4_fsdp2", marks=pytest.mark.slow),
+               "moe_expert2_tensor2_data2"]
 
 
 @pytest.mark.parametrize("name", MOE_LAYOUTS)
@@ -211,6 +213,7 @@ def test_capacity_train_step_drops_the_same_on_any_mesh():
   assert 0 < float(want["metrics"]["dropped_fraction"]) == float(got["metrics"]["dropped_fraction"])
 
 
+@pytest.mark.slow
 def test_tokens_travel_by_all_to_all_and_experts_stay_split():
   """The expert-parallel step exchanges tokens with all-to-all, never gathers the experts'
   weights over the expert axis, and each device holds 1/8 of every expert weight."""
@@ -349,3 +352,40 @@ def test_checkpoint_of_another_expert_shape_is_refused_by_name(tmp_path):
     with pytest.raises(IncompatibleCheckpoint, match=f"holds a different model .model.{key}: checkpoint"):
       lmjax.load(tmp_path, cfg=other, devices=jax.devices()[:1])
   assert lmjax.load(tmp_path, cfg=cfg, devices=jax.devices()[:1]).params["blocks"]["moe"]["up"].shape == (2, 4, 32, 48)
+
+
+@pytest.mark.slow
+def test_moe_run_writes_its_metrics_and_resumes_exactly(tmp_path):
+  """A sigmoid-router MoE on the default corpus: metrics.jsonl and TensorBoard get the router
+  losses and expert loads, the router bias moves, and a run stopped at step 3 and resumed
+  equals one that ran 6 steps (the bias is in the checkpoint)."""
+  import lmjax
+  from lmjax.metrics import read_metrics
+  from lmjax.trainer import train
+
+  def cfg(steps):
+    c = default_config()
+    m = c.model
+    m.num_layers, m.embed_dim, m.mlp_dim, m.num_heads, m.num_kv_heads, m.head_dim = 2, 32, 64, 2, 1, 16
+    m.num_experts, m.expert_mlp_dim, m.router, m.router_bias_rate = 4, 32, "sigmoid", 0.01
+    m.max_seq_len = c.data.seq_len = 32
+    c.data.global_batch_size = 8  # over fsdp=8: the experts FSDP-sharded
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = steps, 1, 0, 3
+    c.train.progress_bar = False
+    return c
+
+  full = train(cfg(6), tmp_path / "full")
+  train(cfg(3), tmp_path / "split")
+  resumed = train(cfg(6), tmp_path / "split")
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in full[3:]]
+  record = read_metrics(tmp_path / "full")[-1]
+  for key in ("moe_aux_loss", "router_z_loss", "dropped_fraction", "moe/layer0/max_load",
+              "moe/layer1/min_load", "moe/layer1/expert3"):
+    assert key in record, key
+  assert record["dropped_fraction"] == 0 and record["moe/layer0/max_load"] >= 1.0
+  events = b"".join(p.read_bytes() for p in (tmp_path / "full" / "tensorboard").glob("events.*"))
+  assert b"moe/layer1/max_load" in events and b"router_z_loss" in events
+  # +-0.01 a step: after 3 steps an odd multiple of 0.01 (never 0), the same in both runs at 6
+  bias = lambda run, step: np.asarray(lmjax.load(tmp_path / run, step).params["blocks"]["moe"]["router_bias"])
+  np.testing.assert_allclose(np.abs(bias("split", 3)) / 0.01 % 2, 1, atol=1e-3)
+  np.testing.assert_array_equal(bias("split", 6), bias("full", 6))
