@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lmjax.mesh import activation_axes, logical_to_spec, mesh_rules
+from lmjax.mesh import activation_axes, constrain, logical_to_spec, mesh_rules
 from lmjax.model.config import ModelConfig
 from lmjax.model.layers import MLP, _gelu, _swiglu, param, weight
 
@@ -108,7 +108,10 @@ def route(cfg: ModelConfig, x: jax.Array, router: jax.Array, bias: jax.Array | N
   (before any drop), ``aux`` and ``z`` (the balancing and z-losses), ``dropped`` and
   ``assigned`` (assignment counts) and ``tokens``."""
   e, k = cfg.num_experts, cfg.experts_per_token
-  logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router.astype(jnp.float32))
+  # The router weight is gathered whole (as FSDP gathers every weight), so the matmul keeps
+  # the tokens' batch sharding.
+  router = constrain(router.astype(jnp.float32), (None, None))
+  logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router)
   if cfg.router == "softmax":
     probs = jax.nn.softmax(logits, axis=-1)
     w, idx = jax.lax.top_k(probs, k)
