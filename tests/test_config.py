@@ -12,6 +12,7 @@ import pytest
 from lmjax.config import (ConfigError, default_config, override,
                           resolve_mesh_shape, validate)
 from lmjax.config_file import parse_arg, parse_size
+from lmjax.metrics import inactive_params
 from lmjax.state import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def test_every_default_field_is_documented_where_defined():
                                        "'bfloat16'), got 'float16'. float16 needs loss scaling"),
     ("model.param_dtype", "float16", "(small gradients underflow): use bfloat16."),
     ("data.seq_len", 4096, "config.data.seq_len: must be in [1, model.max_seq_len=128]"),
-    ("data.global_batch_size", 12, "config.data.global_batch_size: 12 must be divisible by mesh data*fsdp (8)"),
+    ("data.global_batch_size", 12, "config.data.global_batch_size: 12 must be divisible by mesh data*fsdp*expert (8)"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate: must be positive"),
     ("train.steps", 0, "config.train.steps: must be positive"),
     ("mesh.tensor", 3, "config.mesh: the fixed axes"),
@@ -296,7 +297,8 @@ def test_parse_arg_types_flags_and_errors():
 
 
 def test_config_files_are_found():
-  assert set(CONFIGS) >= {"tiny", "gpt2_small", "llama_1b", "llama_8b", "llama_70b", "finetune"}
+  assert set(CONFIGS) >= {"tiny", "gpt2_small", "llama_1b", "llama_8b", "llama_70b", "mixtral",
+                          "mixtral_8x7b", "finetune"}
 
 
 @pytest.mark.parametrize("name", STANDALONE)
@@ -309,10 +311,14 @@ def test_every_config_validates_plain_and_runlocal(name):
   # The same family, shrunk: architecture options and head/MLP ratios kept.
   fm, lm = full.model, local.model
   for key in ("norm", "mlp", "position_embedding", "tie_embeddings", "attention_bias", "mlp_bias",
-              "rope_theta", "rope_scaling", "sliding_window"):
+              "rope_theta", "rope_scaling", "sliding_window", "num_experts", "experts_per_token",
+              "num_shared_experts", "router", "router_scale", "capacity_factor", "moe_aux_loss",
+              "moe_z_loss"):
     assert lm[key] == fm[key], key
   assert lm.num_heads // lm.num_kv_heads == fm.num_heads // fm.num_kv_heads
   assert abs(lm.mlp_dim / lm.embed_dim - fm.mlp_dim / fm.embed_dim) < 0.05
+  assert abs(lm.expert_mlp_dim / lm.embed_dim - fm.expert_mlp_dim / fm.embed_dim) < 0.05
+  assert local.mesh.expert == 1  # experts unsplit, all devices on FSDP
   assert (lm.compute_dtype, lm.attention, lm.remat) == ("float32", "xla", "none")  # what a CPU runs
 
 
@@ -320,7 +326,11 @@ def test_every_config_validates_plain_and_runlocal(name):
 def test_runlocal_is_small_enough_for_a_cpu(name):
   cfg = _load(name, "runlocal")
   assert cfg.train.steps * cfg.data.global_batch_size * cfg.data.seq_len <= 1_000_000  # tokens
-  assert build(cfg, jax.devices()).num_params < 1_000_000
+  total = build(cfg, jax.devices()).num_params
+  if cfg.model.num_experts:  # the experts a token skips cost memory, not FLOPs
+    assert total - inactive_params(cfg.model) < 1_500_000 and total < 5_000_000
+  else:
+    assert total < 1_000_000
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -337,6 +347,18 @@ def test_gpt2_small_variants_combine():
   assert _load("gpt2_small", "gpt2,runlocal").model.mlp_dim == 512  # GELU 4x width, shrunk
   with pytest.raises(ConfigError, match="runlocal='maybe': expected bool"):
     _load("gpt2_small", "runlocal=maybe")
+
+
+def test_runlocal_shrinks_experts_with_the_width():
+  c = default_config()  # DeepSeek-like: narrow experts besides a dense MLP, experts on the mesh
+  c.model.update(embed_dim=4096, mlp_dim=12288, num_experts=64, experts_per_token=6,
+                 expert_mlp_dim=1536, num_shared_experts=2, first_dense_layers=1)
+  c.mesh.expert = 8
+  local = _module(ROOT / "configs" / "common.py").runlocal(c)
+  assert (local.model.mlp_dim, local.model.expert_mlp_dim) == (384, 48)  # 3x and 3/8 x width 128
+  assert (local.model.num_experts, local.model.experts_per_token) == (64, 6)
+  assert local.mesh.expert == 1
+  validate(local, num_devices=1)
 
 
 def test_llama_family_shares_one_base():
