@@ -177,7 +177,7 @@ def _micro_rows(setup) -> tuple[int, int]:
   """Rows per device of the step's batch and of one microbatch (inside a pipeline stage)."""
   cfg, m, shape = setup.cfg, setup.cfg.model, setup.mesh.shape
   rows = setup.batch_sharding.shard_shape((cfg.data.global_batch_size, cfg.data.seq_len))[0]
-  micro = cfg.data.global_batch_size // cfg.optim.grad_accum_steps // (shape["data"] * shape["fsdp"])
+  micro = cfg.data.global_batch_size // cfg.optim.grad_accum_steps // (shape["data"] * shape["fsdp"] * shape["expert"])
   if shape["stage"] > 1:
     micro //= m.pipeline_microbatches if m.pipeline_microbatches > 0 else shape["stage"]
   return rows, max(micro, 1)
@@ -283,7 +283,7 @@ def _options(cfg: ml_collections.ConfigDict, devices: int) -> list[tuple[str, li
   remat = [{"model.remat": r} for r in REMAT_ORDER[REMAT_ORDER.index(m.remat) + 1:]]
   k = cfg.optim.grad_accum_steps
   accum = [{"optim.grad_accum_steps": k * f} for f in (2, 4, 8)
-           if cfg.data.global_batch_size % (shape["data"] * shape["fsdp"] * k * f) == 0]
+           if cfg.data.global_batch_size % (shape["data"] * shape["fsdp"] * shape["expert"] * k * f) == 0]
   tensor = []
   fill = next((a for a in config_lib.MESH_AXES if ms[a] == -1), None)
   for t in (2, 4, 8):

@@ -196,6 +196,7 @@ def test_moe_plan_counts_active_flops_and_splits_experts():
   m = ep.cfg.model
   experts = 2 * 8 * 3 * m.embed_dim * 256  # 2 MoE layers x 8 experts x (gate, up, down)
   assert ep.num_params == dp.num_params and ep.model_flops == dp.model_flops
+  assert ep.micro_rows == dp.micro_rows == 2  # 16 rows over expert=8 as over data=8
   assert ep.model_flops == flops_per_token(ep.cfg, ep.num_params) * ep.tokens
   attention = 12 * m.num_layers * m.num_heads * m.head_dim * ep.cfg.data.seq_len
   assert ep.model_flops == (6 * (ep.num_params - experts * 6 // 8) + attention) * ep.tokens
