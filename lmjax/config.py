@@ -1,10 +1,9 @@
 """Every config field with its default, validation with clear errors, derived values.
 
-A config file in ``configs/`` starts from :func:`default_config` and changes a few
-fields; it reads its argument with :func:`lmjax.config_file.parse_arg`. :func:`validate` runs before anything
-is compiled and raises :class:`ConfigError` naming the offending key. :func:`override`
-sets one dotted key, checked (command lines, sweeps, conversions, plans). Reading config files
-and command lines is :mod:`lmjax.config_file`.
+A config file in ``configs/`` starts from :func:`default_config` and changes a few fields.
+:func:`validate` runs before anything is compiled and raises :class:`ConfigError` naming the
+offending key. :func:`override` sets one dotted key, checked (command lines, sweeps,
+conversions, plans). Reading config files and command lines is :mod:`lmjax.config_file`.
 """
 
 from __future__ import annotations
@@ -65,13 +64,13 @@ POSITIVE = (
     "model.pipeline_repeats", "data.seq_len", "data.global_batch_size", "optim.learning_rate",
     "optim.grad_accum_steps", "train.steps", "train.log_every", "train.eval_batches",
     "train.keep_checkpoints", "train.spike_threshold", "train.spike_max_consecutive",
-    "optim.muon_ns_steps",
+    "optim.muon_ns_steps", "model.router_scale",
 )
 AT_LEAST = {  # key -> smallest allowed value
-    "model.sliding_window": 0, "model.loss_chunk": 0, "model.num_experts": 0,
+    "model.sliding_window": 0, "model.loss_chunk": 0, "model.num_experts": 0, "model.moe_every": 1,
     "model.experts_per_token": 1, "model.expert_mlp_dim": 0, "model.num_shared_experts": 0,
-    "model.first_dense_layers": 0, "model.moe_every": 1, "model.capacity_factor": 0,
-    "model.moe_aux_loss": 0, "model.moe_z_loss": 0, "model.router_bias_rate": 0, "train.z_loss": 0, "data.worker_count": 0,
+    "model.first_dense_layers": 0, "model.capacity_factor": 0, "model.moe_aux_loss": 0,
+    "model.moe_z_loss": 0, "model.router_bias_rate": 0, "train.z_loss": 0, "data.worker_count": 0,
     "data.prefetch": 0, "optim.warmup_steps": 0, "optim.grad_clip_norm": 0, "optim.muon_rms": 0,
     "train.eval_every": 0,
     "train.checkpoint_every": 0, "train.keep_every": 0, "train.spike_window": 2,
@@ -392,17 +391,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       _fail("data.seq_len", f"attention 'cudnn' needs an even sequence length, got {d.seq_len}.")
   if m.attention == "splash" and d.seq_len % 128:
     _fail("data.seq_len", f"attention 'splash' needs a multiple of 128, got {d.seq_len}.")
-  if m.num_experts:
-    if not 1 <= m.experts_per_token <= m.num_experts:
-      _fail("model.experts_per_token", f"must be in [1, model.num_experts={m.num_experts}], "
-                                       f"got {m.experts_per_token}.")
-    moe_part = m.num_layers - m.first_dense_layers
-    if moe_part <= 0 or moe_part % m.moe_every:
-      _fail("model.moe_every", f"the {moe_part} layers after model.first_dense_layers "
-                               f"({m.first_dense_layers}) must be a positive multiple of "
-                               f"model.moe_every ({m.moe_every}).")
-    if m.router_scale <= 0:
-      _fail("model.router_scale", f"must be positive, got {m.router_scale}.")
+  moe_part = m.num_layers - m.first_dense_layers  # the layers MoE and dense alternate in
+  if m.num_experts and m.experts_per_token > m.num_experts:
+    _fail("model.experts_per_token", f"must be in [1, model.num_experts={m.num_experts}], got {m.experts_per_token}.")
+  if m.num_experts and (moe_part <= 0 or moe_part % m.moe_every):
+    _fail("model.moe_every", f"the {moe_part} layers after model.first_dense_layers ({m.first_dense_layers}"
+                             f") must be a positive multiple of model.moe_every ({m.moe_every}).")
   if d.seq_len > m.max_seq_len:
     _fail("data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}], got {d.seq_len}.")
   for i, entry in enumerate(d.mixture):
@@ -442,9 +436,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                                   f"{cfg.mesh[f'dcn_{axis}']} groups across slices/nodes.")
     batch_shards = shape["data"] * shape["fsdp"] * shape["expert"]
     if d.global_batch_size % (batch_shards * o.grad_accum_steps):
-      _fail("data.global_batch_size",
-            f"{d.global_batch_size} must be divisible by mesh data*fsdp*expert ({batch_shards}) "
-            f"times optim.grad_accum_steps ({o.grad_accum_steps}).")
+      _fail("data.global_batch_size", f"{d.global_batch_size} must be divisible by mesh data*fsdp*expert "
+                                      f"({batch_shards}) times optim.grad_accum_steps ({o.grad_accum_steps}).")
     if shape["expert"] > 1 and m.num_experts % shape["expert"]:
       _fail("mesh.expert", f"{shape['expert']} does not divide model.num_experts ({m.num_experts}).")
     stages = shape["stage"]
@@ -460,9 +453,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
               f"{micro} microbatches of the {rows}-row batch (data.global_batch_size / "
               f"optim.grad_accum_steps) must each divide over mesh data*fsdp*expert ({batch_shards}).")
       if m.num_experts:
-        _fail("mesh.stage", f"{stages} pipeline stages with model.num_experts={m.num_experts}: "
-                            "MoE models do not pipeline; use mesh.stage=1 (expert, fsdp and "
-                            "tensor parallelism instead).")
+        _fail("mesh.stage", f"{stages} pipeline stages with model.num_experts={m.num_experts}: MoE "
+                            "models do not pipeline; use mesh.stage=1 (expert, fsdp, tensor).")
       if m.pipeline_repeats > 1 and micro < stages:
         _fail("model.pipeline_microbatches",
               f"a circular pipeline (model.pipeline_repeats={m.pipeline_repeats}) needs at least "
@@ -506,8 +498,3 @@ def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   update(cfg, saved, "")
   return cfg
 
-
-def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Locks the structure so that a misspelt override fails instead of adding a field."""
-  cfg.lock()
-  return cfg

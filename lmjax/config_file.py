@@ -21,7 +21,13 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from lmjax.config import ConfigError, _parse_text, lock, override
+from lmjax.config import ConfigError, _parse_text, override
+
+
+def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the structure so that a misspelt override fails instead of adding a field."""
+  cfg.lock()
+  return cfg
 
 
 def split_path_arg(spec: str) -> tuple[str, str | None]:

@@ -242,11 +242,12 @@ def test_sigmoid_router_bias_moves_against_the_load_and_takes_no_gradient():
   moe = _layer(cfg)
   x, seg = _inputs(2, 6)
   graphdef, state = nnx.split(moe)
-  grads = jax.grad(lambda st: jnp.sum(nnx.merge(graphdef, st)(x, seg)[0] ** 2))(state)
+  grads = jax.jit(jax.grad(lambda st: jnp.sum(nnx.merge(graphdef, st)(x, seg)[0] ** 2)))(state)
   assert not np.any(np.asarray(grads["router_bias"][...]))
   assert np.any(np.asarray(grads["router"][...]))
 
 
+@pytest.mark.slow
 def test_interleaved_and_first_dense_layers_run_in_order():
   """first_dense_layers=1, moe_every=2 over 5 layers: dense 0, 1, then MoE 2, dense 3, MoE 4;
   the model equals running its blocks one by one in that order."""
@@ -274,6 +275,7 @@ def test_interleaved_and_first_dense_layers_run_in_order():
   assert stats["load"].shape == (2, E)
 
 
+@pytest.mark.slow
 def test_decode_equals_the_forward_pass():
   c = default_config().model
   c.num_experts, c.expert_mlp_dim, c.num_shared_experts = E, F, 1
