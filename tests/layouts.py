@@ -41,18 +41,14 @@ LAYOUTS = {
     "data2_stage2_fsdp2_tensor2": (dict(data=2, stage=2, fsdp=2, tensor=2), dict(), 16),
 }
 # Mixture of experts: layers 1 and 3 route over 8 experts (top-2, a shared expert), 0 and 2
-# are dense; the same model on one device and on expert-parallel meshes, dropless and with a
-# capacity that drops assignments.
+# are dense; the same model on one device and on expert-parallel meshes.
 MOE = dict(num_experts=8, experts_per_token=2, expert_mlp_dim=32, num_shared_experts=1,
            moe_every=2)
-MOE_CAPACITY = dict(MOE, capacity_factor=0.75)
 LAYOUTS.update({
     "moe_single": (dict(), MOE, 1),
     "moe_expert8": (dict(expert=8), MOE, 8),
     "moe_expert4_fsdp2": (dict(expert=4, fsdp=2), MOE, 8),
     "moe_expert2_tensor2_data2": (dict(expert=2, tensor=2, data=2), MOE, 8),
-    "moe_capacity_single": (dict(), MOE_CAPACITY, 1),
-    "moe_capacity_expert4_fsdp2": (dict(expert=4, fsdp=2), MOE_CAPACITY, 8),
 })
 BATCH, SEQ = 16, 16
 # The steps compile at LLVM -O0 without LLVM's expensive passes: 2.5x less compile time, the
