@@ -217,7 +217,8 @@ def _local_experts(x, idx, w, kept, rank, experts, *, kind: str, capacity: int, 
     onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32) * kept[:, None]
     slot = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, dest[:, None], axis=1)[:, 0]
   where = jnp.where(kept, dest * slots + slot, ep * slots)  # out of range: not sent
-  send = jnp.zeros((ep * slots, d), x.dtype).at[where].set(x.reshape(b * t, d)[token], mode="drop")
+  rows = jnp.take(jnp.reshape(x, (b * t, d)), token, axis=0)  # (b t k, d): each assignment's token
+  send = jnp.zeros((ep * slots, d), x.dtype).at[where].set(rows, mode="drop")
   swap = (lambda a: jax.lax.all_to_all(a, exchange, 0, 0, tiled=True)) if exchange else (lambda a: a)
   recv = swap(send)  # (ep * slots, d): block i came from device i
   if capacity:  # (ep, E_l, slots/E_l, d) -> per expert, batched
