@@ -111,8 +111,13 @@ def test_imported_logits_equal_transformers(converted, name):
 def test_exported_checkpoint_loads_in_transformers_unchanged(converted, name, tmp_path):
   model, _, workdir = converted[name]
   hf.export_checkpoint(workdir, tmp_path / "out", max_shard_size="30KB", say=lambda m: None)
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
-                                                           attn_implementation="eager").eval()
+  assert_loads_back_unchanged(model, tmp_path / "out")
+
+
+def assert_loads_back_unchanged(model, out_dir):
+  """``transformers`` loads the export in ``out_dir`` as ``model``'s class with exactly its
+  weights and logits."""
+  back = transformers.AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
   assert type(back) is type(model)
   want, got = model.state_dict(), back.state_dict()
   assert set(got) == set(want)

@@ -26,7 +26,7 @@ from lmjax import hf, hf_layout
 from lmjax.checkpoint import Checkpointer
 from lmjax.config import default_config
 from lmjax.model import Transformer
-from tests.test_hf import TOKENS, V, _hf_logits, _logits
+from tests.test_hf import TOKENS, V, _hf_logits, _logits, assert_loads_back_unchanged
 from tools import convert_hf
 
 MIXTRAL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -71,14 +71,7 @@ def test_exported_checkpoint_loads_in_transformers_unchanged(mixtral, tmp_path):
   assert config["architectures"] == ["MixtralForCausalLM"]
   assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
   assert config["router_aux_loss_coef"] == 0.02 and config["sliding_window"] is None
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
-                                                           attn_implementation="eager").eval()
-  assert type(back) is type(model)
-  want, got = model.state_dict(), back.state_dict()
-  assert set(got) == set(want)
-  for key in want:
-    torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)  # float32 both ways: exact
-  np.testing.assert_allclose(_hf_logits(back, TOKENS), _hf_logits(model, TOKENS), rtol=1e-6, atol=1e-6)
+  assert_loads_back_unchanged(model, tmp_path / "out")
 
 
 @pytest.mark.parametrize("mesh", [
