@@ -207,7 +207,8 @@ def format_plan(p: Plan) -> str:
       f"  XLA cost_analysis  {f.xla_flops:9.3g}   per device (of the partitioned program); counts the "
       f"layer scan's body once, not x {m.num_layers}",
       f"  collectives        {format_bytes(f.collective_bytes):>9}   sent per device (analytic: FSDP "
-      "gathers and reduce-scatters, data all-reduce, tensor all-reduces, expert all-to-alls)",
+      f"gathers and reduce-scatters, data all-reduce, tensor all-reduces"
+      f"{', expert all-to-alls' if m.num_experts else ''})",
       f"  step time          {p.step_seconds():7.3g} s   at 100% MFU; {p.step_seconds(p.mfu):.3g} s at "
       f"{p.mfu:.0%} MFU -> {p.tokens_per_second:,.0f} tokens/s "
       f"({p.tokens_per_second / p.devices:,.0f}/device)",

@@ -7,11 +7,21 @@ if _DEVICES not in os.environ.get("XLA_FLAGS", ""):  # pytest-xdist workers inhe
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
+# One persistent compilation cache for the session, shared by the xdist workers and every
+# subprocess they start: the CLI runs of the resilience, storage and README tests compile
+# the same tiny train step again and again. The size limit turns on JAX's file lock, so
+# concurrent writers never leave a half-written entry for a reader.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmjax-test-xla-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-import tempfile  # noqa: E402
 
 # Tokenizers generated for the default corpus are cached here for the whole session
 # (subprocesses inherit it), never in the user's home.
@@ -48,3 +58,16 @@ def prepared_default(tmp_path_factory) -> str:
   tok = data_lib.get_tokenizer(default_config().data, 1024)
   data_lib.prepare(["default"], str(out), tok, seq_len=64, eval_fraction=0.05)
   return str(out)
+
+
+# The longest files first (xdist runs with --no-loadscope-reorder, one file per worker at a
+# time), so that no long file starts last while the other worker idles.
+_LONGEST = ("test_readme", "test_storage_runs", "test_resilience", "test_sharding",
+            "test_storage_faults", "test_multiprocess", "test_moe", "test_plan", "test_hf",
+            "test_pipeline", "test_lock", "test_data_model", "test_train", "test_loss")
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: (_LONGEST.index(item.path.stem) if item.path.stem in _LONGEST
+                       else len(_LONGEST))
+  items.sort(key=rank)  # stable: the order within a file and among the rest is kept
