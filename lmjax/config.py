@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from lmjax import config_relations as relations
+
 MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 NORMS = ("rmsnorm", "layernorm")
@@ -368,35 +370,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
 
   # Relations between fields.
   m, d, o = cfg.model, cfg.data, cfg.optim
-  if m.num_heads % m.num_kv_heads:
-    _fail("model.num_kv_heads",
-          f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads}).")
-  if m.head_dim % 2 and m.position_embedding == "rope":
-    _fail("model.head_dim", f"must be even for RoPE, got {m.head_dim}.")
-  if m.rope_scaling != "none" and m.rope_scaling_factor < 1:
-    _fail("model.rope_scaling_factor", f"must be >= 1, got {m.rope_scaling_factor}.")
-  if m.rope_scaling == "llama3":
-    if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
-      _fail("model.rope_high_freq_factor",
-            f"llama3 RoPE scaling needs 0 < model.rope_low_freq_factor ({m.rope_low_freq_factor}) "
-            f"< model.rope_high_freq_factor ({m.rope_high_freq_factor}).")
-    if m.rope_original_max_len <= 0:
-      _fail("model.rope_original_max_len", f"must be positive, got {m.rope_original_max_len}.")
-  if m.attention == "cudnn":
-    if m.compute_dtype != "bfloat16":
-      _fail("model.compute_dtype", f"attention 'cudnn' needs bfloat16, got {m.compute_dtype!r}.")
-    if m.head_dim % 8 or m.head_dim > 256:
-      _fail("model.head_dim", f"attention 'cudnn' needs a multiple of 8 up to 256, got {m.head_dim}.")
-    if d.seq_len % 2:
-      _fail("data.seq_len", f"attention 'cudnn' needs an even sequence length, got {d.seq_len}.")
-  if m.attention == "splash" and d.seq_len % 128:
-    _fail("data.seq_len", f"attention 'splash' needs a multiple of 128, got {d.seq_len}.")
-  moe_part = m.num_layers - m.first_dense_layers  # the layers MoE and dense alternate in
-  if m.num_experts and m.experts_per_token > m.num_experts:
-    _fail("model.experts_per_token", f"must be in [1, model.num_experts={m.num_experts}], got {m.experts_per_token}.")
-  if m.num_experts and (moe_part <= 0 or moe_part % m.moe_every):
-    _fail("model.moe_every", f"the {moe_part} layers after model.first_dense_layers ({m.first_dense_layers}"
-                             f") must be a positive multiple of model.moe_every ({m.moe_every}).")
+  relations.check_model(m, d, _fail)
   if d.seq_len > m.max_seq_len:
     _fail("data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}], got {d.seq_len}.")
   for i, entry in enumerate(d.mixture):
@@ -434,32 +408,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       if shape[axis] % cfg.mesh[f"dcn_{axis}"]:
         _fail(f"mesh.dcn_{axis}", f"mesh.{axis}={shape[axis]} is not divisible into "
                                   f"{cfg.mesh[f'dcn_{axis}']} groups across slices/nodes.")
-    batch_shards = shape["data"] * shape["fsdp"] * shape["expert"]
-    if d.global_batch_size % (batch_shards * o.grad_accum_steps):
-      _fail("data.global_batch_size", f"{d.global_batch_size} must be divisible by mesh data*fsdp*expert "
-                                      f"({batch_shards}) times optim.grad_accum_steps ({o.grad_accum_steps}).")
-    if shape["expert"] > 1 and m.num_experts % shape["expert"]:
-      _fail("mesh.expert", f"{shape['expert']} does not divide model.num_experts ({m.num_experts}).")
-    stages = shape["stage"]
-    if stages > 1:
-      chunks = stages * m.pipeline_repeats
-      if m.num_layers % chunks:
-        _fail("model.num_layers", f"{m.num_layers} layers cannot be split into mesh.stage "
-                                  f"({stages}) x model.pipeline_repeats ({m.pipeline_repeats}) chunks.")
-      micro = m.pipeline_microbatches if m.pipeline_microbatches > 0 else stages
-      rows = d.global_batch_size // o.grad_accum_steps
-      if rows % (micro * batch_shards):
-        _fail("model.pipeline_microbatches",
-              f"{micro} microbatches of the {rows}-row batch (data.global_batch_size / "
-              f"optim.grad_accum_steps) must each divide over mesh data*fsdp*expert ({batch_shards}).")
-      if m.num_experts:
-        _fail("mesh.stage", f"{stages} pipeline stages with model.num_experts={m.num_experts}: MoE "
-                            "models do not pipeline; use mesh.stage=1 (expert, fsdp, tensor).")
-      if m.pipeline_repeats > 1 and micro < stages:
-        _fail("model.pipeline_microbatches",
-              f"a circular pipeline (model.pipeline_repeats={m.pipeline_repeats}) needs at least "
-              f"as many microbatches as stages ({stages}), got {micro}.")
-
+    relations.check_parallelism(cfg, shape, _fail)
 
 def wsd_decay_steps(cfg: ml_collections.ConfigDict) -> int:
   """Steps of the wsd schedule's decay: ``optim.decay_fraction`` of ``train.steps``, at least 1."""
