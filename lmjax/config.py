@@ -19,13 +19,14 @@ import ml_collections
 
 from lmjax import config_relations as relations
 
-MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "stage", "fsdp", "expert", "context", "tensor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
+CONTEXT_ATTENTION = ("ring", "allgather")
 QUANTIZATIONS = ("none", "fp8")
 ROUTERS = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")  # float16 is refused: without loss scaling its gradients underflow
@@ -48,6 +49,7 @@ CHOICES = {  # key -> allowed values
     "model.rope_scaling": ROPE_SCALINGS,
     "model.remat": REMAT_POLICIES,
     "model.attention": ATTENTION_BACKENDS,
+    "model.context_attention": CONTEXT_ATTENTION,
     "model.quantization": QUANTIZATIONS,
     "model.router": ROUTERS,
     "data.format": DATA_FORMATS,
@@ -133,6 +135,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.pipeline_microbatches = -1  # microbatches per pipeline pass when mesh.stage > 1; -1 = stages
   m.pipeline_repeats = 1  # circular pipeline: layer chunks per stage (1 = GPipe)
   m.attention = "xla"  # xla | blockwise (any platform; memory-efficient) | cudnn (NVIDIA GPU, bf16) | splash (TPU)
+  m.context_attention = "ring"  # with mesh.context > 1: ring (key/value blocks passed around) | allgather (keys/values gathered)
+  m.context_load_balance = True  # with mesh.context > 1: each device holds sequence chunks i and 2C-1-i (equal causal work)
   m.quantization = "none"  # attention/MLP projection matmuls: none | fp8 (e4m3 operands, e5m2 gradients, per-tensor current scaling)
   m.init_std = 0.02  # normal init std of embeddings and projections
   m.num_experts = 0  # E: mixture-of-experts feed-forward blocks with E routed experts; 0 = a dense MLP in every layer
@@ -220,7 +224,9 @@ def default_config() -> ml_collections.ConfigDict:
   ms.stage = 1  # pipeline stages
   ms.fsdp = -1  # fully-sharded data parallelism; -1 fills the remaining devices
   ms.expert = 1  # expert parallelism: MoE experts split over it, tokens sent to their experts (all-to-all); a batch axis elsewhere
+  ms.context = 1  # context parallelism: every activation's sequence split over it (attention: model.context_attention)
   ms.tensor = 1  # tensor (model) parallelism
+  ms.sequence_parallel = False  # with tensor > 1: the residual stream and norms split along the sequence over tensor (Megatron)
   ms.rules = ()  # ((logical_name, mesh_axes), ...) overriding the default rules table
   ms.dcn_data = 1  # of mesh.data, groups across slices/nodes (slow network, outermost)
   ms.dcn_fsdp = 1  # of mesh.fsdp, groups across slices/nodes

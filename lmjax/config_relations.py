@@ -71,3 +71,19 @@ def check_parallelism(cfg: Any, shape: dict[str, int], fail: Fail) -> None:
       fail("model.pipeline_microbatches",
            f"a circular pipeline (model.pipeline_repeats={m.pipeline_repeats}) needs at least "
            f"as many microbatches as stages ({stages}), got {micro}.")
+  context = shape["context"]
+  if context > 1:
+    pieces = context * (2 if m.context_load_balance else 1)
+    if d.seq_len % pieces:
+      fail("data.seq_len", f"{d.seq_len} must divide into mesh.context ({context}) x "
+           f"{'2 chunks (model.context_load_balance)' if m.context_load_balance else '1'} = {pieces} "
+           "equal pieces.")
+    if m.num_experts:
+      fail("mesh.context", f"{context} with model.num_experts={m.num_experts}: MoE models do not "
+           "split the sequence yet; use mesh.context=1.")
+    if stages > 1:
+      fail("mesh.context", f"{context} with mesh.stage={stages}: pipelined models do not split the "
+           "sequence; use one of them.")
+    if m.attention not in ("xla", "blockwise"):
+      fail("model.attention", f"{m.attention!r} with mesh.context={context}: context parallelism "
+           "computes attention itself (model.context_attention); use 'xla' or 'blockwise'.")

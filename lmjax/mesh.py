@@ -35,17 +35,19 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("layers", "stage"),  # stacked-block axis: contiguous groups of layers per pipeline stage
     ("stage", "stage"),  # the stage axis of pipelined parameters and activations
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),  # context devices share the weights' storage like FSDP
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("experts", "expert"),  # a MoE layer's experts; tokens travel to them (lmjax.model.moe)
     ("act_batch", ("data", "stage", "fsdp", "expert")),  # inside the pipeline, "stage" is taken
+    ("act_seq", "context"),  # context parallelism: every activation's sequence (lmjax.model.context)
+    ("act_res_seq", "context"),  # the residual stream's; + tensor with mesh.sequence_parallel
     ("act_embed", None),  # the residual stream stays whole (FSDP splits only the weights)
 )
 # Every logical name model code uses, ruled or not; anything else is a typo.
 LOGICAL_AXES = ("layers", "stage", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp",
-                "experts", "norm", "act_batch", "act_seq", "act_embed", "act_heads", "act_kv_heads",
+                "experts", "norm", "act_batch", "act_seq", "act_res_seq", "act_embed", "act_heads", "act_kv_heads",
                 "act_mlp", "act_vocab")
 
 
@@ -75,8 +77,14 @@ _taken_axes: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
 
 
 def rules_from_config(cfg: ml_collections.ConfigDict) -> dict[str, MeshAxes]:
-  """:func:`make_rules` with ``config.mesh.rules`` as the overrides."""
-  return make_rules(cfg.mesh.rules)
+  """:func:`make_rules` with ``config.mesh.rules`` as the overrides; with
+  ``mesh.sequence_parallel`` the residual stream's sequence also splits over ``tensor``."""
+  rules = make_rules(cfg.mesh.rules)
+  if cfg.mesh.get("sequence_parallel") and "act_res_seq" not in dict(cfg.mesh.rules):
+    seq = rules["act_res_seq"]
+    seq = () if seq is None else (seq,) if isinstance(seq, str) else tuple(seq)
+    rules["act_res_seq"] = tuple(a for a in seq if a != "tensor") + ("tensor",)
+  return rules
 
 
 @contextlib.contextmanager
@@ -119,7 +127,7 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(cfg, len(devices))
   types = (AxisType.Auto,) * len(MESH_AXES)
-  dcn = (cfg.mesh.dcn_data, 1, cfg.mesh.dcn_fsdp, 1, 1)
+  dcn = tuple(cfg.mesh.get(f"dcn_{a}", 1) for a in MESH_AXES)
   if math.prod(dcn) == 1:
     return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
   # Several slices (TPU) or nodes/processes (GPU, CPU): the dcn part of an axis crosses

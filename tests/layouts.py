@@ -50,6 +50,17 @@ LAYOUTS.update({
     "moe_expert4_fsdp2": (dict(expert=4, fsdp=2), MOE, 8),
     "moe_expert2_tensor2_data2": (dict(expert=2, tensor=2, data=2), MOE, 8),
 })
+# Context parallelism: the sequence split over devices, every layer with a sliding window
+# (over two packed documents); ring and all-gather attention, sequence parallelism.
+WINDOW = dict(sliding_window=6)
+LAYOUTS.update({
+    "window_single": (dict(), WINDOW, 1),
+    "window_context8_ring": (dict(context=8), WINDOW, 8),
+    "window_context4_fsdp2_allgather": (dict(context=4, fsdp=2), dict(WINDOW, context_attention="allgather"), 8),
+    "window_context2_tensor2_data2_ring_sp": (dict(context=2, tensor=2, data=2, sequence_parallel=True),
+                                              WINDOW, 8),
+    "tensor8_sp": (dict(tensor=8, sequence_parallel=True), dict(), 8),
+})
 BATCH, SEQ = 16, 16
 # The steps compile at LLVM -O0 without LLVM's expensive passes: 2.5x less compile time, the
 # same optimised HLO (what layouts differ in and what the tests read), results equal up to

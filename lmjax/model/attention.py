@@ -33,8 +33,9 @@ from flax import nnx
 
 from lmjax.config import ATTENTION_BACKENDS
 from lmjax.mesh import constrain
+from lmjax.model import context
 from lmjax.model.kernels import (MASKED, blockwise_attention, causal_mask, cudnn_attention,
-                                 per_shard, splash_attention)
+                                 masked_softmax, per_shard, splash_attention)
 from lmjax.model.layers import Rope, param, project, rope
 
 # backend -> (platforms it runs on, as jax.default_backend() names them; what it needs)
@@ -102,31 +103,6 @@ def cache_mask(start: jax.Array, index: jax.Array, t: int, s: int, window: int =
   return mask[:, None, None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
-  """softmax(scores where mask, else -inf) over the last axis, in float32, returned in
-  ``dtype`` (the dtype the probabilities are multiplied into the values in).
-
-  Its backward keeps only those probabilities (ds = p (dp - sum(p dp))): autodiff of the
-  same lines would keep the float32 masked scores, their float32 exponentials, the mask and
-  the ``dtype`` copy, 4.5 times the bytes of (b, n, t, s) in bfloat16.
-  """
-  return jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1).astype(dtype)
-
-
-def _masked_softmax_fwd(scores, mask, dtype):
-  probs = masked_softmax(scores, mask, dtype)
-  return probs, probs
-
-
-def _masked_softmax_bwd(dtype, probs, dprobs):
-  p, dp = probs.astype(jnp.float32), dprobs.astype(jnp.float32)
-  return p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)), None
-
-
-masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
-
-
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Reference attention in plain XLA ops; softmax in float32.
 
@@ -178,7 +154,8 @@ class Attention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_theta: float | Rope, rngs: nnx.Rngs, std: float, param_dtype,
                backend: str = "xla", use_rope: bool = True, bias: bool = False,
-               sliding_window: int = 0, quantization: str = "none"):
+               sliding_window: int = 0, quantization: str = "none",
+               context_attention: str = "ring", context_load_balance: bool = True):
     if backend not in ATTENTION_BACKENDS:
       raise _unknown(backend)
     self.q = param(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
@@ -197,11 +174,17 @@ class Attention(nnx.Module):
     self.backend = backend
     self.sliding_window = sliding_window
     self.quantization = quantization
+    self.context = (context_attention, context_load_balance)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._qkv(x, positions)
-    out = dot_product_attention(q, k, v, segment_ids, backend=self.backend,
-                                window=self.sliding_window)  # (b, t, n, h)
+    if context.shards(x.shape[1]) > 1:  # the sequence is split over devices
+      kind, balanced = self.context
+      out = context.context_attention(q, k, v, segment_ids, kind=kind, balanced=balanced,
+                                      window=self.sliding_window)
+    else:
+      out = dot_product_attention(q, k, v, segment_ids, backend=self.backend,
+                                  window=self.sliding_window)  # (b, t, n, h)
     return self._out(out, x.dtype)
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

@@ -51,6 +51,8 @@ class ModelConfig:
   pipeline_microbatches: int
   pipeline_repeats: int
   attention: str
+  context_attention: str
+  context_load_balance: bool
   quantization: str
   num_experts: int  # E
   experts_per_token: int

@@ -6,10 +6,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 import ml_collections
 
 from lmjax.mesh import constrain
+from lmjax.model import context
 from lmjax.model.attention import STACKED_CACHE_AXES, Attention, KVCache
 from lmjax.model.config import ModelConfig
 from lmjax.model.layers import MLP, Embed, Rope, make_norm, param
@@ -22,7 +24,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
-_ACT = ("act_batch", "act_seq", "act_embed")
+_ACT = ("act_batch", "act_res_seq", "act_embed")  # the residual stream
 
 
 class Block(nnx.Module):
@@ -40,7 +42,9 @@ class Block(nnx.Module):
                           rope_theta=Rope.from_config(cfg), rngs=rngs, std=cfg.init_std,
                           param_dtype=pdt, backend=cfg.attention,
                           use_rope=cfg.position_embedding == "rope", bias=cfg.attention_bias,
-                          sliding_window=cfg.sliding_window, quantization=cfg.quantization)
+                          sliding_window=cfg.sliding_window, quantization=cfg.quantization,
+                          context_attention=cfg.context_attention,
+                          context_load_balance=cfg.context_load_balance)
     self.mlp_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     if moe:
       self.moe = MoE(cfg, rngs=rngs)
@@ -150,9 +154,17 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
+    c = context.shards(t)
+    balance = c > 1 and self.cfg.context_load_balance  # equal causal work per context device
+    if balance:
+      order = context.balance_order(t, c)
+      tokens, positions, segment_ids = (a[:, order] for a in (tokens, positions, segment_ids))
     x = self._embed(tokens, positions)  # (b, t, d)
     x, stats = self._run_blocks(x, positions, segment_ids)
-    return self.final_norm(x), stats
+    x = self.final_norm(x)
+    if balance:
+      x = constrain(x[:, np.argsort(order)], _ACT)
+    return x, stats
 
   def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token embeddings (plus learned position embeddings) in the compute dtype: (b, t, d)."""
