@@ -24,7 +24,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 CONTEXT_ATTENTION = ("ring", "allgather")
 QUANTIZATIONS = ("none", "fp8")
@@ -74,7 +74,8 @@ AT_LEAST = {  # key -> smallest allowed value
     "model.sliding_window": 0, "model.loss_chunk": 0, "model.num_experts": 0, "model.moe_every": 1,
     "model.experts_per_token": 1, "model.expert_mlp_dim": 0, "model.num_shared_experts": 0,
     "model.first_dense_layers": 0, "model.capacity_factor": 0, "model.moe_aux_loss": 0,
-    "model.moe_z_loss": 0, "model.router_bias_rate": 0, "train.z_loss": 0, "data.worker_count": 0,
+    "model.moe_z_loss": 0, "model.router_bias_rate": 0, "model.rope_attention_factor": 0,
+    "model.rope_mscale": 0, "model.rope_mscale_all_dim": 0, "train.z_loss": 0, "data.worker_count": 0,
     "data.prefetch": 0, "optim.warmup_steps": 0, "optim.grad_clip_norm": 0, "optim.muon_rms": 0,
     "train.eval_every": 0,
     "train.checkpoint_every": 0, "train.keep_every": 0, "train.spike_window": 2,
@@ -115,11 +116,17 @@ def default_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 384  # f: MLP hidden width (of the SwiGLU gate/up or the GELU up projection)
   m.max_seq_len = 128  # longest sequence: data.seq_len and generation fit in it; rows of the learned position table
   m.rope_theta = 10000.0  # RoPE base frequency
-  m.rope_scaling = "none"  # RoPE frequency scaling: none | linear (positions / factor) | llama3 (Llama 3.1+)
-  m.rope_scaling_factor = 8.0  # linear / llama3: how much longer the context becomes
+  m.rope_scaling = "none"  # RoPE frequency scaling: none | linear (positions / factor) | llama3 (Llama 3.1+) | yarn
+  m.rope_scaling_factor = 8.0  # linear / llama3 / yarn: how much longer the context becomes
   m.rope_low_freq_factor = 1.0  # llama3: wavelengths over original_max_len / this are divided by the factor
   m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_max_len / this are kept
-  m.rope_original_max_len = 8192  # llama3: the context length the model was trained at
+  m.rope_original_max_len = 8192  # llama3 / yarn: the context length the model was trained at
+  m.rope_beta_fast = 32.0  # yarn: frequencies turning more than this many times in original_max_len are kept
+  m.rope_beta_slow = 1.0  # yarn: those turning fewer times are divided by the factor; a linear ramp between
+  m.rope_truncate = True  # yarn: round the ramp's ends to whole dimensions (floor, ceil)
+  m.rope_attention_factor = 0.0  # yarn: multiplies cos and sin; 0: 0.1 ln(factor) + 1, or the mscale ratio
+  m.rope_mscale = 0.0  # yarn, with rope_mscale_all_dim (both > 0): attention factor g(mscale) / g(mscale_all_dim)
+  m.rope_mscale_all_dim = 0.0  # yarn: see rope_mscale; g(x) = 0.1 x ln(factor) + 1 (DeepSeek); 0: unset
   m.position_embedding = "rope"  # rope | learned (a max_seq_len x d table added to the input, GPT-2) | none
   m.norm = "rmsnorm"  # rmsnorm (Llama) | layernorm (mean-centred, with a bias; GPT-2)
   m.norm_eps = 1e-6  # epsilon of every norm

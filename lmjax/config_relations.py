@@ -19,13 +19,15 @@ def check_model(m: Any, d: Any, fail: Fail) -> None:
     fail("model.head_dim", f"must be even for RoPE, got {m.head_dim}.")
   if m.rope_scaling != "none" and m.rope_scaling_factor < 1:
     fail("model.rope_scaling_factor", f"must be >= 1, got {m.rope_scaling_factor}.")
-  if m.rope_scaling == "llama3":
-    if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
-      fail("model.rope_high_freq_factor",
-           f"llama3 RoPE scaling needs 0 < model.rope_low_freq_factor ({m.rope_low_freq_factor}) "
-           f"< model.rope_high_freq_factor ({m.rope_high_freq_factor}).")
-    if m.rope_original_max_len <= 0:
-      fail("model.rope_original_max_len", f"must be positive, got {m.rope_original_max_len}.")
+  if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+    fail("model.rope_high_freq_factor",
+         f"llama3 RoPE scaling needs 0 < model.rope_low_freq_factor ({m.rope_low_freq_factor}) "
+         f"< model.rope_high_freq_factor ({m.rope_high_freq_factor}).")
+  if m.rope_scaling == "yarn" and not 0 < m.rope_beta_slow < m.rope_beta_fast:
+    fail("model.rope_beta_fast", f"yarn RoPE scaling needs 0 < model.rope_beta_slow ({m.rope_beta_slow}) "
+                                 f"< model.rope_beta_fast ({m.rope_beta_fast}).")
+  if m.rope_scaling in ("llama3", "yarn") and m.rope_original_max_len <= 0:
+    fail("model.rope_original_max_len", f"must be positive, got {m.rope_original_max_len}.")
   if m.attention == "cudnn":
     if m.compute_dtype != "bfloat16":
       fail("model.compute_dtype", f"attention 'cudnn' needs bfloat16, got {m.compute_dtype!r}.")

@@ -106,8 +106,31 @@ def _rope_settings(hf: dict[str, Any], source: str) -> dict[str, Any]:
             "rope_low_freq_factor": get("low_freq_factor"),
             "rope_high_freq_factor": get("high_freq_factor"),
             "rope_original_max_len": get("original_max_position_embeddings", True)}
+  if kind == "yarn":
+    return {**out, **_yarn_settings(hf, scaling, source, parent)}
   raise ConversionError(f"{source}: rope scaling {kind!r} is not supported (lmjax has "
-                        "default, linear and llama3 RoPE).")
+                        "default, linear, llama3 and yarn RoPE).")
+
+
+def _yarn_settings(hf: dict[str, Any], scaling: dict[str, Any], source: str,
+                   parent: str) -> dict[str, Any]:
+  """lmjax fields of a yarn ``scaling``, defaulted as ``transformers`` does: the original
+  length to ``max_position_embeddings``, the factor to their ratio, beta_fast / beta_slow
+  (absent, null or 0) to 32 / 1, the attention factor (absent) to one derived from the
+  factor and mscale / mscale_all_dim."""
+  get = lambda key, default=None, integer=False, low=1: _number(
+      scaling, key, source, "yarn RoPE scaling", default, integer=integer, low=low, label=parent + key)
+  longest = _number(hf, "max_position_embeddings", source, "yarn RoPE scaling", 2048)
+  original = get("original_max_position_embeddings", longest, integer=True)
+  truncate = scaling.get("truncate", True) or False  # null: false, as transformers reads it
+  if not isinstance(truncate, bool):
+    raise ConversionError(f"{source}: {parent}truncate is {truncate!r}; expected true or false "
+                          f"({FIX_CONFIG}).")
+  return {"rope_scaling": "yarn", "rope_scaling_factor": get("factor", longest / original),
+          "rope_original_max_len": original, "rope_beta_fast": get("beta_fast", 32.0, low=0) or 32.0,
+          "rope_beta_slow": get("beta_slow", 1.0, low=0) or 1.0, "rope_truncate": truncate,
+          "rope_attention_factor": get("attention_factor", 0.0),
+          "rope_mscale": get("mscale", 0.0, low=0), "rope_mscale_all_dim": get("mscale_all_dim", 0.0, low=0)}
 
 
 def _compute_dtype(hf: dict[str, Any]) -> str:
@@ -228,6 +251,13 @@ def _hf_rope_scaling(m: ml_collections.ConfigDict) -> dict[str, Any] | None:
     return {"rope_type": "llama3", "factor": m.rope_scaling_factor,
             "low_freq_factor": m.rope_low_freq_factor, "high_freq_factor": m.rope_high_freq_factor,
             "original_max_position_embeddings": m.rope_original_max_len}
+  if m.rope_scaling == "yarn":
+    mscales = {"mscale": m.rope_mscale, "mscale_all_dim": m.rope_mscale_all_dim}
+    return {"rope_type": "yarn", "factor": m.rope_scaling_factor,
+            "original_max_position_embeddings": m.rope_original_max_len,
+            "beta_fast": m.rope_beta_fast, "beta_slow": m.rope_beta_slow, "truncate": m.rope_truncate,
+            **({"attention_factor": m.rope_attention_factor} if m.rope_attention_factor else {}),
+            **{key: value for key, value in mscales.items() if value}}
   return None
 
 

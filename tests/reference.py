@@ -1,7 +1,7 @@
 """An independent NumPy (float64) implementation of the lmjax decoder, for tests.
 
 It follows ``config.model``: RMSNorm or LayerNorm, SwiGLU or GELU (tanh) MLP, RoPE (with
-linear or Llama 3 frequency scaling), learned or no position embeddings, projection
+linear, Llama 3 or YaRN frequency scaling), learned or no position embeddings, projection
 biases and a sliding attention window.
 """
 
@@ -35,13 +35,37 @@ def _inv_freq(cfg):
         smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
         out.append((1 - smooth) * f / cfg.rope_scaling_factor + smooth * f)
     return np.array(out)
+  if cfg.rope_scaling == "yarn":  # as the YaRN authors' code: a ramp over dimension indices
+    def dim_turning(turns):  # the dimension whose frequency turns `turns` times in the old length
+      return h * math.log(cfg.rope_original_max_len / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+    low, high = dim_turning(cfg.rope_beta_fast), dim_turning(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, h - 1)
+    out = []
+    for i, f in enumerate(inv):
+      interpolate = min(max((i - low) / max(high - low, 1e-3), 0.0), 1.0)
+      out.append(interpolate * f / cfg.rope_scaling_factor + (1 - interpolate) * f)
+    return np.array(out)
   return inv
 
 
-def _rope(x, pos, inv):
+def _yarn_scale(cfg):
+  """What YaRN multiplies cos and sin by (1 for the other scalings)."""
+  if cfg.rope_scaling != "yarn":
+    return 1.0
+  if cfg.rope_attention_factor:
+    return cfg.rope_attention_factor
+  g = lambda m: 0.1 * m * math.log(cfg.rope_scaling_factor) + 1
+  if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+    return g(cfg.rope_mscale) / g(cfg.rope_mscale_all_dim)
+  return g(1.0)
+
+
+def _rope(x, pos, inv, scale=1.0):
   h = x.shape[-1]
   ang = pos[..., None] * inv  # (b, t, h/2)
-  sin, cos = np.sin(ang)[:, :, None], np.cos(ang)[:, :, None]
+  sin, cos = scale * np.sin(ang)[:, :, None], scale * np.cos(ang)[:, :, None]
   x1, x2 = x[..., : h // 2], x[..., h // 2:]
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
@@ -82,7 +106,7 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None):
     kk = np.einsum("btd,dkh->btkh", y, get("attn", "k")) + bias("k_bias")
     v = np.einsum("btd,dkh->btkh", y, get("attn", "v")) + bias("v_bias")
     if cfg.position_embedding == "rope":
-      q, kk = _rope(q, positions, inv), _rope(kk, positions, inv)
+      q, kk = _rope(q, positions, inv, _yarn_scale(cfg)), _rope(kk, positions, inv, _yarn_scale(cfg))
     kk = np.repeat(kk, n // k, axis=2)
     v = np.repeat(v, n // k, axis=2)
     s = np.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(h)

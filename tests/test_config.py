@@ -113,6 +113,29 @@ def test_a_wsd_decay_that_does_not_fit_after_the_warmup_is_refused():
     validate(cfg)
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(rope_beta_fast=1.0), "config.model.rope_beta_fast: yarn RoPE scaling needs 0 < model.rope_beta_slow "
+                               "(1.0) < model.rope_beta_fast (1.0)."),
+    (dict(rope_beta_slow=0.0), "config.model.rope_beta_fast: yarn RoPE scaling needs 0 < model.rope_beta_slow (0.0)"),
+    (dict(rope_original_max_len=0), "config.model.rope_original_max_len: must be positive, got 0."),
+    (dict(rope_scaling_factor=0.5), "config.model.rope_scaling_factor: must be >= 1, got 0.5."),
+    (dict(rope_mscale=-1.0), "config.model.rope_mscale: must be >= 0, got -1.0."),
+    (dict(rope_attention_factor=-0.5), "config.model.rope_attention_factor: must be >= 0, got -0.5."),
+])
+def test_yarn_rope_settings_are_checked(overrides, needle):
+  cfg = default_config()
+  cfg.model.rope_scaling, cfg.model.rope_scaling_factor, cfg.model.rope_original_max_len = "yarn", 4.0, 32
+  validate(cfg)
+  for key, value in overrides.items():
+    cfg.model[key] = value
+  with pytest.raises(ConfigError) as e:
+    validate(cfg)
+  assert needle in str(e.value)
+  cfg.model.rope_scaling = "none"  # the yarn relations bind yarn only (field checks bind always)
+  if "rope_beta" in needle or "original_max_len" in needle:
+    validate(cfg)
+
+
 def test_validation_tables_name_real_keys_and_shared_choices():
   from lmjax import config
   from lmjax.data import packing, readers, sources

@@ -3,7 +3,7 @@
 Each test builds a small random model with ``transformers`` from a local config (nothing is
 downloaded), saves it with ``save_pretrained``, converts it, and compares logits in float32:
 Llama with GQA, untied embeddings, Llama 3 RoPE scaling, biases and sharded safetensors;
-Llama with tied embeddings and linear RoPE scaling; Mistral with a sliding window; GPT-2
+Llama with tied embeddings and linear RoPE scaling; Llama with YaRN RoPE scaling; Mistral with a sliding window; GPT-2
 (LayerNorm, GELU, learned positions, fused q/k/v, tied embeddings). Then back: the exported
 directory loads in ``transformers`` with the same weights and logits.
 """
@@ -47,6 +47,13 @@ HF_MODELS = {
         vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
         tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # YaRN: 4 x the original 16 positions (TOKENS are 24 long); theta 10 puts the ramp over
+    # dimensions 0..4 of 8 (kept, blended, divided by 4) and cos/sin are scaled by 1.139.
+    "llama_yarn_rope": (transformers.LlamaConfig, dict(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        tie_word_embeddings=False, rope_theta=10.0,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
     "mistral_sliding_window": (transformers.MistralConfig, dict(
         vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
@@ -152,7 +159,7 @@ def test_imported_weights_restore_onto_other_meshes(converted):
     np.testing.assert_allclose(_logits(run, TOKENS), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mistral_sliding_window", "gpt2"])
+@pytest.mark.parametrize("name", ["mistral_sliding_window", "gpt2", "llama_yarn_rope"])
 def test_greedy_generation_equals_transformers(converted, name):
   model, _, workdir = converted[name]
   run = lmjax.load(workdir, devices=jax.devices()[:1])
@@ -169,7 +176,10 @@ def test_greedy_generation_equals_transformers(converted, name):
     dict(sliding_window=3, tie_embeddings=False, num_kv_heads=1),  # Mistral
     dict(norm="layernorm", mlp="gelu", position_embedding="learned", attention_bias=True,
          mlp_bias=True, num_kv_heads=4, head_dim=16, norm_eps=1e-5),  # GPT-2
-], ids=["llama", "mistral", "gpt2"])
+    dict(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=16, rope_theta=100.0,
+         rope_beta_fast=16.0, rope_beta_slow=0.5, rope_truncate=False, rope_mscale=1.0,
+         rope_mscale_all_dim=0.5),  # Llama, YaRN with every setting away from its default
+], ids=["llama", "mistral", "gpt2", "llama_yarn_rope"])
 def test_lmjax_models_export_to_transformers(options, tmp_path):
   cfg = default_config()
   m = cfg.model
@@ -241,6 +251,65 @@ def test_sentencepiece_tokenizer_comes_along_and_fine_tuning_starts(tmp_path):
   assert 0 < max(jax.tree.leaves(moved)) < 1e-3  # two steps at lr <= 2e-5 from the imported weights
 
 
+YARN_SETTINGS = [
+    {},  # beta_fast 32, beta_slow 1, truncated ramp, attention factor 0.1 ln(factor) + 1
+    {"truncate": False, "beta_fast": 8.0, "beta_slow": 0.5},
+    {"mscale": 1.0, "mscale_all_dim": 0.5},  # DeepSeek's attention factor
+    {"attention_factor": 1.25, "mscale": 0.707, "mscale_all_dim": 1.0},  # given: wins
+    {"factor": 1.0},  # no attention factor below 1
+]
+
+
+@pytest.mark.parametrize("settings", YARN_SETTINGS, ids=["defaults", "betas_untruncated", "mscale",
+                                                         "attention_factor", "factor_1"])
+def test_yarn_rope_equals_transformers(settings):
+  from transformers.modeling_rope_utils import _compute_yarn_parameters
+  from lmjax.model.layers import Rope
+  for theta, h, original in ((10.0, 16, 16), (1e4, 64, 4096), (5e5, 128, 8192)):
+    params = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": original,
+              **settings}
+    config = transformers.LlamaConfig(hidden_size=2 * h, num_attention_heads=2, head_dim=h,
+                                      max_position_embeddings=64 * original, rope_theta=theta,
+                                      rope_scaling=dict(params))
+    freqs, scale = _compute_yarn_parameters(config)
+    ours = {k: v for k, v in params.items() if k not in ("rope_type", "original_max_position_embeddings")}
+    rope = Rope(theta=theta, scaling="yarn", original_max_len=original, **ours)
+    np.testing.assert_allclose(rope.frequencies(h), freqs.numpy(), rtol=1e-6, atol=0)
+    assert rope.attention_scaling == pytest.approx(scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 0.5,
+     "beta_fast": 4, "beta_slow": 0.5, "truncate": False, "attention_factor": None},
+    {"factor": None, "original_max_position_embeddings": 8},  # factor: 64 / 8
+    {"factor": 2.0, "beta_fast": 0, "beta_slow": None, "truncate": None},  # as 32, 1, false
+], ids=["all_keys", "no_factor", "nulls_and_zeros"])
+def test_yarn_config_imports_and_exports_as_transformers_reads_it(rope_parameters):
+  """config.json's yarn fields, defaults and nulls included, give lmjax the frequencies and
+  attention factor ``transformers`` computes from them, and export keeps them."""
+  from transformers.modeling_rope_utils import _compute_yarn_parameters
+  from lmjax.config import validate
+  from lmjax.model.config import ModelConfig
+  from lmjax.model.layers import Rope
+  hf_json = {"model_type": "llama", "vocab_size": V, "hidden_size": 32, "intermediate_size": 48,
+             "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 16,
+             "max_position_embeddings": 64,
+             "rope_parameters": {"rope_type": "yarn", "rope_theta": 10.0, **rope_parameters}}
+
+  cfg = hf.config_from_hf(json.loads(json.dumps(hf_json)))
+  validate(cfg)
+  rope = Rope.from_config(ModelConfig.from_config(cfg.model))
+  exported = hf.hf_config(cfg)
+  assert rope.scaling == "yarn" and exported["rope_scaling"]["rope_type"] == "yarn"
+  for source in (hf_json, exported):
+    freqs, scale = _compute_yarn_parameters(transformers.LlamaConfig(**json.loads(json.dumps(source))))
+    np.testing.assert_allclose(rope.frequencies(16), freqs.numpy(), rtol=1e-6, atol=0)
+    assert rope.attention_scaling == pytest.approx(scale, rel=1e-12)
+  assert hf.config_from_hf(exported).model == cfg.model
+  with pytest.raises(hf.ConversionError, match="rope_parameters.truncate is 'no'; expected true or false"):
+    hf.config_from_hf({**hf_json, "rope_parameters": {**hf_json["rope_parameters"], "truncate": "no"}})
+
+
 def test_bad_checkpoints_fail_with_the_file_and_reason(converted, tmp_path):
   _, llama_dir, workdir = converted["llama_tied_mha_linear_rope"]
   with pytest.raises(hf.ConversionError, match="config.json: no such file"):
@@ -251,8 +320,8 @@ def test_bad_checkpoints_fail_with_the_file_and_reason(converted, tmp_path):
   (bad / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
   with pytest.raises(hf.ConversionError, match="model_type 'falcon' is not supported"):
     hf.import_checkpoint(bad, tmp_path / "b")
-  (bad / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}))
-  with pytest.raises(hf.ConversionError, match="rope scaling 'yarn'"):
+  (bad / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "longrope", "factor": 2.0}}))
+  with pytest.raises(hf.ConversionError, match="rope scaling 'longrope' is not supported"):
     hf.import_checkpoint(bad, tmp_path / "c")
   (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
   with pytest.raises(hf.ConversionError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight "

@@ -99,7 +99,10 @@ GPT2_LIKE = dict(norm="layernorm", mlp="gelu", position_embedding="learned", att
     dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=8, rope_theta=5e5),
     dict(rope_scaling="linear", rope_scaling_factor=4.0, attention_bias=True),
     dict(position_embedding="none", mlp_bias=True),
-], ids=["gpt2_like", "sliding_window", "llama3_rope", "linear_rope_qkv_bias", "nope_mlp_bias"])
+    # Ramp from dimension 1.3 to 2.8 (kept below, divided by 4 above), cos/sin x 1.065.
+    dict(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=4096, rope_truncate=False,
+         rope_mscale=1.0, rope_mscale_all_dim=0.5),
+], ids=["gpt2_like", "sliding_window", "llama3_rope", "linear_rope_qkv_bias", "nope_mlp_bias", "yarn_rope"])
 def test_architecture_options_match_numpy_reference(options):
   cfg = _cfg(**options)
   tokens, positions, segment_ids = _packed_batch(np.random.default_rng(4))

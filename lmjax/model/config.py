@@ -36,6 +36,12 @@ class ModelConfig:
   rope_low_freq_factor: float
   rope_high_freq_factor: float
   rope_original_max_len: int
+  rope_beta_fast: float
+  rope_beta_slow: float
+  rope_truncate: bool
+  rope_attention_factor: float
+  rope_mscale: float
+  rope_mscale_all_dim: float
   position_embedding: str
   norm: str
   norm_eps: float

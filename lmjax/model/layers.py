@@ -192,12 +192,20 @@ class MLP(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Rope:
   """Rotary position embedding settings; :meth:`frequencies` gives the (h/2,) inverse
-  frequencies. ``scaling``: "none"; "linear" divides every frequency by ``factor``
-  (positions / factor); "llama3" divides the low frequencies (wavelength over
-  ``original_max_len / low_freq_factor``) by ``factor``, keeps the high ones (under
-  ``original_max_len / high_freq_factor``) and blends in between, as Llama 3.1+ do.
+  frequencies and :attr:`attention_scaling` the factor cos and sin are multiplied by.
+  ``scaling``: "none"; "linear" divides every frequency by ``factor`` (positions /
+  factor); "llama3" divides the low frequencies (wavelength over ``original_max_len /
+  low_freq_factor``) by ``factor``, keeps the high ones (under ``original_max_len /
+  high_freq_factor``) and blends in between, as Llama 3.1+ do; "yarn" (YaRN) keeps the
+  dimensions that turn more than ``beta_fast`` times in ``original_max_len`` positions,
+  divides those turning fewer than ``beta_slow`` times by ``factor``, ramps linearly in
+  between (ends rounded to whole dimensions if ``truncate``) and scales cos and sin by
+  ``attention_factor`` (0: 0.1 ln(factor) + 1, or with ``mscale`` and ``mscale_all_dim``
+  both set, (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim ln(factor) + 1)), as
+  Hugging Face ``transformers`` does.
 
   >>> Rope(theta=5e5, scaling="llama3", factor=32.0).frequencies(64)  # (32,)
+  >>> Rope(scaling="yarn", factor=4.0, original_max_len=4096).attention_scaling  # 1.1386
   """
   theta: float = 10000.0
   scaling: str = "none"
@@ -205,6 +213,12 @@ class Rope:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_len: int = 8192
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 0.0
+  mscale_all_dim: float = 0.0
+  attention_factor: float = 0.0
+  truncate: bool = True
 
   def frequencies(self, h: int) -> np.ndarray:
     freqs = 1.0 / self.theta ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))
@@ -212,9 +226,11 @@ class Rope:
       return freqs.astype(np.float32)
     if self.scaling == "linear":
       return (freqs / self.factor).astype(np.float32)
+    if self.scaling == "yarn":
+      return self._yarn(freqs, h)
     if self.scaling != "llama3":
-      raise ValueError(f"config.model.rope_scaling={self.scaling!r} is unknown; use none, linear "
-                       "or llama3.")
+      raise ValueError(f"config.model.rope_scaling={self.scaling!r} is unknown; use none, linear, "
+                       "llama3 or yarn.")
     wavelen = 2 * math.pi / freqs
     low, high = self.original_max_len / self.low_freq_factor, self.original_max_len / self.high_freq_factor
     smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (
@@ -223,12 +239,36 @@ class Rope:
     out = np.where(wavelen > low, freqs / self.factor, np.where(wavelen < high, freqs, blended))
     return out.astype(np.float32)
 
+  def _yarn(self, freqs: np.ndarray, h: int) -> np.ndarray:
+    # The dimension (of h) whose frequency turns ``turns`` times in original_max_len positions.
+    dim = lambda turns: (h * math.log(self.original_max_len / (turns * 2 * math.pi))
+                         / (2 * math.log(self.theta)))
+    low, high = dim(self.beta_fast), dim(self.beta_slow)
+    if self.truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, h - 1)
+    ramp = np.clip((np.arange(h // 2, dtype=np.float32) - low) / (high - low if high != low else 0.001), 0, 1)
+    return (freqs / self.factor * ramp + freqs * (1 - ramp)).astype(np.float32)
+
+  @property
+  def attention_scaling(self) -> float:
+    """What cos and sin are multiplied by: 1 but for YaRN (see the class)."""
+    if self.scaling != "yarn":
+      return 1.0
+    if self.attention_factor:
+      return self.attention_factor
+    grow = lambda m: 0.1 * m * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
+    return grow(self.mscale) / grow(self.mscale_all_dim) if self.mscale and self.mscale_all_dim else grow(1.0)
+
   @classmethod
   def from_config(cls, cfg: ModelConfig) -> Rope:
     """The settings of a :class:`ModelConfig`."""
     return cls(theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_scaling_factor,
                low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-               original_max_len=cfg.rope_original_max_len)
+               original_max_len=cfg.rope_original_max_len, beta_fast=cfg.rope_beta_fast,
+               beta_slow=cfg.rope_beta_slow, mscale=cfg.rope_mscale,
+               mscale_all_dim=cfg.rope_mscale_all_dim, attention_factor=cfg.rope_attention_factor,
+               truncate=cfg.rope_truncate)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float | Rope) -> jax.Array:
@@ -237,8 +277,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float | Rope) -> jax.Array:
   spec = theta if isinstance(theta, Rope) else Rope(theta=theta)
   freqs = jnp.asarray(spec.frequencies(x.shape[-1]))  # (h/2,)
   angles = positions.astype(jnp.float32)[..., None] * freqs  # (b, t, h/2)
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  if spec.attention_scaling != 1.0:  # YaRN
+    sin, cos = sin * np.float32(spec.attention_scaling), cos * np.float32(spec.attention_scaling)
+  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
