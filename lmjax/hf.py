@@ -364,7 +364,7 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   # Onto the host: the weights go to NumPy anyway, and no accelerator need hold them whole.
   cfg.model.attention = "xla"  # any backend restores the same parameters; xla runs on the CPU
   run = load(workdir, step, cfg=cfg, devices=jax.devices("cpu")[:1],
-             mesh={"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+             mesh={"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1})
   dtype = dtype or ("bfloat16" if run.cfg.model.compute_dtype == "bfloat16" else "float32")
   tok = run.tokenizer
   out_dir = storage.path(out_dir)

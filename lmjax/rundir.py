@@ -26,7 +26,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 # Loading (evaluation, generation, export) needs no pipeline stages and the training layout
 # may not fit this machine: a run whose mesh does not fit the devices loads with FSDP over all.
-LOAD_MESH = {"data": 1, "stage": 1, "fsdp": -1, "expert": 1, "tensor": 1}
+LOAD_MESH = {"data": 1, "stage": 1, "fsdp": -1, "expert": 1, "context": 1, "tensor": 1}
 
 
 def checkpoint_dir(run: str | os.PathLike) -> os.PathLike:

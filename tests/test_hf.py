@@ -153,7 +153,7 @@ def test_imported_weights_restore_onto_other_meshes(converted):
   want = _hf_logits(model, TOKENS)
   for mesh in ({"fsdp": 2, "tensor": 4}, {"data": 2, "fsdp": 4}):
     run = lmjax.load(workdir, mesh={"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "tensor": 1, **mesh})
-    assert dict(run.setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "tensor": 1, **mesh}
+    assert dict(run.setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1, **mesh}
     q = run.params["blocks"]["attn"]["q"]
     assert q.sharding.shard_shape(q.shape) != q.shape  # really sharded
     np.testing.assert_allclose(_logits(run, TOKENS), want, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,7 @@ from tools import convert_hf
 MIXTRAL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                num_experts_per_tok=2, max_position_embeddings=64, router_aux_loss_coef=0.02)
-MESH = {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+MESH = {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
 quiet = lambda m: None
 
 

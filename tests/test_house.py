@@ -13,7 +13,7 @@ from lmjax import mesh
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lmjax"
 MAX_LINES = 500
-MAX_RULES = 10
+MAX_RULES = 12
 
 
 def _modules(root: Path = ROOT) -> dict[str, Path]:

@@ -47,7 +47,7 @@ def test_llama_8b_shapes_without_allocating():
 def test_llama_70b_shapes_without_allocating():
   setup = build(_on_cpu(_load("llama_70b")), jax.devices())  # tensor=8, fsdp=1 on 8 devices
   assert setup.num_params == 70_553_706_496  # Llama-3-70B
-  assert dict(setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "tensor": 8}
+  assert dict(setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 8}
   params = setup.abstract_state["params"]
   q, gate = params["blocks"]["attn"]["q"], params["blocks"]["mlp"]["gate"]
   assert q.shape == (80, 8192, 64, 128) and gate.shape == (80, 8192, 28672)

@@ -167,7 +167,7 @@ def test_cli_plans_on_more_fake_devices_than_the_tests_have():
              "--accelerator", "a100-80gb", "--mfu", "0.5",
              "--config.data.global_batch_size=16", "--config.data.seq_len=512")
   assert out.returncode == 0, out.stderr
-  for needle in ("16 devices: data 1, stage 1, fsdp 16, expert 1, tensor 1", "a100-80gb: 24.00 GiB",
+  for needle in ("16 devices: data 1, stage 1, fsdp 16, expert 1, context 1, tensor 1", "a100-80gb: 24.00 GiB",
                  "of 21.60 GiB usable", "at 50% MFU", "memory per device"):
     assert needle in out.stdout, needle
 
