@@ -39,7 +39,7 @@ def _reference(q, k, v, seg):
 
 
 def _mesh(data=1, stage=1, fsdp=1, tensor=1):
-  return jax.make_mesh((data, stage, fsdp, 1, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+  return jax.make_mesh((data, stage, fsdp, 1, 1, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 6)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -170,9 +170,9 @@ def test_unknown_missing_and_mistyped_keys():
 
 def test_mesh_sizes():
   cfg = default_config()
-  assert resolve_mesh_shape(cfg, 8) == (1, 1, 8, 1, 1)
+  assert resolve_mesh_shape(cfg, 8) == (1, 1, 8, 1, 1, 1)
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, -1, 2
-  assert resolve_mesh_shape(cfg, 8) == (2, 1, 2, 1, 2)
+  assert resolve_mesh_shape(cfg, 8) == (2, 1, 2, 1, 1, 2)
   cfg.mesh.fsdp = 4
   with pytest.raises(ConfigError, match="multiply to 16, but there are 8 devices"):
     resolve_mesh_shape(cfg, 8)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lmjax
-from lmjax.config import ConfigError, resolve_mesh_shape, validate
+from lmjax.config import MESH_AXES, ConfigError, resolve_mesh_shape, validate
 from lmjax.metrics import inactive_params
 from lmjax.state import build
 
@@ -33,8 +33,8 @@ def test_mixtral_8x7b_validates_with_experts_on_the_mesh():
   assert cfg.optim.grad_accum_steps == 2  # what `lmjax plan` needs on 256 H100s
   validate(cfg, num_devices=8)
   validate(cfg, num_devices=256)
-  shape = dict(zip(("data", "stage", "fsdp", "expert", "tensor"), resolve_mesh_shape(cfg, 256)))
-  assert shape == {"data": 1, "stage": 1, "fsdp": 32, "expert": 8, "tensor": 1}  # 32 nodes of 8
+  shape = dict(zip(MESH_AXES, resolve_mesh_shape(cfg, 256)))
+  assert shape == {"data": 1, "stage": 1, "fsdp": 32, "expert": 8, "context": 1, "tensor": 1}  # 32 nodes of 8
   with pytest.raises(ConfigError, match="config.mesh: the fixed axes"):
     validate(cfg, num_devices=12)  # the expert axis needs a multiple of 8 devices
 
@@ -45,7 +45,7 @@ def test_mixtral_8x7b_shapes_and_parameter_counts_without_allocating():
   setup = build(cfg, jax.devices())  # expert=8, fsdp=1 on 8 devices
   assert setup.num_params == 46_702_792_704  # Mixtral-8x7B: 46.7B
   assert setup.num_params - inactive_params(cfg.model) == 12_879_925_248  # 12.9B active
-  assert dict(setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "expert": 8, "tensor": 1}
+  assert dict(setup.mesh.shape) == {"data": 1, "stage": 1, "fsdp": 1, "expert": 8, "context": 1, "tensor": 1}
   params = setup.abstract_state["params"]
   assert params["embed"]["table"].shape == params["lm_head"]["table"].shape == (32000, 4096)
   attn, moe = params["blocks"]["attn"], params["blocks"]["moe"]

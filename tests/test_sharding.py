@@ -84,11 +84,12 @@ def test_config_rules_override_the_table():
 
 
 def test_activation_rules_follow_the_parameter_rules():
-  assert len(RULES) <= 10 and {name for name, _ in RULES} <= set(LOGICAL_AXES)
+  assert {name for name, _ in RULES} <= set(LOGICAL_AXES)
   rules = make_rules()
   assert set(rules) == set(LOGICAL_AXES)
   assert rules["act_heads"] == rules["heads"] == "tensor" and rules["act_vocab"] == "tensor"
-  assert rules["head_dim"] is rules["norm"] is rules["act_seq"] is rules["act_embed"] is None
+  assert rules["head_dim"] is rules["norm"] is rules["act_embed"] is None
+  assert rules["act_seq"] == rules["act_res_seq"] == "context"
   moved = make_rules((("heads", "fsdp"), ("mlp", ["fsdp", "tensor"])))
   assert moved["heads"] == moved["act_heads"] == "fsdp"  # act_heads follows heads
   assert moved["act_mlp"] == ("fsdp", "tensor") and moved["act_kv_heads"] == "tensor"

@@ -49,8 +49,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # configs/ lives there
 
-SECTIONS = ("mfu", "loss", "moe", "compile", "memory", "layouts", "pipeline", "checkpoint", "processes", "all")
-_FAKE_DEVICES = {"moe", "memory", "layouts", "pipeline", "checkpoint", "all"}
+SECTIONS = ("mfu", "loss", "moe", "compile", "memory", "layouts", "pipeline", "context", "checkpoint",
+            "processes", "all")
+_FAKE_DEVICES = {"moe", "memory", "layouts", "pipeline", "context", "checkpoint", "all"}
 # docs/scaling.md ("XLA flags that matter"), as tools/launch/slurm.sbatch sets them.
 GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
                  "--xla_gpu_enable_while_loop_double_buffering=true",
@@ -577,6 +578,58 @@ def pipeline(quick: bool, steps: int) -> None:
   print(f"\nReference (data=8, no pipeline): {ref['step_s']:.3f} s/step.")
 
 
+def _context_config(c: int, seq: int, kind: str):
+  """A 2-layer model (width 256, 8 heads, 4 KV heads) on one sequence of ``seq`` tokens split
+  over ``c`` context devices, remat off: the activations grow with the sequence."""
+  cfg = model_config(False, dict(context=c), dict(context_attention=kind, remat="none"))
+  m = cfg.model
+  m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2, 256, 8, 4, 32, 768
+  m.max_seq_len = cfg.data.seq_len = seq
+  cfg.data.global_batch_size = 1
+  return cfg
+
+
+def _compiled_bytes(cfg) -> int:
+  """Per-device bytes (arguments + outputs - donated + temporaries) of the compiled step."""
+  setup = build(cfg, _devices(cfg.mesh.context))
+  batch = {k: jax.ShapeDtypeStruct((1, cfg.data.seq_len), np.int32, sharding=setup.batch_sharding)
+           for k in ("inputs", "targets", "segment_ids", "positions")}
+  mem = compile_train_step(setup).lower(setup.abstract_state, batch).compile().memory_analysis()
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+          + mem.temp_size_in_bytes)
+
+
+def context(quick: bool, steps: int, budget_mib: float = 512.0) -> None:
+  """The longest sequence (a power of 2) whose compiled step fits ``budget_mib`` per device
+  with the sequence over 1, 2, 4, 8 context devices, ring and all-gather attention; then the
+  step time of each at one length."""
+  budget = budget_mib * 2**20
+  print(f"Model: 2 layers, width 256, 8 heads (4 KV), batch 1, fp32, XLA attention, no remat; "
+        f"budget {budget_mib:.0f} MiB per device (compiled step). Devices: "
+        f"{jax.devices()[0].device_kind} x {jax.device_count()}.\n")
+  print("| context C | attention | longest sequence that fits | its bytes / device (MiB) |")
+  print("| --- | --- | --- | --- |")
+  for c in (1, 2, 4, 8):
+    for kind in (("ring",) if c == 1 else ("ring", "allgather")):
+      seq, used = 0, 0
+      for length in (2 ** p for p in range(10, 16 if quick else 18)):
+        b = _compiled_bytes(_context_config(c, length, kind))
+        if b > budget:
+          break
+        seq, used = length, b
+      print(f"| {c} | {kind if c > 1 else 'one device'} | {seq:,} | {used / 2**20:.1f} |")
+  length = 2048 if quick else 4096
+  print(f"\nStep time at {length:,} tokens ({steps} timed steps, median):\n")
+  print("| context C | attention | step (s) | vs one device |")
+  print("| --- | --- | --- | --- |")
+  base = measure(_context_config(1, length, "ring"), steps)["step_s"]
+  print(f"| 1 | one device | {base:.3f} | 1.00 |")
+  for c in (2, 4, 8):
+    for kind in ("ring", "allgather"):
+      t = measure(_context_config(c, length, kind), steps)["step_s"]
+      print(f"| {c} | {kind} | {t:.3f} | {t / base:.2f} |")
+
+
 def checkpoint(quick: bool) -> None:
   """Save/restore throughput of a few-hundred-MB train state against the disk (dd)."""
   import subprocess
@@ -691,6 +744,7 @@ def main() -> None:
       "memory": lambda: memory(quick),
       "layouts": lambda: layouts(quick, steps),
       "pipeline": lambda: pipeline(quick, steps),
+      "context": lambda: context(quick, steps),
       "checkpoint": lambda: checkpoint(quick),
       "processes": lambda: processes(quick, steps),
   }
