@@ -188,11 +188,14 @@ def _collective_bytes(setup) -> float:
   buffer, (s-1)/s of a gathered or reduce-scattered one, over an axis of size s): FSDP weight
   all-gathers (forward and backward) and gradient reduce-scatters, the gradient all-reduce
   over ``data``, all once per microbatch, and four (b, t, d) activation all-reduces per layer and
-  microbatch over ``tensor`` (six under full remat), and MoE token exchanges
-  (:func:`_all_to_all_bytes`). An estimate for comparing layouts."""
+  microbatch over ``tensor`` (six under full remat), MoE token exchanges
+  (:func:`_all_to_all_bytes`), and with context parallelism every other context device's
+  keys and values per layer (forward; about twice that backward, with their gradients).
+  Weights are stored split over ``fsdp`` x ``context``. An estimate for comparing layouts."""
   cfg, m = setup.cfg, setup.cfg.model
   shape = setup.mesh.shape
-  f, d, t, ep = shape["fsdp"], shape["data"], shape["tensor"], shape["expert"]
+  d, t, ep, c = shape["data"], shape["tensor"], shape["expert"], shape["context"]
+  f = shape["fsdp"] * c  # the weights' storage split
   k = cfg.optim.grad_accum_steps
   size = jnp.dtype(m.param_dtype).itemsize / t  # bytes per parameter of a tensor shard
   # Routed experts are split over the expert axis; everything else is replicated on it, so
@@ -202,9 +205,13 @@ def _collective_bytes(setup) -> float:
   fsdp = 3 * k * (rest + experts) * (f - 1) / f
   data = 2 * k * (rest / f * (d * ep - 1) / (d * ep) + experts / f * (d - 1) / d)
   rows = _micro_rows(setup)[1]
-  act = rows * cfg.data.seq_len * m.embed_dim * jnp.dtype(m.compute_dtype).itemsize
+  tokens = rows * cfg.data.seq_len // c  # a device's positions
+  itemsize = jnp.dtype(m.compute_dtype).itemsize
+  act = tokens * m.embed_dim * itemsize
   tensor = k * m.num_layers * (6 if m.remat == "full" else 4) * act * 2 * (t - 1) / t
-  return fsdp + data + tensor + k * _all_to_all_bytes(m, shape, rows, cfg.data.seq_len)
+  kv = 2 * tokens * m.num_kv_heads * m.head_dim * itemsize  # a device's keys and values
+  context = k * m.num_layers * 3 * kv * (c - 1)
+  return fsdp + data + tensor + context + k * _all_to_all_bytes(m, shape, rows, cfg.data.seq_len)
 
 
 def _expert_params(m) -> int:

@@ -180,7 +180,7 @@ def format_plan(p: Plan) -> str:
                                      f"{format_bytes(size)}"),
           ("optimizer state", mem.opt_state, f"exact ({OPT_STATE[cfg.optim.name]})"),
           ("batch + step counters", mem.batch + mem.other_state,
-           f"exact (4 x int32 ({p.batch_rows}, {cfg.data.seq_len}))"),
+           f"exact (4 x int32 ({p.batch_rows}, {cfg.data.seq_len // p.mesh['context']}))"),
           ("activations, temporaries", mem.temp, "XLA temp_size_in_bytes (gradients, saved "
                                                  "activations, gathered weights)")]
   if mem.outputs + mem.code:
@@ -208,7 +208,8 @@ def format_plan(p: Plan) -> str:
       f"layer scan's body once, not x {m.num_layers}",
       f"  collectives        {format_bytes(f.collective_bytes):>9}   sent per device (analytic: FSDP "
       f"gathers and reduce-scatters, data all-reduce, tensor all-reduces"
-      f"{', expert all-to-alls' if m.num_experts else ''})",
+      f"{', expert all-to-alls' if m.num_experts else ''}"
+      f"{', context key/value exchanges' if p.mesh['context'] > 1 else ''})",
       f"  step time          {p.step_seconds():7.3g} s   at 100% MFU; {p.step_seconds(p.mfu):.3g} s at "
       f"{p.mfu:.0%} MFU -> {p.tokens_per_second:,.0f} tokens/s "
       f"({p.tokens_per_second / p.devices:,.0f}/device)",
