@@ -50,6 +50,7 @@ class ModelConfig:
   scan_layers: bool
   pipeline_microbatches: int
   pipeline_repeats: int
+  pipeline_schedule: str
   attention: str
   quantization: str
   num_experts: int  # E
