@@ -224,7 +224,8 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch,
       lambda r, mb: with_rest(r).embed_tokens(mb["inputs"], mb["positions"]),
       lambda p, x, mb: layers(p, x, mb["positions"], mb["segment_ids"]), head, rest, stacked,
       {**batch, "weights": token_weights(batch)}, num_stages=model.num_stages,
-      num_microbatches=micro if micro > 0 else model.num_stages)
+      num_microbatches=micro if micro > 0 else model.num_stages,
+      repeats=model.cfg.pipeline_repeats)
   return (total, terms), {**d_rest, "blocks": d_stacked}
 
 

@@ -49,6 +49,11 @@ LAYOUTS.update({
     "stage4_data2_1f1b_m8": (dict(stage=4, data=2), dict(ONE_F_ONE_B, pipeline_microbatches=8), 8),
     "stage2_fsdp2_tensor2_1f1b_m4": (dict(stage=2, fsdp=2, tensor=2),
                                      dict(ONE_F_ONE_B, pipeline_microbatches=4), 8),
+    # interleaved: 2 chunks per stage, one group of S microbatches and two
+    "stage2_data4_1f1b_interleaved_m2": (dict(stage=2, data=4),
+                                         dict(ONE_F_ONE_B, pipeline_repeats=2, pipeline_microbatches=2), 8),
+    "stage2_fsdp4_1f1b_interleaved_m4": (dict(stage=2, fsdp=4),
+                                         dict(ONE_F_ONE_B, pipeline_repeats=2, pipeline_microbatches=4), 8),
 })
 # Mixture of experts: layers 1 and 3 route over 8 experts (top-2, a shared expert), 0 and 2
 # are dense; the same model on one device and on expert-parallel meshes.

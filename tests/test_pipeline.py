@@ -28,6 +28,8 @@ SCHEDULES = [
     "stage4_data2_1f1b_m4",  # 1F1B, M = S
     "stage4_data2_1f1b_m8",  # 1F1B, M > S
     "stage2_fsdp2_tensor2_1f1b_m4",  # 1F1B, FSDP and tensor parallelism inside the stages
+    "stage2_data4_1f1b_interleaved_m2",  # interleaved 1F1B, 2 chunks per stage, M = S
+    "stage2_fsdp4_1f1b_interleaved_m4",  # interleaved 1F1B, two groups of S microbatches
 ]
 
 
@@ -135,8 +137,10 @@ def test_pipeline_config_errors_name_the_key():
   with pytest.raises(ConfigError, match="circular pipeline .* needs at least as many microbatches"):
     validate(cfg, num_devices=8)
   cfg = config("stage2_fsdp4_circular_m2")
-  cfg.model.pipeline_schedule = "1f1b"
-  with pytest.raises(ConfigError, match="config.model.pipeline_schedule: '1f1b' runs one layer chunk"):
+  cfg.model.pipeline_schedule, cfg.model.pipeline_microbatches = "1f1b", 3
+  cfg.data.global_batch_size = 12
+  with pytest.raises(ConfigError, match="config.model.pipeline_microbatches: an interleaved 1F1B "
+                                        "pipeline .* got 3, not a multiple"):
     validate(cfg, num_devices=8)
   cfg.model.pipeline_schedule = "zero_bubble"
   with pytest.raises(ConfigError, match="config.model.pipeline_schedule"):
