@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.mesh import UNCONSTRAINED, axes_taken, constrain
-from lmjax.model.pipeline import _microbatches
+from lmjax.model.pipeline import microbatches
 
 _STATE = ("stage", "act_batch", "act_seq", "act_embed")
 _ACT = ("act_batch", "act_seq", "act_embed")
@@ -78,7 +78,7 @@ def pipeline_grads(embed: Embed, layers: Layers, head: Head, rest: Any, stacked:
   at_stage = lambda mask, a: mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
 
   with axes_taken("stage") as stage_axes:  # microbatches: replicated over the stage axis
-    mbs = jax.tree.map(lambda a: constrain(_microbatches(a, M), (None, "act_batch", "act_seq")),
+    mbs = jax.tree.map(lambda a: constrain(microbatches(a, M), (None, "act_batch", "act_seq")),
                        batch)  # (M, mb, t)
 
   def by_stage(p):  # (l, ...) -> (R, S, l/(R S), ...): [r, s] is chunk r S + s
