@@ -515,7 +515,8 @@ def model_config(quick: bool, mesh: dict, model: dict):
 
 
 def measure(cfg, steps: int) -> dict:
-  """Median step time (s) and per-device memory (bytes) of the compiled train step."""
+  """Median step time (s), wall and process CPU, and per-device memory (bytes) of the
+  compiled train step."""
   n = 1
   for a in MESH_AXES:
     n *= max(cfg.mesh[a], 1)
@@ -529,15 +530,16 @@ def measure(cfg, steps: int) -> dict:
   mem = compiled.memory_analysis()
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
-  times = []
+  times, cpu = [], []
   for _ in range(steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes)
-  return {"step_s": statistics.median(times), "compile_s": compile_s,
+  return {"step_s": statistics.median(times), "cpu_s": statistics.median(cpu), "compile_s": compile_s,
           "state_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
           "total_bytes": total, "params": setup.num_params, "loss": float(metrics["loss"])}
 
@@ -565,13 +567,16 @@ def pipeline(quick: bool, steps: int) -> None:
   pipelined step additionally runs every stage during fill and drain, so on fake CPU
   devices its extra time is the bubble's work (plus the shift and bookkeeping). 1F1B
   recomputes each stage's forward in its backward, so its reference is data=8 with
-  ``model.remat = "full"`` (the same recomputation, no pipeline).
+  ``model.remat = "full"`` (the same recomputation, no pipeline). The bubble is measured in
+  process CPU time per step (the work of all 8 fake devices), which other jobs on a shared
+  machine disturb far less than wall time.
   """
+  load = [os.getloadavg()[0]]  # other jobs on a shared machine slow every figure
   ref = measure(model_config(quick, dict(data=8), {}), steps)
   ref_remat = measure(model_config(quick, dict(data=8), dict(remat="full")), steps)
-  print("| schedule | stages S | microbatches M | repeats R | step (s) | temp / device (MiB) | "
-        "measured bubble | (S-1)/(M*R+S-1) |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  print("| schedule | stages S | microbatches M | repeats R | step (s) | CPU s / step | "
+        "temp / device (MiB) | measured bubble (CPU) | (S-1)/(M*R+S-1) |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for schedule in ("gpipe", "1f1b"):
     base = ref if schedule == "gpipe" else ref_remat
     for s, m, r in [(4, 4, 1), (4, 8, 1), (4, 16, 1), (2, 4, 1), (2, 4, 2), (4, 4, 2)]:
@@ -580,10 +585,15 @@ def pipeline(quick: bool, steps: int) -> None:
       if cfg.data.global_batch_size % (m * (8 // s)) or cfg.model.num_layers % (s * r):
         continue
       got = measure(cfg, steps)
-      print(f"| {schedule} | {s} | {m} | {r} | {got['step_s']:.3f} | {got['temp_bytes'] / 2**20:.2f} | "
-            f"{1 - base['step_s'] / got['step_s']:.3f} | {bubble_fraction(s, m, r):.3f} |")
-  print(f"\nReferences (data=8, no pipeline): {ref['step_s']:.3f} s/step; with remat='full' "
-        f"(1F1B's): {ref_remat['step_s']:.3f} s/step.\n")
+      load.append(os.getloadavg()[0])
+      print(f"| {schedule} | {s} | {m} | {r} | {got['step_s']:.3f} | {got['cpu_s']:.3f} | "
+            f"{got['temp_bytes'] / 2**20:.2f} | {1 - base['cpu_s'] / got['cpu_s']:.3f} | "
+            f"{bubble_fraction(s, m, r):.3f} |")
+  print(f"\nReferences (data=8, no pipeline): {ref['step_s']:.3f} s/step, {ref['cpu_s']:.3f} CPU s; "
+        f"with remat='full' (1F1B's): {ref_remat['step_s']:.3f} s/step, {ref_remat['cpu_s']:.3f} "
+        f"CPU s (medians of {steps} steps). "
+        f"1-minute load average while measuring: {min(load):.1f} to {max(load):.1f} "
+        f"({os.cpu_count()} CPUs).\n")
   pipeline_memory(quick)
 
 
