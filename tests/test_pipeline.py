@@ -17,7 +17,8 @@ from lmjax.generate import generate, load_run
 from lmjax.model.pipeline import bubble_fraction
 from lmjax.state import build, init_state, loss_and_grads
 from lmjax.trainer import compile_train_step, train
-from tests.layouts import BATCH, FAST_COMPILE, LAYOUTS, SEQ, assert_same_step, batch, config, run
+from tests.layouts import (BATCH, FAST_COMPILE, LAYOUTS, SEQ, assert_close_bf16_step, assert_same_step,
+                           batch, config, run)
 
 SCHEDULES = [
     "stage4_data2_m2",  # GPipe, fewer microbatches than stages
@@ -37,6 +38,12 @@ SCHEDULES = [
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_pipeline_schedules_equal_the_plain_model(name):
   assert_same_step(run("single"), run(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["stage4_data2_1f1b_m4", "stage2_fsdp4_1f1b_interleaved_m4"])
+def test_1f1b_in_bfloat16_is_within_its_rounding_of_one_device(name):
+  assert_close_bf16_step(run("single", "bfloat16"), run(name, "bfloat16"), run("single"))
 
 
 def test_bubble_fraction():
