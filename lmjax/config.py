@@ -29,6 +29,7 @@ ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 CONTEXT_ATTENTION = ("ring", "allgather")
 QUANTIZATIONS = ("none", "fp8")
 ROUTERS = ("softmax", "sigmoid")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 DTYPES = ("float32", "bfloat16")  # float16 is refused: without loss scaling its gradients underflow
 DATA_FORMATS = ("text", "prompt_response")
 TXT_SPLITS = ("file", "blank_line")  # this and the next two: imported by lmjax.data
@@ -52,6 +53,7 @@ CHOICES = {  # key -> allowed values
     "model.context_attention": CONTEXT_ATTENTION,
     "model.quantization": QUANTIZATIONS,
     "model.router": ROUTERS,
+    "model.pipeline_schedule": PIPELINE_SCHEDULES,
     "data.format": DATA_FORMATS,
     "data.txt_split": TXT_SPLITS,
     "data.bad_records": BAD_RECORD_POLICIES,
@@ -141,6 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.scan_layers = True  # stack blocks and run them with lax.scan (flat compile time)
   m.pipeline_microbatches = -1  # microbatches per pipeline pass when mesh.stage > 1; -1 = stages
   m.pipeline_repeats = 1  # circular pipeline: layer chunks per stage (1 = GPipe)
+  m.pipeline_schedule = "gpipe"  # gpipe: autodiff through the forward loop (memory grows with microbatches) | 1f1b: one forward, one backward per tick (memory bounded by stages)
   m.attention = "xla"  # xla | blockwise (any platform; memory-efficient) | cudnn (NVIDIA GPU, bf16) | splash (TPU)
   m.context_attention = "ring"  # with mesh.context > 1: ring (key/value blocks passed around) | allgather (keys/values gathered)
   m.context_load_balance = True  # with mesh.context > 1: each device holds sequence chunks i and 2C-1-i (equal causal work)

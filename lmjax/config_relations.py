@@ -69,6 +69,10 @@ def check_parallelism(cfg: Any, shape: dict[str, int], fail: Fail) -> None:
     if m.num_experts:
       fail("mesh.stage", f"{stages} pipeline stages with model.num_experts={m.num_experts}: MoE "
                          "models do not pipeline; use mesh.stage=1 (expert, fsdp, tensor).")
+    if m.pipeline_schedule == "1f1b" and m.pipeline_repeats > 1 and micro % stages:
+      fail("model.pipeline_microbatches",
+           f"an interleaved 1F1B pipeline (model.pipeline_repeats={m.pipeline_repeats}) "
+           f"passes groups of mesh.stage ({stages}) microbatches; got {micro}, not a multiple.")
     if m.pipeline_repeats > 1 and micro < stages:
       fail("model.pipeline_microbatches",
            f"a circular pipeline (model.pipeline_repeats={m.pipeline_repeats}) needs at least "

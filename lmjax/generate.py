@@ -10,11 +10,12 @@ running but its outputs are padding. The i-th new token of every row is drawn wi
 ``fold_in(jax.random.key(seed), i)``, so a seed gives the same text for the same batch.
 
 Attention in the cache path is always the XLA einsum version (the cuDNN and splash
-backends serve training only), and the model must not be pipelined (``mesh.stage = 1``).
+backends serve training only), and the model must not be pipelined (``mesh.stage = 1``;
+:func:`load_run` and ``lmjax.load`` restore a pipelined run's checkpoint unpipelined).
 
 Example::
 
-  run = load_run("runs/tiny")  # or lmjax.load(...) on a mesh with mesh.stage = 1
+  run = load_run("runs/tiny")  # or lmjax.load(...): both restore a pipelined run unpipelined
   generate(run.setup, run.params, run.tokenizer, ["def f(x):"], max_new_tokens=32,
            temperature=0.8, top_p=0.95)
 """
@@ -33,7 +34,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lmjax import config as config_lib
 from lmjax.mesh import make_rules, use_rules
 from lmjax.model import Transformer
 from lmjax.model.attention import KVCache
@@ -182,7 +182,8 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
   module = nnx.merge(_graphdef(static), params)
   if module.num_stages != 1:
     raise ValueError(f"generation needs an unpipelined model (num_stages == 1), got "
-                     f"{module.num_stages}; build it on a mesh with mesh.stage=1.")
+                     f"{module.num_stages}; build it on a mesh with mesh.stage=1 (lmjax.load "
+                     "and load_run restore a pipelined run so).")
   cfg = module.cfg
   prompts = [list(map(int, p)) for p in prompts]
   if not prompts:
@@ -253,9 +254,8 @@ def generate(model: Model, params: Any, tokenizer: Any, prompts: Sequence[str], 
 def load_run(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None,
              step: int | None = None, devices: list[jax.Device] | None = None) -> TrainedRun:
   """A training run's checkpoint (default: the newest usable one), for generation: the
-  run's own config on :data:`lmjax.rundir.LOAD_MESH`, or ``cfg`` as given (``mesh.stage`` 1)."""
-  if cfg is not None and cfg.mesh.stage != 1:
-    raise config_lib.ConfigError(f"config.mesh.stage: generation needs 1, got {cfg.mesh.stage}.")
+  run's own config on :data:`lmjax.rundir.LOAD_MESH`, or ``cfg``'s mesh, unpipelined
+  (:func:`lmjax.rundir.loading_config`)."""
   return load(workdir, step, cfg=cfg, devices=devices,
               mesh=LOAD_MESH if cfg is None else None)
 

@@ -70,14 +70,17 @@ def check_vocab(cfg: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer) -
 
 def loading_config(cfg: ml_collections.ConfigDict, num_devices: int,
                    mesh: dict[str, int] | None = None) -> ml_collections.ConfigDict:
-  """``cfg`` with mesh sizes ``mesh`` applied, or, when none are given and the run's mesh
-  does not cover ``num_devices``, :data:`LOAD_MESH` (parameters restore onto any mesh)."""
+  """``cfg`` with mesh sizes ``mesh`` applied. When none are given, a pipelined run
+  (``mesh.stage`` > 1) loads unpipelined, its stages' devices joining FSDP (evaluation and
+  generation need no pipeline; generation needs none), and a run whose mesh does not cover
+  ``num_devices`` loads on :data:`LOAD_MESH` (parameters restore onto any mesh)."""
   if mesh is None:
     try:
-      config_lib.resolve_mesh_shape(cfg, num_devices)
+      shape = dict(zip(config_lib.MESH_AXES, config_lib.resolve_mesh_shape(cfg, num_devices)))
+      mesh = {"stage": 1, "fsdp": shape["fsdp"] * shape["stage"]} if shape["stage"] > 1 else {}
     except config_lib.ConfigError:
       mesh = LOAD_MESH
-  for axis, size in (mesh or {}).items():
+  for axis, size in mesh.items():
     cfg.mesh[axis] = size
   return cfg
 

@@ -28,6 +28,7 @@ from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, ru
 from lmjax.model import Transformer, count_params, logical_axes
 from lmjax.model.attention import check_backend
 from lmjax.model.cross_entropy import cross_entropy, plain_cross_entropy
+from lmjax.model.pipeline_1f1b import pipeline_grads
 from lmjax.optim import check_lr_multipliers, make_optimizer, opt_state_shardings
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions (+ weights): (b, t)
@@ -168,24 +169,64 @@ def loss_terms(graphdef: nnx.GraphDef, params: Any, batch: Batch,
   a chunk of positions at a time (:mod:`lmjax.model.cross_entropy`); 0 takes whole logits.
   """
   model = nnx.merge(graphdef, params)
-  weights = token_weights(batch)
   features, moe = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
-  if model.cfg.loss_chunk > 0:
-    total, nll, lse = cross_entropy(features, model.head.table[...], batch["targets"],
-                                    weights, z_loss, model.cfg.loss_chunk)
-  else:
-    total, nll, lse = plain_cross_entropy(model.logits(features), batch["targets"], weights, z_loss)
-  nll, lse = jax.lax.stop_gradient(nll), jax.lax.stop_gradient(lse)
-  weight = jnp.sum(weights)
-  terms = {"logprob": -nll, "nll": jnp.sum(weights * nll), "z": jnp.sum(weights * lse * lse),
-           "weight": weight}
+  total, terms = _head_terms(model, features, batch, z_loss)
   if moe:
+    weight = terms["weight"]
     aux, router_z = jnp.mean(moe["aux"]), jnp.mean(moe["z"])
     total = total + weight * (model.cfg.moe_aux_loss * aux + model.cfg.moe_z_loss * router_z)
     terms.update(jax.lax.stop_gradient({
         "moe_aux": weight * aux, "router_z": weight * router_z, "expert_load": moe["load"],
         "dropped": jnp.sum(moe["dropped"]), "assigned": jnp.sum(moe["assigned"])}))
   return total, terms
+
+
+def _head_terms(model: Transformer, features: jax.Array, batch: Batch,
+                z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """:func:`loss_terms` from the final-normed hidden states (b, t, d), MoE terms aside."""
+  weights = token_weights(batch)
+  if model.cfg.loss_chunk > 0:
+    total, nll, lse = cross_entropy(features, model.head.table[...], batch["targets"],
+                                    weights, z_loss, model.cfg.loss_chunk)
+  else:
+    total, nll, lse = plain_cross_entropy(model.logits(features), batch["targets"], weights, z_loss)
+  nll, lse = jax.lax.stop_gradient(nll), jax.lax.stop_gradient(lse)
+  terms = {"logprob": -nll, "nll": jnp.sum(weights * nll), "z": jnp.sum(weights * lse * lse),
+           "weight": jnp.sum(weights)}
+  return total, terms
+
+
+def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch,
+                   z_loss: float = 0.0) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
+  """``((total, terms), grads)``: :func:`loss_terms`' weighted sum, its terms but
+  ``logprob``, and the sum's gradient w.r.t. ``params``. A pipelined model
+  (``num_stages > 1``) with ``model.pipeline_schedule = "1f1b"`` computes them by the 1F1B
+  schedule (:mod:`lmjax.model.pipeline_1f1b`), every other one by autodiff."""
+  model = nnx.merge(graphdef, params)
+  if model.num_stages == 1 or model.cfg.pipeline_schedule != "1f1b":
+    def objective(params):
+      total, terms = loss_terms(graphdef, params, batch, z_loss)
+      return total, {k: v for k, v in terms.items() if k != "logprob"}
+    return jax.value_and_grad(objective, has_aux=True)(params)
+
+  stacked = params["blocks"]  # a dense model (MoE models do not pipeline)
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  with_rest = lambda r: nnx.merge(graphdef, {**r, "blocks": stacked})
+  layers = model.stage_layers()
+
+  def head(r, y, mb):
+    m = with_rest(r)
+    total, terms = _head_terms(m, m.final_norm(y), mb, z_loss)
+    return total, {k: v for k, v in terms.items() if k != "logprob"}
+
+  micro = model.cfg.pipeline_microbatches
+  (total, terms), (d_rest, d_stacked) = pipeline_grads(
+      lambda r, mb: with_rest(r).embed_tokens(mb["inputs"], mb["positions"]),
+      lambda p, x, mb: layers(p, x, mb["positions"], mb["segment_ids"]), head, rest, stacked,
+      {**batch, "weights": token_weights(batch)}, num_stages=model.num_stages,
+      num_microbatches=micro if micro > 0 else model.num_stages,
+      repeats=model.cfg.pipeline_repeats)
+  return (total, terms), {**d_rest, "blocks": d_stacked}
 
 
 def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -71,8 +71,8 @@ def load(workdir: str | os.PathLike, step: int | None = None, *, cfg: ml_collect
   (safe while the run is still training).
 
   ``cfg`` defaults to the run's own config. ``mesh`` overrides its mesh sizes (e.g.
-  ``{"fsdp": -1}``); by default a run whose mesh does not fit the devices is loaded with FSDP
-  over all of them.
+  ``{"fsdp": -1}``); by default a pipelined run loads unpipelined (its stages' devices join
+  FSDP) and a run whose mesh does not fit the devices is loaded with FSDP over all of them.
   """
   workdir = storage.path(workdir)
   cfg = rundir.run_config(workdir, step) if cfg is None else cfg

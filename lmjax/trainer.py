@@ -31,7 +31,7 @@ from lmjax.mesh import host_to_global, replicated
 from lmjax.metrics import MetricsWriter, RunSummary, Throughput, expert_load_scalars
 from lmjax.model.moe import update_router_bias
 from lmjax.optim import learning_rate_schedule
-from lmjax.state import Batch, Setup, State, build, init_state, loss_terms
+from lmjax.state import Batch, Setup, State, build, init_state, loss_and_grads
 
 
 
@@ -44,11 +44,8 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   z_loss = setup.cfg.train.z_loss
   m = setup.cfg.model
 
-  def objective(params, batch):  # the weighted sum to differentiate; sums that add up
-    total, terms = loss_terms(setup.graphdef, params, batch, z_loss)
-    return total, {k: v for k, v in terms.items() if k != "logprob"}
-
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  # ((the weighted sum, sums that add up over microbatches), its gradient)
+  grad_fn = functools.partial(loss_and_grads, setup.graphdef, z_loss=z_loss)
   if accum == 1:
     (_, sums), grads = grad_fn(state["params"], batch)
   else:

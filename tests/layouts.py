@@ -18,7 +18,8 @@ import numpy as np
 
 from lmjax.config import default_config
 from lmjax.mesh import host_to_global, use_rules
-from lmjax.state import build, init_state, token_losses
+from lmjax import state as state_lib
+from lmjax.state import build, init_state
 from lmjax.trainer import compile_train_step
 from tools.hlo import compile_partitioned
 
@@ -40,6 +41,20 @@ LAYOUTS = {
     "stage2_data4_circular_m4": (dict(stage=2, data=4), dict(pipeline_repeats=2, pipeline_microbatches=4), 8),
     "data2_stage2_fsdp2_tensor2": (dict(data=2, stage=2, fsdp=2, tensor=2), dict(), 16),
 }
+# The 1F1B schedule (lmjax.model.pipeline_1f1b): fewer, as many and more microbatches than stages.
+ONE_F_ONE_B = dict(pipeline_schedule="1f1b")
+LAYOUTS.update({
+    "stage4_data2_1f1b_m2": (dict(stage=4, data=2), dict(ONE_F_ONE_B, pipeline_microbatches=2), 8),
+    "stage4_data2_1f1b_m4": (dict(stage=4, data=2), ONE_F_ONE_B, 8),
+    "stage4_data2_1f1b_m8": (dict(stage=4, data=2), dict(ONE_F_ONE_B, pipeline_microbatches=8), 8),
+    "stage2_fsdp2_tensor2_1f1b_m4": (dict(stage=2, fsdp=2, tensor=2),
+                                     dict(ONE_F_ONE_B, pipeline_microbatches=4), 8),
+    # interleaved: 2 chunks per stage, one group of S microbatches and two
+    "stage2_data4_1f1b_interleaved_m2": (dict(stage=2, data=4),
+                                         dict(ONE_F_ONE_B, pipeline_repeats=2, pipeline_microbatches=2), 8),
+    "stage2_fsdp4_1f1b_interleaved_m4": (dict(stage=2, fsdp=4),
+                                         dict(ONE_F_ONE_B, pipeline_repeats=2, pipeline_microbatches=4), 8),
+})
 # Mixture of experts: layers 1 and 3 route over 8 experts (top-2, a shared expert), 0 and 2
 # are dense; the same model on one device and on expert-parallel meshes.
 MOE = dict(num_experts=8, experts_per_token=2, expert_mlp_dim=32, num_shared_experts=1,
@@ -113,10 +128,9 @@ def _run(name, dtype):
   b = host_to_global(batch(), setup.mesh, setup.batch_sharding)
   params0 = jax.device_get(state["params"])
 
-  def loss_and_grads(params, b):
-    fn = functools.partial(token_losses, setup.graphdef)
-    (s, n), g = jax.value_and_grad(fn, has_aux=True)(params, b)
-    return s / n, jax.tree.map(lambda x: x / n, g)
+  def loss_and_grads(params, b):  # the train step's gradient (the 1F1B schedule's, if set)
+    (s, terms), g = state_lib.loss_and_grads(setup.graphdef, params, b)
+    return s / terms["weight"], jax.tree.map(lambda x: x / terms["weight"], g)
 
   with jax.set_mesh(setup.mesh), use_rules(setup.rules):
     lowered = jax.jit(loss_and_grads).lower(state["params"], b)

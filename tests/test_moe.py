@@ -261,7 +261,7 @@ def test_interleaved_and_first_dense_layers_run_in_order():
   order = [(blocks[1], dense, 0), (blocks[1], dense, 1), (blocks[0], moe, 0),
            (blocks[1], dense, 2), (blocks[0], moe, 1)]
   positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
-  x = model._embed(tokens, positions)
+  x = model.embed_tokens(tokens, positions)
   for g, p, i in order:
     x, _ = layer(g, p, i)(x, positions, jnp.ones((2, 7), jnp.int32))
   np.testing.assert_allclose(np.asarray(got), np.asarray(model.final_norm(x)), atol=1e-5)

@@ -9,7 +9,7 @@
   python tools/bench.py compile          # compile time vs depth, scanned vs unrolled layers
   python tools/bench.py memory           # per-device bytes per mesh layout, peak host RSS
   python tools/bench.py layouts          # step time and memory of every layout on 8 devices
-  python tools/bench.py pipeline         # bubble fraction vs (S-1)/(M*R+S-1)
+  python tools/bench.py pipeline         # bubble vs (S-1)/(M*R+S-1), GPipe and 1F1B; activation memory vs M
   python tools/bench.py checkpoint       # save/restore throughput against dd
   python tools/bench.py processes        # 1 process x 8 devices vs 2 x 4 over gloo
   python tools/bench.py all              # every section; --quick: smaller models, fewer steps
@@ -516,7 +516,8 @@ def model_config(quick: bool, mesh: dict, model: dict):
 
 
 def measure(cfg, steps: int) -> dict:
-  """Median step time (s) and per-device memory (bytes) of the compiled train step."""
+  """Median step time (s), wall and process CPU, and per-device memory (bytes) of the
+  compiled train step."""
   n = 1
   for a in MESH_AXES:
     n *= max(cfg.mesh[a], 1)
@@ -530,15 +531,16 @@ def measure(cfg, steps: int) -> dict:
   mem = compiled.memory_analysis()
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
-  times = []
+  times, cpu = [], []
   for _ in range(steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes)
-  return {"step_s": statistics.median(times), "compile_s": compile_s,
+  return {"step_s": statistics.median(times), "cpu_s": statistics.median(cpu), "compile_s": compile_s,
           "state_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
           "total_bytes": total, "params": setup.num_params, "loss": float(metrics["loss"])}
 
@@ -559,23 +561,70 @@ def layouts(quick: bool, steps: int) -> None:
 
 
 def pipeline(quick: bool, steps: int) -> None:
-  """Measured bubble = 1 - T(no pipeline) / T(pipeline) on the same 8 devices.
+  """Measured bubble = 1 - T(no pipeline) / T(pipeline) on the same 8 devices, per schedule,
+  and the compiled step's activation memory as the microbatches grow.
 
   Both layouts do the same useful work per device (data=8 vs stage=S x data=8/S); the
   pipelined step additionally runs every stage during fill and drain, so on fake CPU
-  devices its extra time is the bubble's work (plus the shift and bookkeeping).
+  devices its extra time is the bubble's work (plus the shift and bookkeeping). 1F1B
+  recomputes each stage's forward in its backward, so its reference is data=8 with
+  ``model.remat = "full"`` (the same recomputation, no pipeline). The bubble is measured in
+  process CPU time per step (the work of all 8 fake devices), which other jobs on a shared
+  machine disturb far less than wall time.
   """
+  load = [os.getloadavg()[0]]  # other jobs on a shared machine slow every figure
   ref = measure(model_config(quick, dict(data=8), {}), steps)
-  print("| stages S | microbatches M | repeats R | step (s) | measured bubble | (S-1)/(M*R+S-1) |")
-  print("| --- | --- | --- | --- | --- | --- |")
-  for s, m, r in [(4, 4, 1), (4, 8, 1), (4, 16, 1), (2, 4, 1), (2, 4, 2), (4, 4, 2)]:
-    cfg = model_config(quick, dict(stage=s, data=8 // s),
-                       dict(pipeline_microbatches=m, pipeline_repeats=r))
-    if cfg.data.global_batch_size % (m * (8 // s)) or cfg.model.num_layers % (s * r):
-      continue
-    t = measure(cfg, steps)["step_s"]
-    print(f"| {s} | {m} | {r} | {t:.3f} | {1 - ref['step_s'] / t:.3f} | {bubble_fraction(s, m, r):.3f} |")
-  print(f"\nReference (data=8, no pipeline): {ref['step_s']:.3f} s/step.")
+  ref_remat = measure(model_config(quick, dict(data=8), dict(remat="full")), steps)
+  print("| schedule | stages S | microbatches M | repeats R | step (s) | CPU s / step | "
+        "temp / device (MiB) | measured bubble (CPU) | (S-1)/(M*R+S-1) |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for schedule in ("gpipe", "1f1b"):
+    base = ref if schedule == "gpipe" else ref_remat
+    for s, m, r in [(4, 4, 1), (4, 8, 1), (4, 16, 1), (2, 4, 1), (2, 4, 2), (4, 4, 2)]:
+      cfg = model_config(quick, dict(stage=s, data=8 // s),
+                         dict(pipeline_microbatches=m, pipeline_repeats=r, pipeline_schedule=schedule))
+      if cfg.data.global_batch_size % (m * (8 // s)) or cfg.model.num_layers % (s * r):
+        continue
+      got = measure(cfg, steps)
+      load.append(os.getloadavg()[0])
+      print(f"| {schedule} | {s} | {m} | {r} | {got['step_s']:.3f} | {got['cpu_s']:.3f} | "
+            f"{got['temp_bytes'] / 2**20:.2f} | {1 - base['cpu_s'] / got['cpu_s']:.3f} | "
+            f"{bubble_fraction(s, m, r):.3f} |")
+  print(f"\nReferences (data=8, no pipeline): {ref['step_s']:.3f} s/step, {ref['cpu_s']:.3f} CPU s; "
+        f"with remat='full' (1F1B's): {ref_remat['step_s']:.3f} s/step, {ref_remat['cpu_s']:.3f} "
+        f"CPU s (medians of {steps} steps). "
+        f"1-minute load average while measuring: {min(load):.1f} to {max(load):.1f} "
+        f"({os.cpu_count()} CPUs).\n")
+  pipeline_memory(quick)
+
+
+def pipeline_memory(quick: bool) -> None:
+  """Compiled temp bytes per device of the train step on stage=4 x data=2 (interleaved:
+  stage=2 x data=4, R=2) as the microbatches grow, each microbatch 2 rows per device (the
+  batch grows with M): GPipe keeps every iteration's activations, 1F1B a fixed buffer."""
+  rows = {}
+  kinds = [("gpipe", 4, 1, "none"), ("gpipe", 4, 1, "full"), ("1f1b", 4, 1, "none"),
+           ("1f1b", 2, 2, "none")]
+  counts = (4, 8, 16) if quick else (4, 8, 16, 32)
+  for schedule, s, r, remat in kinds:
+    for m in counts:
+      cfg = model_config(quick, dict(stage=s, data=8 // s),
+                         dict(pipeline_microbatches=m, pipeline_repeats=r, remat=remat,
+                              pipeline_schedule=schedule))
+      cfg.data.global_batch_size = 2 * (8 // s) * m
+      setup = build(cfg, _devices(8))
+      state = setup.abstract_state
+      batch = {k: jax.ShapeDtypeStruct((cfg.data.global_batch_size, cfg.data.seq_len), jnp.int32,
+                                       sharding=setup.batch_sharding)
+               for k in ("inputs", "targets", "segment_ids", "positions")}
+      compiled = compile_train_step(setup).lower(state, batch).compile()
+      rows.setdefault((schedule, s, r, remat), []).append(compiled.memory_analysis().temp_size_in_bytes)
+  print("| schedule | S | R | remat | " + " | ".join(f"M={m}" for m in counts) + f" | M={counts[-1]} / M={counts[0]} |")
+  print("| --- | --- | --- | --- |" + " --- |" * (len(counts) + 1))
+  for (schedule, s, r, remat), temps in rows.items():
+    print(f"| {schedule} | {s} | {r} | {remat} | " + " | ".join(f"{t / 2**20:.2f}" for t in temps)
+          + f" | {temps[-1] / temps[0]:.2f} |")
+  print("\nTemp MiB per device of the compiled train step; microbatches of 2 rows per device.")
 
 
 def _context_config(c: int, seq: int, kind: str):

@@ -56,6 +56,7 @@ class ModelConfig:
   scan_layers: bool
   pipeline_microbatches: int
   pipeline_repeats: int
+  pipeline_schedule: str
   attention: str
   context_attention: str
   context_load_balance: bool

@@ -12,7 +12,9 @@ Iterations: ``M * R + S - 1`` for ``M`` microbatches; the bubble (stage-iteratio
 no useful work) is ``(S - 1) / (M * R + S - 1)``. The circular schedule needs M >= S.
 
 The math equals running the layers one after another: the same blocks see the same
-inputs; only where and when they run changes.
+inputs; only where and when they run changes. Training differentiates this loop by
+autodiff (``model.pipeline_schedule = "gpipe"``), keeping every iteration's activations;
+:mod:`lmjax.model.pipeline_1f1b` computes the gradient inside the loop instead ("1f1b").
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def bubble_fraction(num_stages: int, num_microbatches: int, repeats: int = 1) ->
   return (num_stages - 1) / (num_microbatches * repeats + num_stages - 1)
 
 
-def _microbatches(x: jax.Array, m: int) -> jax.Array:
+def microbatches(x: jax.Array, m: int) -> jax.Array:
   """(b, ...) -> (m, b/m, ...), microbatch i = rows i, i+m, ... (each device keeps its rows)."""
   return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
 
@@ -57,9 +59,9 @@ def run_pipeline(layers_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax
   # (stage 0 reads any microbatch locally); their batch stays split over the batch axes.
   with axes_taken("stage") as stage_axes:
     replicated_over_stages = lambda a: constrain(a, (None, "act_batch", "act_seq", "act_embed")[:a.ndim])
-    xs = replicated_over_stages(_microbatches(x, M))  # (M, mb, t, d)
-    pos = replicated_over_stages(_microbatches(positions, M))  # (M, mb, t)
-    seg = replicated_over_stages(_microbatches(segment_ids, M))
+    xs = replicated_over_stages(microbatches(x, M))  # (M, mb, t, d)
+    pos = replicated_over_stages(microbatches(positions, M))  # (M, mb, t)
+    seg = replicated_over_stages(microbatches(segment_ids, M))
 
   # (l, ...) -> (R, S, l/(R*S), ...): [r, s] is chunk r*S + s. For R = 1 this is the
   # storage layout (contiguous layers per stage); for R > 1 it is resharded once per step.

@@ -159,14 +159,14 @@ class Transformer(nnx.Module):
     if balance:
       order = context.balance_order(t, c)
       tokens, positions, segment_ids = (a[:, order] for a in (tokens, positions, segment_ids))
-    x = self._embed(tokens, positions)  # (b, t, d)
+    x = self.embed_tokens(tokens, positions)  # (b, t, d)
     x, stats = self._run_blocks(x, positions, segment_ids)
     x = self.final_norm(x)
     if balance:
       x = constrain(x[:, np.argsort(order)], _ACT)
     return x, stats
 
-  def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+  def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token embeddings (plus learned position embeddings) in the compute dtype: (b, t, d)."""
     dt = jnp.dtype(self.cfg.compute_dtype)
     x = self.embed(tokens, dt)
@@ -177,27 +177,40 @@ class Transformer(nnx.Module):
   def _run_blocks(self, x: jax.Array, positions: jax.Array,
                   segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.cfg
+    if self.num_stages == 1:
+      block = self._block_fn()
+      return self._walk(x, lambda x, graphdef, params, i: block(graphdef, x, params, positions,
+                                                                segment_ids))
+    layers = self.stage_layers()
+    micro = cfg.pipeline_microbatches if cfg.pipeline_microbatches > 0 else self.num_stages
+    x = run_pipeline(layers, nnx.split(self.blocks)[1], x, positions, segment_ids,
+                     num_stages=self.num_stages, num_microbatches=micro,
+                     repeats=cfg.pipeline_repeats)
+    return x, {}
 
+  def _block_fn(self):
+    """``block(graphdef, x, layer_params, positions, segment_ids) -> (x, stats)``, remat'd
+    as ``config.model.remat`` says."""
     def block(graphdef, x, layer_params, positions, segment_ids):
       return nnx.merge(graphdef, layer_params)(x, positions, segment_ids)
 
-    if cfg.remat != "none":
-      block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False,
+    if self.cfg.remat != "none":
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False,
                              static_argnums=(0,))
+    return block
 
-    if self.num_stages == 1:
-      return self._walk(x, lambda x, graphdef, params, i: block(graphdef, x, params, positions,
-                                                                segment_ids))
-    graphdef, stacked = nnx.split(self.blocks)
+  def stage_layers(self):
+    """``layers(params, x, positions, segment_ids) -> x``: consecutive blocks of a dense
+    model whose parameters are :attr:`blocks`' leaves sliced to ``(l', ...)`` (a pipeline
+    stage's chunk)."""
+    graphdef, block = nnx.graphdef(self.blocks), self._block_fn()
+    scan_layers = self.cfg.scan_layers
 
-    def layers(params, x, positions, segment_ids):  # consecutive layers, params (l', ...)
+    def layers(params, x, positions, segment_ids):
       step = lambda carry, p: (block(graphdef, carry, p, positions, segment_ids)[0], None)
-      return _scan(step, x, params, cfg.scan_layers)[0]
+      return _scan(step, x, params, scan_layers)[0]
 
-    micro = cfg.pipeline_microbatches if cfg.pipeline_microbatches > 0 else self.num_stages
-    x = run_pipeline(layers, stacked, x, positions, segment_ids, num_stages=self.num_stages,
-                     num_microbatches=micro, repeats=cfg.pipeline_repeats)
-    return x, {}
+    return layers
 
   def _walk(self, carry: Any, step) -> tuple[Any, dict[str, jax.Array]]:
     """Runs ``step(carry, graphdef, layer_params, i) -> (carry, stats)`` over the layers in
@@ -253,7 +266,7 @@ class Transformer(nnx.Module):
     t = tokens.shape[1]
     slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # (t,)
     positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # (b, t); padding at 0
-    x = self._embed(tokens, positions)  # (b, t, d)
+    x = self.embed_tokens(tokens, positions)  # (b, t, d)
 
     # The stacked cache rides in the carry and layer i's slice is written back in place,
     # so the cache is never held twice (as it would be as a scan input and output).
