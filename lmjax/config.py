@@ -31,7 +31,7 @@ QUANTIZATIONS = ("none", "fp8")
 ROUTERS = ("softmax", "sigmoid")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 DTYPES = ("float32", "bfloat16")  # float16 is refused: without loss scaling its gradients underflow
-DATA_FORMATS = ("text", "prompt_response")
+DATA_FORMATS = ("text", "prompt_response", "chat", "preference")
 TXT_SPLITS = ("file", "blank_line")  # this and the next two: imported by lmjax.data
 BAD_RECORD_POLICIES = ("skip", "fail")
 LONG_DOCUMENT_POLICIES = ("split", "truncate", "skip", "fail")
@@ -39,6 +39,8 @@ NAN_POLICIES = ("halt", "skip")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "muon")
 SCHEDULES = ("cosine", "wsd", "constant", "linear")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+OBJECTIVES = ("causal", "masked", "dpo")
+LORA_TARGETS = relations.LORA_TARGETS
 
 # What validate checks field by field; relations between fields are checked after these.
 CHOICES = {  # key -> allowed values
@@ -62,6 +64,7 @@ CHOICES = {  # key -> allowed values
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "optim.decay_shape": DECAY_SHAPES,
+    "train.objective": OBJECTIVES,
 }
 CHOICE_HINTS = {"float16": " float16 needs loss scaling, which lmjax lacks (small gradients underflow): use bfloat16."}
 POSITIVE = (
@@ -70,10 +73,11 @@ POSITIVE = (
     "model.pipeline_repeats", "data.seq_len", "data.global_batch_size", "optim.learning_rate",
     "optim.grad_accum_steps", "train.steps", "train.log_every", "train.eval_batches",
     "train.keep_checkpoints", "train.spike_threshold", "train.spike_max_consecutive",
-    "optim.muon_ns_steps", "model.router_scale",
+    "optim.muon_ns_steps", "model.router_scale", "model.lora_alpha", "train.dpo_beta",
+    "train.distill_temperature",
 )
 AT_LEAST = {  # key -> smallest allowed value
-    "model.sliding_window": 0, "model.loss_chunk": 0, "model.num_experts": 0, "model.moe_every": 1,
+    "model.sliding_window": 0, "model.loss_chunk": 0, "model.lora_rank": 0, "model.num_experts": 0, "model.moe_every": 1,
     "model.experts_per_token": 1, "model.expert_mlp_dim": 0, "model.num_shared_experts": 0,
     "model.first_dense_layers": 0, "model.capacity_factor": 0, "model.moe_aux_loss": 0,
     "model.moe_z_loss": 0, "model.router_bias_rate": 0, "model.rope_attention_factor": 0,
@@ -90,6 +94,8 @@ FRACTIONS = {  # key -> (low, high, whether high is allowed)
     "optim.lion_b1": (0, 1, True),
     "optim.lion_b2": (0, 1, False),
     "optim.muon_beta": (0, 1, False),
+    "train.mask_fraction": (0, 1, True),
+    "train.distill_weight": (0, 1, True),
 }
 
 
@@ -161,15 +167,22 @@ def default_config() -> ml_collections.ConfigDict:
   m.moe_aux_loss = 0.01  # weight of the load-balancing loss E * sum_i f_i P_i (Switch; 1 x k when balanced), mean over MoE layers
   m.moe_z_loss = 0.001  # weight of the router z-loss, logsumexp(router logits)^2 (ST-MoE)
   m.router_bias_rate = 0.001  # sigmoid router: after each update the bias of an over-(under-)loaded expert falls (rises) by this (DeepSeek-V3)
+  m.causal = True  # False: each token attends to its whole document, both ways (train.objective="masked")
+  m.lora_rank = 0  # LoRA: rank r of low-rank adapters on model.lora_targets; > 0 freezes every other weight
+  m.lora_alpha = 16.0  # LoRA: an adapter adds (alpha / r) x A B to its projection
+  m.lora_targets = ("q", "v")  # LoRA: adapted projections, of q, k, v, o (attention) and gate, up, down (MLP)
   m.loss_chunk = 1024  # the loss walks the sequence this many positions at a time, never holding the (b, t, v) logits; 0 = whole logits
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "default"  # "default", a file/dir/glob of .txt .jsonl .json .parquet .arrayrecord files, or a tools/prepare_data.py directory
   d.mixture = ()  # ((source, weight), ...): rows drawn from each source in proportion; replaces source when set
   d.text_field = "text"  # JSONL / Parquet / ArrayRecord field holding the document text
-  d.format = "text"  # "text" (documents) or "prompt_response" (JSONL pairs; loss on the response)
-  d.prompt_field = "prompt"  # prompt_response: JSONL field of the prompt
+  d.format = "text"  # text (documents) | prompt_response (JSONL pairs; loss on the response) | chat (JSONL conversations; loss on assistant turns) | preference (JSONL prompt, chosen, rejected; train.objective="dpo")
+  d.prompt_field = "prompt"  # prompt_response, preference: JSONL field of the prompt
   d.response_field = "response"  # prompt_response: JSONL field of the response
+  d.messages_field = "messages"  # chat: JSONL field of the conversation, [{"role": ..., "content": ...}, ...]
+  d.chat_template = ""  # chat (and lmjax chat): "" = the tokenizer's own (an HF import's), else a built-in name or a .jinja file
+  d.chosen_field, d.rejected_field = "chosen", "rejected"  # preference: JSONL fields of the preferred and the other response
   d.txt_split = "file"  # .txt documents: "file" (one per file) or "blank_line" (one per blank-line-separated block)
   d.bad_records = "skip"  # empty/undecodable/malformed records, missing paths: "skip" (counted in metrics) or "fail"
   d.long_documents = "split"  # documents over seq_len tokens: "split" over rows, "truncate", "skip" (counted) or "fail" (prompt_response examples are cut)
@@ -178,7 +191,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.global_batch_size = 16  # rows per step across all processes
   d.shuffle = True  # shuffle documents (raw), rows (prepared) or pairs (prompt_response), differently each epoch
   d.num_epochs = -1  # -1 repeats forever (training stops at train.steps)
-  d.tokenizer = ""  # path to a sentencepiece .model; "" = a prepared source's, else train.init_from's run's, else one trained and cached for the source
+  d.tokenizer = ""  # a sentencepiece .model, a Hugging Face tokenizer.json or a tiktoken .tiktoken file; "" = a prepared source's, else train.init_from's run's, else one trained and cached for the source
   d.tokenizer_cache = ""  # directory for generated tokenizers; "" = $LMJAX_CACHE or ~/.cache/lmjax
   d.worker_count = 0  # Grain worker processes (0 = in the main process)
   d.prefetch = 2  # batches prefetched ahead of the step
@@ -227,6 +240,15 @@ def default_config() -> ml_collections.ConfigDict:
   t.spike_max_consecutive = 8  # spikes skipped in a row before a new loss level is accepted: apply, restart the window
   t.init_from = ""  # fine-tuning: a run directory whose checkpoint's parameters (and tokenizer, if data.tokenizer is "") start this run
   t.init_step = -1  # the step of init_from to use; -1 = newest usable
+  t.objective = "causal"  # causal (next token) | masked (masked LM: model.causal=False) | dpo (preference pairs against a frozen reference)
+  t.mask_fraction = 0.15  # masked: fraction of tokens selected; of those 80% masked, 10% a random token, 10% kept
+  t.mask_token = ""  # masked: the mask token's text; "" = the tokenizer's unknown-token id
+  t.dpo_beta = 0.1  # dpo: the beta of -log sigmoid(beta x (policy - reference) log-ratio margin)
+  t.reference = ""  # dpo: the frozen reference run (a run directory); "" = train.init_from
+  t.teacher = ""  # distillation: a run directory whose frozen model's logits the student learns from; "" = none
+  t.teacher_step = -1  # distillation: the teacher's step; -1 = newest usable
+  t.distill_weight = 0.5  # distillation: loss = (1 - w) x cross-entropy + w x T^2 x KL(teacher_T || student_T)
+  t.distill_temperature = 1.0  # distillation: T, dividing both models' logits
   t.debug_nan_at_step = 0  # fault injection for tests: that step's loss and grads are NaN
 
   c.mesh = ms = ml_collections.ConfigDict()
@@ -387,6 +409,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   # Relations between fields.
   m, d, o = cfg.model, cfg.data, cfg.optim
   relations.check_model(m, d, _fail)
+  relations.check_objective(cfg, _fail)
   if d.seq_len > m.max_seq_len:
     _fail("data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}], got {d.seq_len}.")
   for i, entry in enumerate(d.mixture):

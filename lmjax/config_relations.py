@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 Fail = Callable[[str, str], None]
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt
 
 
 def check_model(m: Any, d: Any, fail: Fail) -> None:
@@ -43,6 +44,28 @@ def check_model(m: Any, d: Any, fail: Fail) -> None:
   if m.num_experts and (moe_part <= 0 or moe_part % m.moe_every):
     fail("model.moe_every", f"the {moe_part} layers after model.first_dense_layers ({m.first_dense_layers}"
                             f") must be a positive multiple of model.moe_every ({m.moe_every}).")
+
+
+def check_objective(cfg: Any, fail: Fail) -> None:
+  """``train.objective`` against the model, the data format, LoRA and distillation."""
+  m, d, t = cfg.model, cfg.data, cfg.train
+  for target in m.lora_targets:
+    if target not in LORA_TARGETS:
+      fail("model.lora_targets", f"unknown projection {target!r}; choose from {LORA_TARGETS}.")
+  if m.lora_rank and not m.lora_targets:
+    fail("model.lora_targets", f"empty with model.lora_rank={m.lora_rank}; name the projections to adapt.")
+  if (t.objective == "masked") == m.causal:
+    fail("model.causal", f"{m.causal} with train.objective={t.objective!r}: the masked objective needs "
+                         "model.causal=False (bidirectional attention), every other one True.")
+  if (t.objective == "dpo") != (d.format == "preference"):
+    fail("data.format", f"{d.format!r} with train.objective={t.objective!r}: preference pairs "
+                        "(data.format='preference') train with train.objective='dpo', and only they do.")
+  if t.objective == "dpo" and not (t.reference or t.init_from):
+    fail("train.reference", "dpo needs a frozen reference model: set train.reference or train.init_from "
+                            "to a run directory.")
+  if t.teacher and t.objective != "causal":
+    fail("train.teacher", f"distillation trains with the next-token objective; got "
+                          f"train.objective={t.objective!r}.")
 
 
 def check_parallelism(cfg: Any, shape: dict[str, int], fail: Fail) -> None:

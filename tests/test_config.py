@@ -75,7 +75,7 @@ def test_every_default_field_is_documented_where_defined():
     ("mesh.tensor", 3, "config.mesh: the fixed axes"),
     ("mesh.stage", 0, "config.mesh.stage: must be a positive size or -1"),
     ("train.nan_policy", "ignore", "config.train.nan_policy: must be one of ('halt', 'skip'), got 'ignore'."),
-    ("data.format", "chat", "config.data.format: must be one of ('text', 'prompt_response')"),
+    ("data.format", "chats", "config.data.format: must be one of ('text', 'prompt_response', 'chat', 'preference')"),
     ("model.attention", "flash", "config.model.attention: must be one of"),
     ("model.sliding_window", -1, "config.model.sliding_window: must be >= 0, got -1."),
     ("train.spike_window", 1, "config.train.spike_window: must be >= 2, got 1."),

@@ -74,6 +74,10 @@ class ModelConfig:
   moe_z_loss: float
   router_bias_rate: float
   init_std: float
+  causal: bool
+  lora_rank: int
+  lora_alpha: float
+  lora_targets: tuple
   loss_chunk: int
 
   @property
@@ -102,7 +106,7 @@ class ModelConfig:
     return cls(**{name: _typed(name, values[name], kind) for name, kind in fields.items()})
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": (tuple, list)}
 
 
 def _typed(name: str, value: Any, kind: str) -> Any:
@@ -111,6 +115,8 @@ def _typed(name: str, value: Any, kind: str) -> Any:
   want = _TYPES[kind]
   if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if kind == "tuple" and isinstance(value, list):  # a saved config.json holds lists
+    return tuple(value)
   if not isinstance(value, want) or (kind == "int" and isinstance(value, bool)):
     raise TypeError(f"config.model.{name}: expected {kind}, got {value!r} "
                     f"({type(value).__name__}).")
