@@ -179,8 +179,9 @@ def rows_iterator(cfg: ml_collections.ConfigDict, rows: dict[str, np.ndarray], *
   (``data.shuffle``) for ``data.num_epochs``; eval rows once, in order."""
   d = cfg.data
   if split == "train" and not len(rows["inputs"]):
-    raise DataError(f"data.source={d.source!r}: no training examples (all held out or skipped); "
-                    "add examples or lower data.eval_fraction.")
+    skipped = f" (skipped: {dict(counts)})" if counts else ""
+    raise DataError(f"data.source={d.source!r}: no training examples{skipped}; add examples or "
+                    "lower data.eval_fraction.")
   if split == "train" and (d.num_epochs == 0 or d.num_epochs < -1):
     raise DataError(f"data.num_epochs must be positive or -1 (forever), got {d.num_epochs}.")
   return FinetuneIterator(rows, d.global_batch_size, cfg.seed, d.shuffle and split == "train",
