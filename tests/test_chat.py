@@ -347,3 +347,16 @@ def test_lmjax_chat_without_a_template_is_one_line(runs, capsys):
   assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
   assert "has no chat template; set data.chat_template to a built-in (chatml, llama3" in err
   assert "--template" in err
+
+
+def test_chat_config_takes_a_run_and_a_template(tmp_path):
+  from lmjax.config import ConfigError, validate
+  from lmjax.config_file import load
+  (tmp_path / "config.json").write_text(default_config().to_json())
+  cfg = load(f"{REPO / 'configs' / 'chat.py'}:{tmp_path},template=llama3,runlocal")
+  validate(cfg, num_devices=1)
+  assert (cfg.data.format, cfg.data.chat_template, cfg.train.init_from) == ("chat", "llama3", str(tmp_path))
+  assert cfg.train.steps == 100 and cfg.data.long_documents == "truncate"
+  assert load(f"{REPO / 'configs' / 'chat.py'}:{tmp_path}").data.chat_template == ""
+  with pytest.raises(ConfigError, match="needs the run to start from"):
+    load(str(REPO / "configs" / "chat.py"))
