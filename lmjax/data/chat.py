@@ -444,6 +444,9 @@ def chat_iterator(cfg: ml_collections.ConfigDict, tokenizer: Any, *, split: str 
   """The train split (all but ``data.eval_fraction`` of the conversations) or the eval split
   (once); :func:`lmjax.data.make_iterator` calls it when ``data.format="chat"``."""
   d = cfg.data
+  if d.mixture:
+    raise DataError("data.mixture mixes raw-text sources; chat conversations are read from "
+                    "data.source (one file, directory or glob): set data.mixture=().")
   keys = ("source", "messages_field", "chat_template", "bad_records", "long_documents",
           "eval_fraction", "seq_len")
   cfg_json = json.dumps({k: d[k] for k in keys})
