@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 from absl import logging
 
-from lmjax import config_file, distributed, runs, storage, sweep
+from lmjax import chat, config_file, distributed, runs, storage, sweep
 from lmjax.checkpoint import CheckpointError
 from lmjax.config import ConfigError, error_line
 from lmjax.data import DataError
@@ -271,6 +271,36 @@ def _generate(args) -> None:
   for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
     print(f"--- {i + 1}/{len(texts)}")
     print(prompt + text)
+
+
+@flags("chat")
+def _chat_flags(p):
+  _workdir_flag(p, "a trained run (fine-tuned on conversations, or with a chat template)")
+  _step_flag(p)
+  p.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
+  p.add_argument("--max_new_tokens", type=int, default=256, help="tokens per reply, at most (256)")
+  p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (0.7)")
+  p.add_argument("--top_p", type=float, default=1.0,
+                 help="draw from the fewest most likely tokens that hold this probability; 1 = all")
+  p.add_argument("--seed", type=int, default=0, help="seed of the random draws (reply i uses seed + i)")
+  p.add_argument("--template", metavar="NAME|FILE", help="chat template: a built-in ("
+                 + ", ".join(chat.BUILTIN_TEMPLATES) + ") or a .jinja file; default: the run's "
+                 "data.chat_template, else its tokenizer's")
+  _distributed_flags(p)
+
+
+@command("chat", "chat with the model in --workdir: one message per line of stdin, replies on "
+                 "stdout; /reset clears the conversation, /exit or end of input ends")
+def _chat(args) -> None:
+  if args.max_new_tokens < 1 or not args.temperature >= 0 or not 0 < args.top_p <= 1:
+    raise ConfigError(f"chat: need --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1, "
+                      f"got {args.max_new_tokens}, {args.temperature}, {args.top_p}")
+  run = load_run(args.workdir, None, args.step)
+  check_vocab(run.cfg, run.text_tokenizer())
+  session = chat.Chat(run, system=args.system, template=args.template,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed)
+  chat.run_terminal(session, sys.stdin, sys.stdout, sys.stderr, sys.stdin.isatty())
 
 
 @flags("plan")
