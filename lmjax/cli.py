@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 from absl import logging
 
-from lmjax import config_file, distributed, runs, storage, sweep
+from lmjax import config_file, distributed, generation_eval, runs, storage, sweep
 from lmjax.checkpoint import CheckpointError
 from lmjax.config import ConfigError, error_line
 from lmjax.data import DataError
@@ -162,19 +162,88 @@ def _eval_flags(p):
                  help="batches of held-out data (default: all of the split)")
   p.add_argument("--choices", metavar="JSONL", help='multiple-choice JSONL ({"context", '
                  '"choices", "label"} per line) to score for accuracy')
+  g = p.add_argument_group("generation tasks (BLEU, ROUGE-1/2/L, exact match; the eval extra)")
+  g.add_argument("--generation", metavar="JSONL", help='JSONL of {"source": str, "reference": '
+                 'str or [str, ...]} per line: the model continues each source (greedy)')
+  g.add_argument("--source_field", default="source", help="--generation's source field (source)")
+  g.add_argument("--reference_field", default="reference",
+                 help="--generation's reference field (reference)")
+  g.add_argument("--max_new_tokens", type=_count("tokens"), default=64,
+                 help="new tokens per source, at most (64)")
+  g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                 help="cut each output before this text; repeatable; \\n and \\t are read as "
+                      "newline and tab (--stop '\\n': one line)")
+  g.add_argument("--limit", type=_count("items"), metavar="N", help="the first N items only")
+  g.add_argument("--batch_size", type=_count("sources"), default=8, metavar="B",
+                 help="sources generated together (8)")
+  g.add_argument("--output", metavar="FILE", help="scores, timing and every output as JSON "
+                 "(default: eval_generation.json in the run directory)")
   _distributed_flags(p)
 
 
-@command("eval", "held-out loss, perplexity, bits per byte (and --choices accuracy) of --workdir")
+@command("eval", "held-out loss, perplexity, bits per byte (and --choices accuracy, "
+                 "--generation BLEU / ROUGE / exact match) of --workdir")
 def _eval(args) -> None:
+  if args.generation:
+    generation_eval.scorers()  # a missing extra is named before the run loads
   run = load(args.workdir, args.step)
   results = {"step": run.step}
   name = "source" if args.eval_source else "held_out"
   results[name] = run.evaluate(args.eval_source, args.eval_batches)
   if args.choices:
     results["choices"] = run.multiple_choice(args.choices)
+  if args.generation:
+    stop = [generation_eval.unescape(s) for s in args.stop]
+    try:
+      out = generation_eval.evaluate_run(
+          run, args.generation, source_field=args.source_field,
+          reference_field=args.reference_field, limit=args.limit,
+          max_new_tokens=args.max_new_tokens, stop=stop, batch_size=args.batch_size)
+    except ValueError as e:  # max_new_tokens leaving no room for a prompt
+      raise ConfigError(f"--max_new_tokens: {e}") from None
+    results["generation"] = {"file": args.generation, **out["scores"]}
+    output = args.output or storage.join(args.workdir, "eval_generation.json")
+    storage.write_text(output, json.dumps({"step": run.step, "file": args.generation,
+                                           "max_new_tokens": args.max_new_tokens, "stop": stop,
+                                           **out}, indent=2))
   storage.write_text(storage.join(args.workdir, "eval.json"), json.dumps(results, indent=2))
   print(json.dumps(results, indent=2))
+  if args.generation:
+    print(f"\n{args.generation}: {out['scores']['examples']} items, "
+          f"{out['timing']['tokens_per_sec']:.1f} generated tokens/s; outputs in {output}")
+    print(generation_eval.format_table(out["scores"]))
+
+
+@flags("harness")
+def _harness_flags(p):
+  _workdir_flag(p, "a trained run (its harness.json is written there)")
+  _step_flag(p)
+  p.add_argument("--tasks", required=True, metavar="T1,T2", help="lm-evaluation-harness tasks, "
+                 "comma-separated: names of lm_eval's own or of task YAML under --include_path")
+  p.add_argument("--include_path", metavar="DIR", help="directory of task YAML files (e.g. "
+                 "dataset_path: json with local data_files; runs offline)")
+  p.add_argument("--limit", type=_count("examples"), metavar="N", help="the first N examples per task")
+  p.add_argument("--num_fewshot", type=int, metavar="K", help="few-shot examples per prompt")
+  p.add_argument("--batch_size", type=_count("rows"), metavar="B",
+                 help="rows scored or prompts generated together (default: data.global_batch_size)")
+  p.add_argument("--output", metavar="FILE", help="results JSON (default: harness.json in the run "
+                 "directory)")
+  _distributed_flags(p)
+
+
+@command("harness", "lm-evaluation-harness tasks (--tasks) on the model in --workdir (the eval extra)")
+def _harness(args) -> None:
+  from lmjax import harness  # lm_eval: the eval extra, imported only here
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  if not tasks:
+    raise ConfigError("--tasks: name at least one task, e.g. --tasks hellaswag,my_task")
+  results = harness.run_harness(args.workdir, tasks, include_path=args.include_path,
+                                limit=args.limit, num_fewshot=args.num_fewshot, step=args.step,
+                                batch_size=args.batch_size)
+  output = args.output or storage.join(args.workdir, "harness.json")
+  storage.write_text(output, harness.to_json(results))
+  print(harness.format_results(results))
+  print(f"results: {output}")
 
 
 @flags("sweep")

@@ -101,6 +101,11 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
   return text[:cut]
 
 
+def unescape(text: str) -> str:
+  """A stop string as typed on a command line: ``\\n`` a newline, ``\\t`` a tab, ``\\\\`` a backslash."""
+  return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t"}.get(m[1], "\\"), text)
+
+
 def normalize(text: str) -> str:
   """Exact match's normalisation: lower case, stripped, each run of whitespace one space."""
   return re.sub(r"\s+", " ", text).strip().lower()

@@ -237,6 +237,7 @@ def run_harness(workdir: str, tasks: Sequence[str], *, include_path: str | None 
   if unknown:
     where = f" or under --include_path {include_path}" if include_path else "; give --include_path DIR"
     raise ConfigError(f"--tasks: no task {', '.join(map(repr, unknown))} among lm_eval's tasks{where}")
+  kwargs.setdefault("log_samples", False)
   lm = lm if lm is not None else LmjaxLM(workdir=workdir, step=step, batch_size=batch_size)
   results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit,
                                     num_fewshot=num_fewshot, task_manager=manager, **kwargs)
@@ -247,3 +248,8 @@ def run_harness(workdir: str, tasks: Sequence[str], *, include_path: str | None 
 def format_results(results: dict[str, Any]) -> str:
   """lm_eval's own results table (``lm_eval.utils.make_table``)."""
   return lm_utils.make_table(results)
+
+
+def to_json(results: dict[str, Any]) -> str:
+  """The results as JSON, values JSON lacks written as lm_eval writes them."""
+  return json.dumps(results, indent=2, default=lm_utils.handle_non_serializable) + "\n"
