@@ -172,3 +172,18 @@ def test_bench_generation_section_reports_each_batch_size():
   for r in rows:
     assert r["examples_per_sec"] > 0 and r["tokens_per_sec"] > 0
     assert 2 <= r["generated_tokens"] <= 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv,missing", [
+    (["eval", "--workdir", "w", "--generation", "t.jsonl"], ["sacrebleu"]),
+    (["harness", "--workdir", "w", "--tasks", "t"], ["lm_eval", "lm_eval.api.model"]),
+])
+def test_cli_without_the_eval_extra_is_one_line_naming_it(argv, missing):
+  code = (f"import sys; sys.modules.update(dict.fromkeys({missing!r})); "
+          f"sys.argv = ['lmjax'] + {argv!r}; from lmjax.cli import main; main()")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=ROOT)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().startswith("error: ") and "\n" not in result.stderr.strip()
+  assert result.stderr.strip().endswith('not installed: pip install "lmjax[eval]".')
