@@ -10,102 +10,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import warnings
-from typing import Callable
 
 import jax
 from absl import logging
 
-from lmjax import chat, config_file, distributed, runs, storage, sweep
+from lmjax import cli_trained  # noqa: F401 - registers eval, harness, generate and chat
+from lmjax import config_file, distributed, runs, sweep
+from lmjax.cli_args import (COMMANDS, PARSERS, _config_flags, _count, _distributed_flags, _Parser,
+                            _workdir_flag, command, flags)
 from lmjax.checkpoint import CheckpointError
 from lmjax.config import ConfigError, error_line
 from lmjax.data import DataError
-from lmjax.generate import generate, load_run
 from lmjax.plan import format_plan, plan
 from lmjax.preflight import input_problems
-from lmjax.rundir import check_vocab
-from lmjax.trained import load
 from lmjax.trainer import train
-
-COMMANDS: dict[str, tuple[str, Callable]] = {}  # name -> (one-line help, function(args))
-PARSERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
-
-
-class _Parser(argparse.ArgumentParser):
-  """argparse with lmjax's error convention (one line, exit status 2) and no abbreviated
-  flags (``--temp`` is no ``--temperature``)."""
-
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, allow_abbrev=False, **kwargs)
-
-  def error(self, message: str):
-    sys.stderr.write(f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-    sys.exit(2)
-
-
-class _Once(argparse.Action):
-  """A flag given once, with a value that is not empty (``--workdir ""`` is no directory)."""
-
-  def __call__(self, parser, namespace, value, option_string=None):
-    if getattr(namespace, self.dest, None) is not None:
-      parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {value!r}); give it once")
-    if not value.strip():
-      parser.error(f"{option_string} is empty; give a {self.metavar}")
-    setattr(namespace, self.dest, value)
-
-
-def _count(what: str) -> Callable[[str], int]:
-  """An argparse type: a number of ``what``, 1 or more."""
-  def parse(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-      raise argparse.ArgumentTypeError(f"a number of {what}, 1 or more; got {text!r}")
-    return int(text)
-  return parse
-
-
-def command(name: str, help: str):
-  def register(fn):
-    COMMANDS[name] = (help, fn)
-    return fn
-  return register
-
-
-def flags(name: str):
-  def register(fn):
-    PARSERS[name] = fn
-    return fn
-  return register
-
-
-# -- shared flag groups --------------------------------------------------------------------
-
-def _config_flags(p: argparse.ArgumentParser, required: bool, what: str = "config file") -> None:
-  p.add_argument("--config", required=required, metavar="FILE[:ARG]", action=_Once,
-                 help=f"{what} defining get_config(arg=None); FILE:ARG passes ARG. Override any "
-                      "field with --config.KEY=VALUE (e.g. --config.optim.learning_rate=3e-4).")
-
-
-def _workdir_flag(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
-  p.add_argument("--workdir", required=required, metavar="DIR", action=_Once, help=help)
-
-
-def _distributed_flags(p: argparse.ArgumentParser) -> None:
-  g = p.add_argument_group("multi-process jobs (else detected: SLURM, MPI, TPU pods, Kubernetes, "
-                           "torchrun env; see python -m lmjax.distributed)")
-  g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
-  g.add_argument("--num_processes", type=int, help="processes in the job (with --coordinator)")
-  g.add_argument("--process_id", type=int, help="this process's index (with --coordinator)")
-  g.add_argument("--heartbeat_timeout", type=int, default=100, metavar="SEC",
-                 help="seconds after which a silent process is taken for dead and the others stop "
-                      "with an error (default 100)")
-
-
-def _step_flag(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--step", type=int, help="checkpoint step to load (default: the newest)")
-
 
 # -- commands ------------------------------------------------------------------------------
 
@@ -150,31 +71,6 @@ def _refuse(problems: list[str]) -> None:
     sys.stderr.write(error_line(problem) + "\n")
   if problems:
     sys.exit(2)
-
-
-@flags("eval")
-def _eval_flags(p):
-  _workdir_flag(p, "a trained run (its eval.json is written there)")
-  _step_flag(p)
-  p.add_argument("--eval_source", metavar="PATH", help="text/JSONL file, dir or glob to score "
-                 "instead of the run's held-out split")
-  p.add_argument("--eval_batches", type=_count("batches"), metavar="N",
-                 help="batches of held-out data (default: all of the split)")
-  p.add_argument("--choices", metavar="JSONL", help='multiple-choice JSONL ({"context", '
-                 '"choices", "label"} per line) to score for accuracy')
-  _distributed_flags(p)
-
-
-@command("eval", "held-out loss, perplexity, bits per byte (and --choices accuracy) of --workdir")
-def _eval(args) -> None:
-  run = load(args.workdir, args.step)
-  results = {"step": run.step}
-  name = "source" if args.eval_source else "held_out"
-  results[name] = run.evaluate(args.eval_source, args.eval_batches)
-  if args.choices:
-    results["choices"] = run.multiple_choice(args.choices)
-  storage.write_text(storage.join(args.workdir, "eval.json"), json.dumps(results, indent=2))
-  print(json.dumps(results, indent=2))
 
 
 @flags("sweep")
@@ -239,70 +135,6 @@ def _runs(args) -> None:
     print(f"curves: {args.plot}")
 
 
-@flags("generate")
-def _generate_flags(p):
-  _workdir_flag(p, "a trained run")
-  _config_flags(p, required=False, what="optional: a config file instead of the run's own;")
-  p.add_argument("--prompt", action="append", required=True,
-                 help="a prompt to continue; repeat for a batch")
-  p.add_argument("--max_new_tokens", type=int, default=64, help="new tokens per prompt, at most (64)")
-  p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (1)")
-  p.add_argument("--top_k", type=int, default=0, help="draw from the k most likely tokens; 0 = all")
-  p.add_argument("--top_p", type=float, default=1.0,
-                 help="draw from the fewest most likely tokens that hold this probability; 1 = all")
-  p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
-  _step_flag(p)
-  _distributed_flags(p)
-
-
-@command("generate", "continue each --prompt with the model in --workdir")
-def _generate(args) -> None:
-  run = load_run(args.workdir, args.cfg, args.step)
-  run.text_tokenizer()
-  check_vocab(run.cfg, run.tokenizer)
-  try:
-    texts = generate(run.setup, run.params, run.tokenizer, args.prompt,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-  except ValueError as e:  # a sampling setting out of range, a prompt too long
-    raise ConfigError(str(e)) from None
-  print(f"# {args.workdir} step {run.step}: temperature {args.temperature}, top_k "
-        f"{args.top_k}, top_p {args.top_p}, seed {args.seed}")
-  for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
-    print(f"--- {i + 1}/{len(texts)}")
-    print(prompt + text)
-
-
-@flags("chat")
-def _chat_flags(p):
-  _workdir_flag(p, "a trained run (fine-tuned on conversations, or with a chat template)")
-  _step_flag(p)
-  p.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
-  p.add_argument("--max_new_tokens", type=int, default=256, help="tokens per reply, at most (256)")
-  p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (0.7)")
-  p.add_argument("--top_p", type=float, default=1.0,
-                 help="draw from the fewest most likely tokens that hold this probability; 1 = all")
-  p.add_argument("--seed", type=int, default=0, help="seed of the random draws (reply i uses seed + i)")
-  p.add_argument("--template", metavar="NAME|FILE", help="chat template: a built-in ("
-                 + ", ".join(chat.BUILTIN_TEMPLATES) + ") or a .jinja file; default: the run's "
-                 "data.chat_template, else its tokenizer's")
-  _distributed_flags(p)
-
-
-@command("chat", "chat with the model in --workdir: one message per line of stdin, replies on "
-                 "stdout; /reset clears the conversation, /exit or end of input ends")
-def _chat(args) -> None:
-  if args.max_new_tokens < 1 or not args.temperature >= 0 or not 0 < args.top_p <= 1:
-    raise ConfigError(f"chat: need --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1, "
-                      f"got {args.max_new_tokens}, {args.temperature}, {args.top_p}")
-  run = load_run(args.workdir, None, args.step)
-  check_vocab(run.cfg, run.text_tokenizer())
-  session = chat.Chat(run, system=args.system, template=args.template,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed)
-  chat.run_terminal(session, sys.stdin, sys.stdout, sys.stderr, sys.stdin.isatty())
-
-
 @flags("plan")
 def _plan_flags(p):
   _config_flags(p, required=True)
@@ -356,6 +188,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
   return rest, overrides
 
 
+def _ordered() -> list[str]:
+  """The command names in the order ``lmjax --help`` lists them."""
+  order = ("train", "validate", "plan", "eval", "harness", "generate", "chat", "sweep", "runs")
+  return sorted(COMMANDS, key=lambda n: order.index(n) if n in order else len(order))
+
+
 def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
   """The ``lmjax`` parser and each command's own."""
   top = _Parser(prog="lmjax", description="Train, evaluate and sample Transformer language "
@@ -363,7 +201,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                 epilog="Config fields are overridden with --config.KEY=VALUE after --config.")
   sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
   subs = {}
-  for name, (help_text, _) in COMMANDS.items():
+  for name in _ordered():
+    help_text = COMMANDS[name][0]
     subs[name] = sub.add_parser(name, help=help_text, description=help_text)
     PARSERS[name](subs[name])
   return top, subs
@@ -378,7 +217,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not rest or rest[0] in ("-h", "--help"):
       top.print_help(sys.stdout if rest else sys.stderr)
       sys.exit(0 if rest else 2)
-    top.error(f"{rest[0]!r} is no command; choose one of {', '.join(COMMANDS)}")
+    top.error(f"{rest[0]!r} is no command; choose one of {', '.join(_ordered())}")
   args, unknown = top.parse_known_args(rest)
   if unknown:
     subs[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")

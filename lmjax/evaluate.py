@@ -194,3 +194,11 @@ def multiple_choice(setup, params, tokenizer, items: Sequence[dict[str, Any]]) -
     correct_norm += int(np.argmax(norm) == item["label"])
   n = len(items)
   return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "items": n}
+
+
+def token_batches(rows: Sequence[tuple[list[int], list[int]]], weights: Sequence[Any],
+                  seq_len: int, batch_size: int) -> list[Batch]:
+  """(inputs, targets) token rows, each with its per-target weights (None: all 1), padded to
+  full (batch_size, seq_len) batches for ``Setup.score``: the batching
+  :func:`choice_loglikelihoods` scores with, for scorers that tokenise themselves."""
+  return _batches(rows, weights, seq_len, batch_size)

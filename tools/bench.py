@@ -12,6 +12,7 @@
   python tools/bench.py pipeline         # bubble vs (S-1)/(M*R+S-1), GPipe and 1F1B; activation memory vs M
   python tools/bench.py checkpoint       # save/restore throughput against dd
   python tools/bench.py processes        # 1 process x 8 devices vs 2 x 4 over gloo
+  python tools/bench.py generation       # generation-task eval: examples/s, tokens/s at batch 1, 8, 32
   python tools/bench.py all              # every section; --quick: smaller models, fewer steps
 
 ``mfu`` (the default) measures, in one process: the peak, as the median FLOP/s of a large
@@ -50,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # configs/ lives there
 
 SECTIONS = ("mfu", "loss", "moe", "compile", "memory", "layouts", "pipeline", "context", "checkpoint",
-            "processes", "all")
+            "processes", "generation", "all")
 _FAKE_DEVICES = {"moe", "memory", "layouts", "pipeline", "context", "checkpoint", "all"}
 # docs/scaling.md ("XLA flags that matter"), as tools/launch/slurm.sbatch sets them.
 GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
@@ -781,6 +782,47 @@ def processes(quick: bool, steps: int) -> None:
     print(f"| {n} x {8 // n} | {tps:.0f} | {16 * 128 / tps:.3f} |")
 
 
+# ---------------------------------------------------------------------------------------------
+# generation
+
+def generation_rows(cfg, batch_sizes: tuple[int, ...], examples: int, max_new_tokens: int) -> list[dict]:
+  """Throughput of ``lmjax.generation_eval.generate_texts`` (greedy, KV cache) on one device:
+  the same ``examples`` sources (lines of the default corpus, 40 characters) at each batch
+  size, timed on a second pass after a first one compiled every prompt length."""
+  from lmjax import data as data_lib
+  from lmjax.generation_eval import generate_texts
+  setup = build(cfg, jax.devices()[:1])
+  params = init_state(setup)["params"]
+  tok = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size)
+  lines = [l.strip() for d in data_lib.default_documents() for l in d.splitlines() if len(l.strip()) >= 40]
+  sources = [l[:40] for l in lines[:examples]]
+  rows = []
+  for b in batch_sizes:
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=b)
+    generate_texts(setup, params, tok, sources, **kwargs)  # compiles
+    _, timing = generate_texts(setup, params, tok, sources, **kwargs)
+    rows.append({"batch": b, **timing})
+  return rows
+
+
+def generation(quick: bool) -> None:
+  """Generation-task evaluation throughput (``lmjax eval --generation``) of the default tiny
+  model (random weights) at batch sizes 1, 8 and 32."""
+  examples, new = (32, 16) if quick else (64, 32)
+  cfg = default_config()
+  cfg.mesh.fsdp = 1
+  rows = generation_rows(cfg, (1, 8, 32), examples, new)
+  m = cfg.model
+  print(f"Model: {m.num_layers} layers, width {m.embed_dim}, vocab {m.vocab_size}, fp32, random "
+        f"weights; {examples} sources of 40 characters, greedy, {new} new tokens each (eos "
+        f"ends a row sooner); one {jax.devices()[0].device_kind} device, second pass (compiled).\n")
+  print("| batch | seconds | examples/s | generated tokens | tokens/s |")
+  print("| --- | --- | --- | --- | --- |")
+  for r in rows:
+    print(f"| {r['batch']} | {r['seconds']:.2f} | {r['examples_per_sec']:.1f} | "
+          f"{r['generated_tokens']} | {r['tokens_per_sec']:.0f} |")
+
+
 def main() -> None:
   args = parse_args()
   quick, section = args.quick, args.section
@@ -796,6 +838,7 @@ def main() -> None:
       "context": lambda: context(quick, steps),
       "checkpoint": lambda: checkpoint(quick),
       "processes": lambda: processes(quick, steps),
+      "generation": lambda: generation(quick),
   }
   for name, fn in sections.items():
     if section in (name, "all"):
