@@ -57,6 +57,9 @@ def test_selection_fraction_split_and_what_is_never_selected():
   m = _masking(special=(0, 1, 2, 3, 7))
   batch = _packed(64, 512, m.vocab_size, seed=1)
   batch["inputs"][:, 5::50] = 7  # another special token, inside documents
+  padding = batch["segment_ids"] == 0
+  batch["inputs"][padding] = 9  # padding is told by its segment id, whatever id it holds
+  assert padding.sum() > 100
   out = jax.device_get(jax.jit(objectives.mask_batch, static_argnums=0)(m, batch, jax.random.key(3)))
   inputs, seg = batch["inputs"], batch["segment_ids"]
   sel = out["weights"] > 0
@@ -364,7 +367,7 @@ def test_mask_token_choice_and_refusals():
 
 def test_generation_and_multiple_choice_refuse_a_bidirectional_model():
   model = Transformer(_cfg().model, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="bidirectional"):
+  with pytest.raises(ValueError, match="generate: the model is bidirectional"):
     generate_ids(model, nnx.state(model), [[2, 5]], max_new_tokens=2)
   with pytest.raises(ValueError, match="no KV-cache decoding"):
     model.decode(jnp.ones((1, 2), jnp.int32), model.init_cache(1, 4))
