@@ -14,8 +14,10 @@ generate text (``lmjax generate`` refuses it).
 
   lmjax train --config configs/masked.py:runlocal --workdir /tmp/masked-local
 
-Measured on this repository's 2-core CPU while other jobs shared it (2026-12-02), runlocal:
-see the notes at the end of this docstring's module (``EXPECTED``).
+Measured on this repository's 2-core CPU while other jobs shared it (2026-12-02, load average
+5-8, one device): runlocal took 165 s wall (3,456 tokens/s); the masked loss falls from 6.8 to
+5.26 at step 200, held-out masked loss 5.22 with masked-token accuracy 0.141 (the most frequent
+token alone scores about 0.07). The full 1000 steps were not measured; expect about 5x that.
 """
 
 import runpy
