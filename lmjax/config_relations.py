@@ -57,6 +57,9 @@ def check_objective(cfg: Any, fail: Fail) -> None:
   if (t.objective == "masked") == m.causal:
     fail("model.causal", f"{m.causal} with train.objective={t.objective!r}: the masked objective needs "
                          "model.causal=False (bidirectional attention), every other one True.")
+  if t.objective == "masked" and d.format != "text":
+    fail("data.format", f"{d.format!r} with train.objective='masked': the masked objective hides "
+                        "tokens of whole documents; use data.format='text'.")
   if (t.objective == "dpo") != (d.format == "preference"):
     fail("data.format", f"{d.format!r} with train.objective={t.objective!r}: preference pairs "
                         "(data.format='preference') train with train.objective='dpo', and only they do.")
@@ -107,6 +110,9 @@ def check_parallelism(cfg: Any, shape: dict[str, int], fail: Fail) -> None:
       fail("data.seq_len", f"{d.seq_len} must divide into mesh.context ({context}) x "
            f"{'2 chunks (model.context_load_balance)' if m.context_load_balance else '1'} = {pieces} "
            "equal pieces.")
+    if not m.causal:
+      fail("mesh.context", f"{context} with model.causal=False: bidirectional attention does not "
+           "split the sequence; use mesh.context=1.")
     if m.num_experts:
       fail("mesh.context", f"{context} with model.num_experts={m.num_experts}: MoE models do not "
            "split the sequence yet; use mesh.context=1.")

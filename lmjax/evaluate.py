@@ -8,6 +8,10 @@ Multiple-choice items are JSONL lines ``{"context": str, "choices": [str, ...], 
 Each choice is scored by the summed log-probability of its tokens after the context;
 ``accuracy`` takes the best sum, ``accuracy_norm`` the best sum per UTF-8 byte of the choice
 (lm-evaluation-harness's ``acc`` and ``acc_norm``).
+
+A masked-LM run (``train.objective="masked"``, bidirectional) has no next-token
+probabilities: :func:`perplexity` reports its masked-token loss and accuracy instead
+(:func:`masked_loss`), and multiple-choice scoring refuses it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 
-from lmjax import storage
+from lmjax import objectives, storage
+from lmjax.config import ConfigError
 from lmjax.data.readers import DataError
 from lmjax.state import token_weights
 
@@ -80,7 +85,10 @@ def loss_sums(setup, params, batches: Iterable[Batch], max_batches: int | None =
 def perplexity(setup, params, tokenizer, batches: Iterable[Batch], max_batches: int | None = None,
                *, allow_empty: bool = False) -> dict[str, float]:
   """Mean loss (nats/token), perplexity and, with a ``tokenizer``, bits per byte over the
-  real target tokens. No tokens at all raise ValueError (``allow_empty``: return {})."""
+  real target tokens. No tokens at all raise ValueError (``allow_empty``: return {}).
+  A masked-LM run: :func:`masked_loss` instead."""
+  if objectives.is_masked(setup.cfg):
+    return masked_loss(setup, params, tokenizer, batches, max_batches, allow_empty=allow_empty)
   sums = loss_sums(setup, params, batches, max_batches, tokenizer)
   if sums["tokens"] == 0:
     if allow_empty:
@@ -93,6 +101,27 @@ def perplexity(setup, params, tokenizer, batches: Iterable[Batch], max_batches: 
     out["bits_per_byte"] = sums["loss_sum"] / math.log(2) / max(sums["bytes"], 1.0)
     out["bytes"] = sums["bytes"]
   return out
+
+
+def masked_loss(setup, params, tokenizer, batches: Iterable[Batch], max_batches: int | None = None,
+                *, allow_empty: bool = False) -> dict[str, float]:
+  """A masked-LM run's ``loss`` (mean cross-entropy, nats, over the masked tokens),
+  ``masked_accuracy`` (the share of them predicted exactly) and ``masked_tokens``. Batch i
+  is masked with a fixed key (:func:`lmjax.objectives.eval_key`), the same at every
+  evaluation. No perplexity: a bidirectional model sees the token's context on both sides,
+  so its loss is no next-token likelihood of the text."""
+  nll = correct = weight = 0.0
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    sums = objectives.masked_eval_sums(setup, params, batch, i, tokenizer)
+    nll, correct, weight = nll + sums["nll"], correct + sums["correct"], weight + sums["weight"]
+  if weight == 0:
+    if allow_empty:
+      return {}
+    raise DataError("no tokens to evaluate: the held-out split or source is empty; give "
+                    "another --eval_source")
+  return {"loss": nll / weight, "masked_accuracy": correct / weight, "masked_tokens": weight}
 
 
 def document_batches(documents: Sequence[str], tokenizer, seq_len: int, batch_size: int) -> list[Batch]:
@@ -156,7 +185,10 @@ def read_choices(path: str | Path) -> list[dict[str, Any]]:
 def choice_loglikelihoods(setup, params, tokenizer, items: Sequence[dict[str, Any]],
                           batch_size: int | None = None) -> list[list[float]]:
   """Summed log-probability of each choice's tokens given ``[bos] + context``. A context too
-  long for the sequence is cut from the left."""
+  long for the sequence is cut from the left. A masked-LM run raises ConfigError."""
+  if objectives.is_masked(setup.cfg):
+    raise ConfigError("multiple-choice scoring needs next-token probabilities; this run trained "
+                      "with train.objective='masked' (a bidirectional model) and has none.")
   seq_len = setup.cfg.data.seq_len
   batch_size = batch_size or setup.cfg.data.global_batch_size
   rows, weights, owners = [], [], []

@@ -185,6 +185,9 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
                      f"{module.num_stages}; build it on a mesh with mesh.stage=1 (lmjax.load "
                      "and load_run restore a pipelined run so).")
   cfg = module.cfg
+  if not cfg.causal:
+    raise ValueError("generate: the model is bidirectional (model.causal=False, trained with "
+                     "train.objective='masked'): it cannot generate text left to right.")
   prompts = [list(map(int, p)) for p in prompts]
   if not prompts:
     raise ValueError("generate: no prompts.")

@@ -50,6 +50,7 @@ class Setup:
   state_shardings: State
   batch_sharding: NamedSharding
   num_params: int
+  masking: Any = None  # train.objective="masked": the tokenizer's ids (lmjax.objectives.attach)
 
   def model(self, params: Any) -> Transformer:
     """The NNX module with ``params`` (e.g. to call it eagerly in a notebook)."""

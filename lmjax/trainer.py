@@ -25,7 +25,7 @@ from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import evaluate as eval_lib
 from lmjax import metrics as metrics_lib
-from lmjax import rundir, storage, workdir_lock
+from lmjax import objectives, rundir, storage, workdir_lock
 from lmjax.checkpoint import Checkpointer, CheckpointError
 from lmjax.mesh import host_to_global, replicated
 from lmjax.metrics import MetricsWriter, RunSummary, Throughput, expert_load_scalars
@@ -38,8 +38,10 @@ from lmjax.state import Batch, Setup, State, build, init_state, loss_and_grads
 def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
   """One optimizer update on ``batch``, accumulated over ``optim.grad_accum_steps`` microbatches.
 
-  The loss is the mean over all real tokens of the batch, whatever the microbatching.
+  The loss is the mean over all real tokens of the batch, whatever the microbatching (the
+  masked objective: over the tokens it hides, :func:`lmjax.objectives.training_batch`).
   """
+  batch, objective_metrics = objectives.training_batch(setup, state["step"], batch)
   accum = setup.cfg.optim.grad_accum_steps
   z_loss = setup.cfg.train.z_loss
   m = setup.cfg.model
@@ -117,6 +119,7 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
       "nonfinite": ~finite,
       "spike": spike,
       "skipped_steps": new_state["skipped"],
+      **objective_metrics,
   }
   return new_state, metrics
 
@@ -142,9 +145,10 @@ def compile_train_step(setup: Setup) -> Callable:
 
 
 def _evaluate(setup: Setup, params: Any, batches, max_batches: int) -> dict[str, float]:
-  """Held-out loss and perplexity over up to ``max_batches`` batches (none if it is empty)."""
+  """Held-out loss and perplexity (the masked objective: masked loss and accuracy) over up to
+  ``max_batches`` batches (none if it is empty)."""
   out = eval_lib.perplexity(setup, params, None, batches, max_batches, allow_empty=True)
-  return {f"eval_{k}": out[k] for k in ("loss", "perplexity") if k in out}
+  return {f"eval_{k}": out[k] for k in ("loss", "perplexity", "masked_accuracy") if k in out}
 
 
 def _say(message: str) -> None:
@@ -223,6 +227,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
   is_main = jax.process_index() == 0
   tokenizer = rundir.run_tokenizer(cfg)  # fine-tuning speaks the pre-trained run's tokenizer
   rundir.check_vocab(cfg, tokenizer)
+  setup = objectives.attach(setup, tokenizer)  # the masked objective's ids
   storage.makedirs(workdir)
 
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())

@@ -1,8 +1,11 @@
-"""Grouped-query self-attention with RoPE and a packed-sequence causal mask.
+"""Grouped-query self-attention with RoPE and a packed-sequence causal (or bidirectional) mask.
 
 Every backend computes the same function: token i attends to tokens j <= i of the
 same packed document (equal ``segment_ids``; padding, id 0, attends within itself), and
-with a sliding window of w (``config.model.sliding_window``) only to j > i - w.
+with a sliding window of w (``config.model.sliding_window``) only to j > i - w. A
+bidirectional model (``config.model.causal=False``, the masked-LM objective) drops the
+j <= i condition: each token attends to its whole document both ways (a window becomes
+symmetric: |i - j| < w), and still never to another document or to padding.
 ``config.model.attention`` picks the backend:
 
 * ``"xla"``: plain einsums with the softmax in float32; runs everywhere (the reference).
@@ -19,7 +22,8 @@ splash kernels run per device under ``jax.shard_map``, over the mesh axes that t
 give ``act_batch`` and ``act_heads``.
 
 Generation (:meth:`Attention.decode`) keeps a :class:`KVCache` and always uses the XLA
-einsums, whatever the backend: a prompt chunk or one new token attends over the cache.
+einsums, whatever the backend: a prompt chunk or one new token attends over the cache
+(causal models only).
 """
 
 from __future__ import annotations
@@ -64,13 +68,14 @@ def check_backend(name: str, platform: str) -> None:
                      f"use 'xla'.")
 
 
-def attention_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
-  """(b, 1, 1, t, s) boolean: causal, within the same packed document and, with
-  ``window`` > 0, within the ``window`` latest tokens."""
+def attention_mask(segment_ids: jax.Array, window: int = 0, causal: bool = True) -> jax.Array:
+  """(b, 1, 1, t, s) boolean: causal (``causal=False``: both ways), within the same packed
+  document and, with ``window`` > 0, within the ``window`` latest (bidirectional: nearest)
+  tokens."""
   t = segment_ids.shape[1]
-  causal = causal_mask(t, t, window)
+  seen = causal_mask(t, t, window, causal=causal)
   same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # (b, t, s)
-  return (causal[None] & same_doc)[:, None, None]
+  return (seen[None] & same_doc)[:, None, None]
 
 
 class KVCache(NamedTuple):
@@ -118,22 +123,24 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                          backend: str = "xla", window: int = 0) -> jax.Array:
-  """Causal attention within packed documents (and a sliding ``window`` if > 0) with the
-  chosen backend.
+                          backend: str = "xla", window: int = 0, causal: bool = True) -> jax.Array:
+  """Causal (``causal=False``: bidirectional) attention within packed documents (and a
+  sliding ``window`` if > 0) with the chosen backend.
 
   q (b, t, n, h), k/v (b, t, k, h), segment_ids (b, t) -> (b, t, n, h).
 
   >>> out = dot_product_attention(q, k, v, segment_ids, backend="xla")
   """
   if backend == "xla":
-    return xla_attention(q, k, v, attention_mask(segment_ids, window))
+    return xla_attention(q, k, v, attention_mask(segment_ids, window, causal))
   if backend == "blockwise":
-    return blockwise_attention(q, k, v, segment_ids, window=window)
+    return blockwise_attention(q, k, v, segment_ids, window=window, causal=causal)
   if backend == "cudnn":
-    return per_shard(functools.partial(cudnn_attention, window=window), q, k, v, segment_ids)
+    return per_shard(functools.partial(cudnn_attention, window=window, causal=causal), q, k, v,
+                     segment_ids)
   if backend == "splash":
-    return per_shard(functools.partial(splash_attention, window=window), q, k, v, segment_ids)
+    return per_shard(functools.partial(splash_attention, window=window, causal=causal), q, k, v,
+                     segment_ids)
   raise _unknown(backend)
 
 
@@ -145,6 +152,8 @@ class Attention(nnx.Module):
   leaves positions to the caller (learned position embeddings). ``bias`` adds biases to
   the four projections; ``sliding_window`` > 0 limits each token to that many latest tokens.
   ``quantization`` is the four projections' (see :func:`lmjax.model.layers.project`).
+  ``causal=False`` attends both ways within each document (a masked LM); such a module has
+  no :meth:`decode` and no context parallelism.
 
   >>> attn = Attention(64, 4, 2, 16, rope_theta=1e4, rngs=nnx.Rngs(0), std=0.02,
   ...                  param_dtype=jnp.float32, backend="xla")
@@ -155,7 +164,8 @@ class Attention(nnx.Module):
                rope_theta: float | Rope, rngs: nnx.Rngs, std: float, param_dtype,
                backend: str = "xla", use_rope: bool = True, bias: bool = False,
                sliding_window: int = 0, quantization: str = "none",
-               context_attention: str = "ring", context_load_balance: bool = True):
+               context_attention: str = "ring", context_load_balance: bool = True,
+               causal: bool = True):
     if backend not in ATTENTION_BACKENDS:
       raise _unknown(backend)
     self.q = param(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
@@ -175,16 +185,20 @@ class Attention(nnx.Module):
     self.sliding_window = sliding_window
     self.quantization = quantization
     self.context = (context_attention, context_load_balance)
+    self.causal = causal
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._qkv(x, positions)
     if context.shards(x.shape[1]) > 1:  # the sequence is split over devices
+      if not self.causal:
+        raise ValueError("bidirectional attention (model.causal=False) does not split the "
+                         "sequence; use mesh.context=1.")
       kind, balanced = self.context
       out = context.context_attention(q, k, v, segment_ids, kind=kind, balanced=balanced,
                                       window=self.sliding_window)
     else:
       out = dot_product_attention(q, k, v, segment_ids, backend=self.backend,
-                                  window=self.sliding_window)  # (b, t, n, h)
+                                  window=self.sliding_window, causal=self.causal)  # (b, t, n, h)
     return self._out(out, x.dtype)
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -195,6 +209,9 @@ class Attention(nnx.Module):
     (b, s, k, h); ``start`` (b,) is each row's first real slot (see :class:`KVCache`).
     Returns the output (b, t, d) and the updated k_cache, v_cache.
     """
+    if not self.causal:
+      raise ValueError("a bidirectional model (model.causal=False) has no KV-cache decoding: "
+                       "it sees each document whole, so it cannot generate left to right.")
     q, k, v = self._qkv(x, positions)
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)

@@ -1,6 +1,7 @@
 """Attention kernels: the same function as :func:`lmjax.model.attention.xla_attention`
-(causal, within packed documents, optionally a sliding window) without materialising the
-(b, n, t, s) scores, and :func:`per_shard` to run a per-device kernel on a mesh.
+(causal or, with ``causal=False``, bidirectional; within packed documents; optionally a
+sliding window) without materialising the (b, n, t, s) scores, and :func:`per_shard` to run
+a per-device kernel on a mesh.
 
 * :func:`blockwise_attention`: 128 queries at a time with a flash-style custom VJP that
   recomputes each block's scores from the saved log-sum-exp; plain XLA ops, any platform.
@@ -12,6 +13,7 @@ All take q (b, t, n, h), k/v (b, s, k, h) with k dividing n, and segment_ids (b,
 give (b, t, n, h).
 
   >>> out = blockwise_attention(q, k, v, segment_ids, window=0)
+  >>> out = blockwise_attention(q, k, v, segment_ids, causal=False)  # bidirectional (masked LM)
   >>> out = per_shard(functools.partial(cudnn_attention, window=0), q, k, v, segment_ids)
 """
 
@@ -32,13 +34,19 @@ MASKED = -1e30  # large negative instead of -inf: a row is never fully masked (d
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def causal_mask(t: int, s: int, window: int, offset: jax.Array | int = 0) -> jax.Array:
+def causal_mask(t: int, s: int, window: int, offset: jax.Array | int = 0,
+                causal: bool = True) -> jax.Array:
   """(t, s) boolean: query i (at slot offset + i) sees key slot j if j <= i and, with a
-  window w > 0, j > i - w. The one definition of causality, for the kernels and the
-  reference's masks alike."""
+  window w > 0, j > i - w. ``causal=False`` (bidirectional): every j, and with a window
+  only |i - j| < w (a symmetric window). The one definition of which positions see which,
+  for the kernels and the reference's masks alike."""
   q = offset + jnp.arange(t, dtype=jnp.int32)[:, None]
   k = jnp.arange(s, dtype=jnp.int32)[None, :]
-  return (k <= q) & ((q - k < window) if window > 0 else True)
+  distance = q - k  # (t, s)
+  seen = distance >= 0 if causal else jnp.full(distance.shape, True)
+  if window > 0:
+    seen &= (distance if causal else jnp.abs(distance)) < window
+  return seen
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -87,27 +95,28 @@ def grouped(x: jax.Array, kv: int) -> jax.Array:  # (b, t, n, h) -> (b, t, k, g,
   return x.reshape(b, t, kv, n // kv, h)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(5,))  # never save a block's mask or scores
+@functools.partial(jax.checkpoint, static_argnums=(5, 6))  # never save a block's mask or scores
 def _block_scores(i: jax.Array, qi: jax.Array, k: jax.Array, seg_i: jax.Array, seg: jax.Array,
-                  window: int) -> jax.Array:
+                  window: int, causal: bool) -> jax.Array:
   """Masked float32 scores (b, k, g, c, s) of query block i: qi (b, c, k, g, h)."""
   c, h = qi.shape[1], qi.shape[-1]
   s = jnp.einsum("bckgh,bskh->bkgcs", qi, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-  mask = causal_mask(c, k.shape[1], window, i * c)[None] & (seg_i[:, :, None] == seg[:, None, :])
+  seen = causal_mask(c, k.shape[1], window, i * c, causal)
+  mask = seen[None] & (seg_i[:, :, None] == seg[:, None, :])
   return jnp.where(mask[:, None, None], s, MASKED)  # mask (b, c, s)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blockwise(q, k, v, seg, window, block):
-  return _blockwise_fwd(q, k, v, seg, window, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blockwise(q, k, v, seg, window, block, causal):
+  return _blockwise_fwd(q, k, v, seg, window, block, causal)[0]
 
 
-def _blockwise_fwd(q, k, v, seg, window, block):
+def _blockwise_fwd(q, k, v, seg, window, block, causal):
   qb, sb = _blocks(grouped(q, k.shape[2]), block), _blocks(seg, block)
 
   def one(args):
     i, qi, si = args
-    s = _block_scores(i, qi, k, si, seg, window)
+    s = _block_scores(i, qi, k, si, seg, window, causal)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
@@ -119,7 +128,7 @@ def _blockwise_fwd(q, k, v, seg, window, block):
   return out, (q, k, v, seg, out, lse)
 
 
-def _blockwise_bwd(window, block, res, dout):
+def _blockwise_bwd(window, block, causal, res, dout):
   q, k, v, seg, out, lse = res
   kv = k.shape[2]
   qb, ob, db = (_blocks(grouped(x, kv), block) for x in (q, out, dout))
@@ -127,7 +136,7 @@ def _blockwise_bwd(window, block, res, dout):
   def one(carry, args):  # dk, dv accumulate over query blocks; dq is per block
     dk, dv = carry
     i, qi, oi, doi, lse_i, si = args
-    p = jnp.exp(_block_scores(i, qi, k, si, seg, window) - lse_i[..., None])  # (b, k, g, c, s)
+    p = jnp.exp(_block_scores(i, qi, k, si, seg, window, causal) - lse_i[..., None])  # (b, k, g, c, s)
     dv = dv + jnp.einsum("bkgcs,bckgh->bskh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bckgh,bskh->bkgcs", doi, v, preferred_element_type=jnp.float32)
     delta = jnp.einsum("bckgh,bckgh->bkgc", doi.astype(jnp.float32), oi.astype(jnp.float32))
@@ -144,31 +153,36 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                        window: int = 0, block: int = BLOCK) -> jax.Array:
+                        window: int = 0, block: int = BLOCK, causal: bool = True) -> jax.Array:
   """:func:`lmjax.model.attention.xla_attention`'s function, ``block`` queries at a time
   (the gcd of t and ``block``), with a backward that recomputes each block's scores from
   the saved log-sum-exp: at most one block of (c, s) scores is alive, forward or backward.
 
   q (b, t, n, h), k/v (b, t, k, h), segment_ids (b, t) -> (b, t, n, h).
   """
-  return _blockwise(q, k, v, segment_ids, window, math.gcd(q.shape[1], block))
+  return _blockwise(q, k, v, segment_ids, window, math.gcd(q.shape[1], block), causal)
 
 
 # -- cuDNN (NVIDIA GPUs) --------------------------------------------------------------------
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                    window: int = 0, implementation: str = "cudnn") -> jax.Array:
-  """``jax.nn.dot_product_attention`` with causal + same-document masking.
+                    window: int = 0, implementation: str = "cudnn",
+                    causal: bool = True) -> jax.Array:
+  """``jax.nn.dot_product_attention`` with causal (or, ``causal=False``, bidirectional) +
+  same-document masking.
 
   q (b, t, n, h), k/v (b, s, k, h) with k dividing n (GQA is native, no repeat),
   segment_ids (b, t) -> (b, t, n, h). ``is_causal`` lets cuDNN skip the tiles above the
   diagonal; the same-document mask is a (b, 1, t, s) boolean that cuDNN adds as a bias; a
-  sliding ``window`` is cuDNN's local window. ``implementation="xla"`` runs the same call
-  on any platform.
+  sliding ``window`` is cuDNN's local window; cuDNN has no right-hand window, so a
+  bidirectional model's symmetric window joins the boolean mask instead.
+  ``implementation="xla"`` runs the same call on any platform.
   """
   same_doc = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (b, 1, t, s)
-  local = (window - 1, 0) if window > 0 else None
-  return jax.nn.dot_product_attention(q, k, v, mask=same_doc, is_causal=True,
+  local = (window - 1, 0) if window > 0 and causal else None
+  if window > 0 and not causal:
+    same_doc &= causal_mask(q.shape[1], k.shape[1], window, causal=False)[None, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=same_doc, is_causal=causal,
                                       local_window_size=local, implementation=implementation)
 
 
@@ -184,9 +198,9 @@ def _splash_block(t: int) -> int:
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                     window: int = 0, interpret: bool = False) -> jax.Array:
-  """The Pallas TPU splash kernel: causal (or, with ``window``, local) mask and
-  ``SegmentIds``, vmapped over the batch.
+                     window: int = 0, interpret: bool = False, causal: bool = True) -> jax.Array:
+  """The Pallas TPU splash kernel: causal (``causal=False``: full) or, with ``window``,
+  local (symmetric when bidirectional) mask and ``SegmentIds``, vmapped over the batch.
 
   q (b, t, n, h), k/v (b, t, k, h) with k dividing n (GQA is native: the MHA kernel maps
   query head i to key/value head i // (n/k); k == 1 uses the MQA kernel),
@@ -201,8 +215,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                              use_fused_bwd_kernel=True)
-  causal = splash.LocalMask((t, t), (window - 1, 0), 0) if window > 0 else splash.CausalMask((t, t))
-  mask = splash.MultiHeadMask([causal] * n)
+  if window > 0:
+    head_mask = splash.LocalMask((t, t), (window - 1, 0 if causal else window - 1), 0)
+  else:
+    head_mask = splash.CausalMask((t, t)) if causal else splash.FullMask((t, t))
+  mask = splash.MultiHeadMask([head_mask] * n)
   make = splash.make_splash_mqa if kv == 1 else splash.make_splash_mha
   kernel = make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
   q = (q * (h ** -0.5)).astype(q.dtype).transpose(0, 2, 1, 3)  # (b, n, t, h), pre-scaled

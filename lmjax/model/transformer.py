@@ -44,7 +44,7 @@ class Block(nnx.Module):
                           use_rope=cfg.position_embedding == "rope", bias=cfg.attention_bias,
                           sliding_window=cfg.sliding_window, quantization=cfg.quantization,
                           context_attention=cfg.context_attention,
-                          context_load_balance=cfg.context_load_balance)
+                          context_load_balance=cfg.context_load_balance, causal=cfg.causal)
     self.mlp_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     if moe:
       self.moe = MoE(cfg, rngs=rngs)
