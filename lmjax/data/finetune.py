@@ -87,17 +87,22 @@ def pack_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer,
 
 
 class FinetuneIterator(DataIterator):
-  """Global batches of packed prompt/response rows, reshuffled every epoch."""
+  """Global batches of packed rows (prompt/response, preference pairs), reshuffled every
+  epoch; endless, or with ``passes`` that many epochs, the last batch padded with all-zero
+  rows. ``counts``: what packing skipped or cut (:meth:`DataIterator.counts`)."""
 
   topology_independent = True
 
   def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int, shuffle: bool,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, *, passes: int | None = None,
+               counts: dict[str, int] | None = None):
     self.rows, self.batch, self.seed, self.shuffle = rows, batch_size, seed, shuffle
     self.num_rows = len(rows["inputs"])
     self.lo = process_index * batch_size // process_count
     self.hi = (process_index + 1) * batch_size // process_count
     self.position = 0  # rows consumed since the start of epoch 0
+    self.end = None if passes is None else passes * self.num_rows
+    self._counts = dict(counts or {})
 
   def _order(self, epoch: int) -> np.ndarray:
     if not self.shuffle:
@@ -105,12 +110,22 @@ class FinetuneIterator(DataIterator):
     return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
 
   def __next__(self) -> dict[str, np.ndarray]:
-    idx = []
+    if self.end is not None and self.position >= self.end:
+      raise StopIteration
+    idx, real = [], []
     for k in range(self.position + self.lo, self.position + self.hi):
-      epoch, i = divmod(k, self.num_rows)
-      idx.append(self._order(epoch)[i])
+      real.append(self.end is None or k < self.end)
+      epoch, i = divmod(k, self.num_rows) if real[-1] else (0, 0)
+      idx.append(self._order(epoch)[i] if real[-1] else 0)
     self.position += self.batch
-    return {key: value[np.array(idx)] for key, value in self.rows.items()}
+    out = {key: value[np.array(idx, np.int64)] for key, value in self.rows.items()}
+    if not all(real):
+      for value in out.values():
+        value[~np.array(real)] = 0
+    return out
+
+  def counts(self) -> dict[str, int]:
+    return dict(self._counts)
 
   def get_state(self) -> dict[str, Any]:
     return {"rows": self.position}
