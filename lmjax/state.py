@@ -28,6 +28,7 @@ from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, ru
 from lmjax.model import Transformer, count_params, logical_axes
 from lmjax.model.attention import check_backend
 from lmjax.model.cross_entropy import cross_entropy, plain_cross_entropy
+from lmjax.model.distill import Teacher, distill_cross_entropy, plain_distill_cross_entropy
 from lmjax.model.pipeline_1f1b import pipeline_grads
 from lmjax.optim import check_lr_multipliers, make_optimizer, opt_state_shardings
 
@@ -51,6 +52,7 @@ class Setup:
   batch_sharding: NamedSharding
   num_params: int
   masking: Any = None  # train.objective="masked": the tokenizer's ids (lmjax.objectives.attach)
+  frozen: Any = None  # the frozen model a DPO or distillation run trains against (lmjax.frozen)
 
   def model(self, params: Any) -> Transformer:
     """The NNX module with ``params`` (e.g. to call it eagerly in a notebook)."""
@@ -151,13 +153,17 @@ def token_weights(batch: Batch) -> Any:
   return (batch["segment_ids"] != 0).astype(np.float32)
 
 
-def loss_terms(graphdef: nnx.GraphDef, params: Any, batch: Batch,
-               z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_terms(graphdef: nnx.GraphDef, params: Any, batch: Batch, z_loss: float = 0.0,
+               teacher: Teacher | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The forward pass and the next-token cross-entropy, written once for training,
   evaluation and scoring: the weighted sum to differentiate (cross-entropy plus ``z_loss``
   times the z-loss, plus a MoE model's router losses) and, not differentiated, ``logprob``
   (b, t) of each target, the summed ``nll`` and ``z`` (logsumexp^2) over the weighted tokens
   and their ``weight``.
+
+  With a ``teacher`` (distillation) the sum is :mod:`lmjax.model.distill`'s mix of
+  cross-entropy and KL to the teacher, and ``kl`` (its summed KL over the weighted tokens)
+  joins the terms.
 
   A MoE model adds ``moe_aux`` and ``router_z`` (its load-balancing and router z-losses,
   means over MoE layers, times ``weight`` so that microbatches add up), ``expert_load``
@@ -171,7 +177,7 @@ def loss_terms(graphdef: nnx.GraphDef, params: Any, batch: Batch,
   """
   model = nnx.merge(graphdef, params)
   features, moe = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
-  total, terms = _head_terms(model, features, batch, z_loss)
+  total, terms = _head_terms(model, features, batch, z_loss, teacher)
   if moe:
     weight = terms["weight"]
     aux, router_z = jnp.mean(moe["aux"]), jnp.mean(moe["z"])
@@ -182,11 +188,18 @@ def loss_terms(graphdef: nnx.GraphDef, params: Any, batch: Batch,
   return total, terms
 
 
-def _head_terms(model: Transformer, features: jax.Array, batch: Batch,
-                z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _head_terms(model: Transformer, features: jax.Array, batch: Batch, z_loss: float,
+                teacher: Teacher | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """:func:`loss_terms` from the final-normed hidden states (b, t, d), MoE terms aside."""
   weights = token_weights(batch)
-  if model.cfg.loss_chunk > 0:
+  if teacher is not None:
+    if model.cfg.loss_chunk > 0:
+      total, nll, lse, kl = distill_cross_entropy(features, model.head.table[...], batch["targets"],
+                                                  weights, teacher, z_loss, model.cfg.loss_chunk)
+    else:
+      total, nll, lse, kl = plain_distill_cross_entropy(model.logits(features), batch["targets"],
+                                                        weights, teacher, z_loss)
+  elif model.cfg.loss_chunk > 0:
     total, nll, lse = cross_entropy(features, model.head.table[...], batch["targets"],
                                     weights, z_loss, model.cfg.loss_chunk)
   else:
@@ -194,22 +207,27 @@ def _head_terms(model: Transformer, features: jax.Array, batch: Batch,
   nll, lse = jax.lax.stop_gradient(nll), jax.lax.stop_gradient(lse)
   terms = {"logprob": -nll, "nll": jnp.sum(weights * nll), "z": jnp.sum(weights * lse * lse),
            "weight": jnp.sum(weights)}
+  if teacher is not None:
+    terms["kl"] = jnp.sum(weights * jax.lax.stop_gradient(kl))
   return total, terms
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch,
-                   z_loss: float = 0.0) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
+def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, z_loss: float = 0.0,
+                   teacher: Teacher | None = None) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
   """``((total, terms), grads)``: :func:`loss_terms`' weighted sum, its terms but
   ``logprob``, and the sum's gradient w.r.t. ``params``. A pipelined model
   (``num_stages > 1``) with ``model.pipeline_schedule = "1f1b"`` computes them by the 1F1B
-  schedule (:mod:`lmjax.model.pipeline_1f1b`), every other one by autodiff."""
+  schedule (:mod:`lmjax.model.pipeline_1f1b`), every other one by autodiff. ``teacher``:
+  distillation (:func:`loss_terms`), not with the 1F1B schedule."""
   model = nnx.merge(graphdef, params)
   if model.num_stages == 1 or model.cfg.pipeline_schedule != "1f1b":
     def objective(params):
-      total, terms = loss_terms(graphdef, params, batch, z_loss)
+      total, terms = loss_terms(graphdef, params, batch, z_loss, teacher)
       return total, {k: v for k, v in terms.items() if k != "logprob"}
     return jax.value_and_grad(objective, has_aux=True)(params)
 
+  if teacher is not None:
+    raise ValueError("distillation runs the GPipe schedule, not model.pipeline_schedule='1f1b'")
   stacked = params["blocks"]  # a dense model (MoE models do not pipeline)
   rest = {k: v for k, v in params.items() if k != "blocks"}
   with_rest = lambda r: nnx.merge(graphdef, {**r, "blocks": stacked})

@@ -25,6 +25,7 @@ from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import evaluate as eval_lib
 from lmjax import metrics as metrics_lib
+from lmjax import frozen as frozen_lib
 from lmjax import objectives, rundir, storage, workdir_lock
 from lmjax.checkpoint import Checkpointer, CheckpointError
 from lmjax.mesh import host_to_global, replicated
@@ -35,11 +36,13 @@ from lmjax.state import Batch, Setup, State, build, init_state, loss_and_grads
 
 
 
-def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+def train_step(setup: Setup, state: State, batch: Batch,
+               frozen: dict[str, Any] | None = None) -> tuple[State, dict[str, jax.Array]]:
   """One optimizer update on ``batch``, accumulated over ``optim.grad_accum_steps`` microbatches.
 
   The loss is the mean over all real tokens of the batch, whatever the microbatching (the
-  masked objective: over the tokens it hides, :func:`lmjax.objectives.training_batch`).
+  masked objective: over the tokens it hides, :func:`lmjax.objectives.training_batch`; dpo:
+  over its pairs). ``frozen``: the parameters of ``setup.frozen`` (:mod:`lmjax.frozen`).
   """
   batch, objective_metrics = objectives.training_batch(setup, state["step"], batch)
   accum = setup.cfg.optim.grad_accum_steps
@@ -48,6 +51,8 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
 
   # ((the weighted sum, sums that add up over microbatches), its gradient)
   grad_fn = functools.partial(loss_and_grads, setup.graphdef, z_loss=z_loss)
+  if setup.frozen is not None:  # a DPO reference or a distillation teacher
+    grad_fn = frozen_lib.objective_grads(setup, frozen)
   if accum == 1:
     (_, sums), grads = grad_fn(state["params"], batch)
   else:
@@ -63,8 +68,9 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (shapes[0][1], shapes[1]))
     (sums, grads), _ = jax.lax.scan(one, zeros, micro)
 
-  count = jnp.maximum(sums["weight"], 1.0)
-  loss = sums["nll"] / count  # the cross-entropy (the z-loss is reported apart)
+  count = jnp.maximum(sums["weight"], 1.0)  # weighted tokens (dpo: pairs)
+  objective = frozen_lib.step_metrics(setup, sums, count)
+  loss = objective.pop("loss")  # the cross-entropy (the z-loss is reported apart), or the objective's
   grads = jax.tree.map(lambda g: g / count, grads)
   t = setup.cfg.train
   if t.debug_nan_at_step:
@@ -120,6 +126,7 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
       "spike": spike,
       "skipped_steps": new_state["skipped"],
       **objective_metrics,
+      **objective,  # dpo: its rewards (and tokens); distillation: ce and distill_kl
   }
   return new_state, metrics
 
@@ -128,25 +135,29 @@ def compile_train_step(setup: Setup) -> Callable:
   """The jitted train step (state donated, explicit shardings), called and lowered under the
   setup's mesh and rules."""
   step = jax.jit(functools.partial(train_step, setup),
-                 in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 in_shardings=(setup.state_shardings, setup.batch_sharding, frozen_lib.shardings(setup)),
                  out_shardings=(setup.state_shardings, replicated(setup.mesh)), donate_argnums=0)
 
   @functools.wraps(step)
-  def call(state: State, batch: Batch):
+  def call(state: State, batch: Batch, frozen: dict[str, Any] | None = None):
     with setup.context():
-      return step(state, batch)
+      return step(state, batch, frozen or {})
 
-  def lower(*args):
+  def lower(state, batch, frozen=None):
     with setup.context():
-      return step.lower(*args)
+      return step.lower(state, batch, frozen or {})
 
   call.lower = lower
   return call
 
 
-def _evaluate(setup: Setup, params: Any, batches, max_batches: int) -> dict[str, float]:
+def _evaluate(setup: Setup, params: Any, batches, max_batches: int,
+              frozen: dict[str, Any] | None = None) -> dict[str, float]:
   """Held-out loss and perplexity (the masked objective: masked loss and accuracy) over up to
-  ``max_batches`` batches (none if it is empty)."""
+  ``max_batches`` batches (none if it is empty); a run with a frozen model:
+  :func:`lmjax.frozen.evaluate`'s metrics."""
+  if setup.frozen is not None:
+    return frozen_lib.evaluate(setup, params, frozen, batches, max_batches)
   out = eval_lib.perplexity(setup, params, None, batches, max_batches, allow_empty=True)
   return {f"eval_{k}": out[k] for k in ("loss", "perplexity", "masked_accuracy") if k in out}
 
@@ -228,6 +239,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
   tokenizer = rundir.run_tokenizer(cfg)  # fine-tuning speaks the pre-trained run's tokenizer
   rundir.check_vocab(cfg, tokenizer)
   setup = objectives.attach(setup, tokenizer)  # the masked objective's ids
+  setup = frozen_lib.attach(setup, tokenizer)  # a DPO reference or a teacher, checked
   storage.makedirs(workdir)
 
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -242,6 +254,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
     state, train_iter = init_state(setup), make_iterator()
     if cfg.train.init_from:
       state["params"] = _initial_params(cfg, setup)
+  frozen = frozen_lib.load(setup, warn=lambda m: _say(f"warning: {m}"), say=_say)  # never checkpointed
   if is_main:  # only now that the start is accepted
     storage.write_text(workdir / rundir.CONFIG_FILE, cfg.to_json(indent=2))
   start = int(jax.device_get(state["step"]))
@@ -298,7 +311,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
       for step in range(start + 1, t.steps + 1):
         batch = host_to_global(next(train_iter), setup.mesh, setup.batch_sharding)
         with jax.transfer_guard("disallow"):
-          state, metrics = step_fn(state, batch)
+          state, metrics = step_fn(state, batch, frozen)
         if sync_every_step:
           jax.block_until_ready(metrics)
         pending.append((step, metrics))
@@ -313,7 +326,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
           extra = throughput.rate()
           extra["checkpoint_blocked_sec"] = blocked
           if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-            extra.update(_evaluate(setup, state["params"], make_eval_iterator(), t.eval_batches))
+            extra.update(_evaluate(setup, state["params"], make_eval_iterator(), t.eval_batches, frozen))
             throughput.reset()  # the eval's time stays out of the next window's tokens/s
           log(step, fetched, extra)
           pending, blocked = [], 0.0

@@ -44,7 +44,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from lmjax.data import chat, finetune, prepared_reader
+from lmjax.data import chat, finetune, preference, prepared_reader
 from lmjax.data.packing import DataIterator, Encode, counts_in_state, mix_iter, pack, per_process_batch, prefetch
 from lmjax.data.readers import DataError, Document
 from lmjax.data.sources import (
@@ -86,6 +86,8 @@ def make_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None, *
     return finetune.pairs_iterator(cfg, tokenizer, split=split, **proc)
   if d.format == "chat":
     return chat.chat_iterator(cfg, tokenizer, split=split, **proc)
+  if preference.is_preference(d):
+    return preference.preference_iterator(cfg, tokenizer, split=split, **proc)
   if split == "train" and (d.num_epochs == 0 or d.num_epochs < -1):
     raise DataError(f"data.num_epochs must be positive or -1 (forever), got {d.num_epochs}.")
   if uses_prepared(d):
