@@ -133,19 +133,25 @@ def train_step(setup: Setup, state: State, batch: Batch,
 
 def compile_train_step(setup: Setup) -> Callable:
   """The jitted train step (state donated, explicit shardings), called and lowered under the
-  setup's mesh and rules."""
-  step = jax.jit(functools.partial(train_step, setup),
-                 in_shardings=(setup.state_shardings, setup.batch_sharding, frozen_lib.shardings(setup)),
+  setup's mesh and rules: ``(state, batch)``, and a run with a frozen model (DPO,
+  distillation) also that model's parameters, ``(state, batch, frozen)``."""
+  shardings = (setup.state_shardings, setup.batch_sharding)
+  if setup.frozen is not None:
+    shardings += (frozen_lib.shardings(setup),)
+  step = jax.jit(functools.partial(train_step, setup), in_shardings=shardings,
                  out_shardings=(setup.state_shardings, replicated(setup.mesh)), donate_argnums=0)
+
+  def args(state, batch, frozen):
+    return (state, batch) if setup.frozen is None else (state, batch, frozen)
 
   @functools.wraps(step)
   def call(state: State, batch: Batch, frozen: dict[str, Any] | None = None):
     with setup.context():
-      return step(state, batch, frozen or {})
+      return step(*args(state, batch, frozen))
 
   def lower(state, batch, frozen=None):
     with setup.context():
-      return step.lower(state, batch, frozen or {})
+      return step.lower(*args(state, batch, frozen))
 
   call.lower = lower
   return call
