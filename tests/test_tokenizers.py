@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tiktoken
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import lmjax
 from lmjax import data as data_lib
@@ -92,6 +92,8 @@ def _llama3_style(directory: Path, vocab_size: int = 500) -> Path:
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(_training_docs(), trainer)
   tok.add_special_tokens(specials)
+  bos = ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))  # transformers adds it; lmjax not
+  tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[bos])
   directory.mkdir(parents=True, exist_ok=True)
   tok.save(str(directory / "tokenizer.json"))
   (directory / "tokenizer_config.json").write_text(json.dumps({
@@ -184,6 +186,15 @@ def test_gpt2_style_tokenizer_has_endoftext_as_bos_and_eos(tmp_path):
     assert tok.decode(tok.encode(text)) == text
   assert tok.decode(tok.encode("a<|endoftext|>b")) == "ab"  # bos/eos/pad decode to ""
   assert tok.token_bytes()[399] == 0 and tok.leading_space() is None
+  # Without any tokenizer_config.json, an export names the roles for transformers.
+  (directory / "tokenizer_config.json").unlink()
+  out = tmp_path / "export"
+  out.mkdir()
+  for name, data in Tokenizer.load(str(directory)).hf_files().items():
+    (out / name).write_bytes(data)
+  auto = _auto(out)
+  assert auto.bos_token == auto.eos_token == "<|endoftext|>" and auto.pad_token is None
+  assert auto(CORPUS[3], add_special_tokens=False)["input_ids"] == tok.encode(CORPUS[3])
 
 
 def test_llama3_style_tokenizer_reads_its_config(tmp_path):
@@ -195,6 +206,7 @@ def test_llama3_style_tokenizer_reads_its_config(tmp_path):
   auto = _auto(tmp_path / "l3")
   text = "<|start_header_id|>user<|end_header_id|>\n\nhi 日本<|eot_id|>"
   assert tok.encode(text) == auto(text, add_special_tokens=False)["input_ids"]
+  assert auto("hi")["input_ids"] == [tok.bos_id] + tok.encode("hi")  # lmjax adds bos itself
   # A list of named templates: the "default" one.
   config = json.loads((tmp_path / "l3" / "tokenizer_config.json").read_text())
   config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
@@ -345,7 +357,7 @@ def test_training_with_a_tokenizer_json_and_bits_per_byte(bpe, tmp_path):
   cfg = _tiny_cfg(bpe, "default")
   cfg.data.tokenizer = bpe.path
   history = lmjax.train(cfg, tmp_path / "raw", devices=jax.devices()[:1])
-  assert len(history) == 3 and np.isfinite(history[-1]["loss"]) and "eval_loss" in history[-1]
+  assert history[-1]["step"] == 3 and np.isfinite(history[-1]["loss"]) and "eval_loss" in history[-1]
   run = lmjax.load(tmp_path / "raw", devices=jax.devices()[:1])
   assert run.tokenizer.sha256 == bpe.sha256 and run.tokenizer.kind == "hf"
 
@@ -374,7 +386,7 @@ def test_training_with_a_tokenizer_json_and_bits_per_byte(bpe, tmp_path):
   cfg = _tiny_cfg(bpe, str(prepared))
   assert data_lib.get_tokenizer(cfg.data, 1).sha256 == bpe.sha256 == meta["tokenizer"]["sha256"]
   history = lmjax.train(cfg, tmp_path / "prep", devices=jax.devices()[:1])
-  assert len(history) == 3 and np.isfinite(history[-1]["loss"])
+  assert history[-1]["step"] == 3 and np.isfinite(history[-1]["loss"])
   ids = next(data_lib.make_iterator(cfg, None, split="eval"))["inputs"][0]
   assert ids[0] == bpe.bos_id and bpe.decode(ids).strip()
 
