@@ -3,6 +3,7 @@
   python tools/bench_data.py                 # all measurements, Markdown tables
   python tools/bench_data.py --seconds 2     # shorter timing windows
   python tools/bench_data.py --no_train      # skip measuring the training steps
+  python tools/bench_data.py --encode_only   # only the tokenizers' encode speeds
 
 Measures, on the embedded corpus repeated ``--copies`` times (vocabulary 1024):
 
@@ -136,6 +137,7 @@ def main() -> None:
   parser.add_argument("--workers", default="0,1,2")
   parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept")
   parser.add_argument("--no_train", action="store_true")
+  parser.add_argument("--encode_only", action="store_true", help="only the encode speeds")
   args = parser.parse_args()
   workers = [int(w) for w in args.workers.split(",")]
   print(f"machine: {os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -157,6 +159,8 @@ def main() -> None:
   for kind, t in (("sentencepiece", tok), ("byte-level BPE tokenizer.json", bpe)):
     for name, rate in bench_encode(t, docs, args.repeats):
       print(f"| {kind} | {name} | {rate:,.0f} tokens/s |")
+  if args.encode_only:
+    return
 
   print("\n## prepare_data")
   prepared = {}

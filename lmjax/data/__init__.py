@@ -16,12 +16,11 @@ prepared directories and tokenizer files may be local paths or ``gs://`` / ``s3:
 (:mod:`lmjax.storage`).
 
 Modules, bottom up: ``readers`` (one per file format; :class:`DataError`), ``corpus``,
-``sources`` (what a source names, the bad-record policy, the held-out split),
-``packing``, ``tokenizer_base`` (:class:`Tokenizer`, any kind of file), ``tokenizer``
-(sentencepiece), ``tokenizer_bpe`` (``tokenizer.json``, tiktoken), ``tokenizer_train`` (byte-level
-BPE training), ``prepared_format`` / ``prepared_writer`` /
-``prepared_reader``, ``finetune``, and ``pipeline`` (:func:`make_iterator`,
-:func:`get_tokenizer`).
+``sources`` (what a source names, the bad-record policy, the held-out split), ``packing``,
+``tokenizer_base`` (:class:`Tokenizer` and its loader, any kind of file), ``tokenizer``
+(sentencepiece), ``tokenizer_bpe`` (``tokenizer.json``, tiktoken), ``tokenizer_train``
+(byte-level BPE training), ``prepared_format`` / ``prepared_writer`` / ``prepared_reader``,
+``finetune``, and ``pipeline`` (:func:`make_iterator`, :func:`get_tokenizer`).
 """
 
 from lmjax.data.corpus import default_documents

@@ -123,7 +123,8 @@ class HFTokenizer(Tokenizer):
       self._roles["bos"] = self._roles["eos"]
     self._byte_level = _has_type(spec.get("decoder"), "ByteLevel")
     self._metaspace = not self._byte_level and (
-        _has_type(spec.get("pre_tokenizer"), "Metaspace") or "\u2581" in json.dumps(spec.get("normalizer")))
+        _has_type(spec.get("pre_tokenizer"), "Metaspace")
+        or "\u2581" in json.dumps(spec.get("normalizer"), ensure_ascii=False))
     self._byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
 
   @classmethod
