@@ -184,6 +184,7 @@ class HFTokenizer(Tokenizer):
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+    """On the library's own thread pool, whatever ``num_threads`` (``RAYON_NUM_THREADS`` sets it)."""
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Iterable[int]) -> str:
