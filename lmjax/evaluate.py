@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sentencepiece import sentencepiece_model_pb2
 
 from lmjax import objectives, storage
 from lmjax.config import ConfigError
@@ -34,35 +33,23 @@ Batch = dict[str, np.ndarray]
 
 
 def _adds_dummy_prefix(tokenizer) -> bool:
-  proto = sentencepiece_model_pb2.ModelProto()
-  proto.ParseFromString(tokenizer.processor.serialized_model_proto())
-  return proto.normalizer_spec.add_dummy_prefix
+  return tokenizer.leading_space() is not None
 
 
 def target_bytes(tokenizer, batch: Batch) -> np.ndarray:
   """(b, t) UTF-8 bytes of document text each target token covers. A tokenizer that adds
   a space before each text has the first token after ``bos`` cover one byte less."""
-  nbytes = token_bytes(tokenizer)
-  out = nbytes[batch["targets"]]
-  if _adds_dummy_prefix(tokenizer):
-    pieces = tokenizer.processor
-    spaced = np.array([pieces.id_to_piece(i).startswith("\u2581") for i in range(len(nbytes))])
+  out = token_bytes(tokenizer)[batch["targets"]]
+  spaced = tokenizer.leading_space()
+  if spaced is not None:
     out = out - ((batch["inputs"] == tokenizer.bos_id) & spaced[batch["targets"]])
   return out
 
 
 def token_bytes(tokenizer) -> np.ndarray:
-  """(v,) UTF-8 bytes of text each token stands for (0 for control tokens)."""
-  sp = tokenizer.processor
-  out = np.zeros(tokenizer.vocab_size, np.int64)
-  for i in range(tokenizer.vocab_size):
-    if sp.is_control(i) or sp.is_unknown(i):
-      continue
-    if sp.is_byte(i):
-      out[i] = 1
-    else:
-      out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-  return out
+  """(v,) UTF-8 bytes of text each token stands for (0 for bos, eos, pad and unknown tokens);
+  any kind of tokenizer (:meth:`lmjax.data.Tokenizer.token_bytes`)."""
+  return tokenizer.token_bytes()
 
 
 def loss_sums(setup, params, batches: Iterable[Batch], max_batches: int | None = None,

@@ -4,14 +4,17 @@ A Hugging Face checkpoint is a directory with ``config.json`` and safetensors we
 (``model.safetensors``, or shards listed in ``model.safetensors.index.json``), as
 ``save_pretrained`` writes it. :func:`import_checkpoint` turns one into an lmjax run
 directory: ``config.json``, the weights as a parameters-only Orbax checkpoint (restored onto
-any mesh, sharded as the rules table says), and the ``tokenizer.model`` that came with it::
+any mesh, sharded as the rules table says), and the tokenizer that came with it (a
+``tokenizer.json`` with its ``tokenizer_config.json``, a sentencepiece ``tokenizer.model`` or
+Llama 3's tiktoken ``original/tokenizer.model``)::
 
   hf.import_checkpoint("/models/Mistral-7B-v0.1", "runs/mistral7b")
   run = lmjax.load("runs/mistral7b")                 # evaluate, generate
   # fine-tune: --config.train.init_from=runs/mistral7b in a new --workdir
 
 :func:`export_checkpoint` writes a run's parameters back in the same format, loadable with
-``transformers.AutoModelForCausalLM.from_pretrained``. Nothing is downloaded and nothing
+``transformers.AutoModelForCausalLM.from_pretrained``, with the run's tokenizer files that
+``transformers.AutoTokenizer.from_pretrained`` reads. Nothing is downloaded and nothing
 needs PyTorch. ``tools/convert_hf.py`` is the command line. Each directory may be a local
 path or a ``gs://`` / ``s3://`` URL (:mod:`lmjax.storage`); safetensors files in a bucket
 are read from local copies in the cache.
@@ -45,13 +48,16 @@ from lmjax.model import Transformer
 from lmjax.rundir import run_config
 from lmjax.trained import load
 
-__all__ = ["ARCHITECTURES", "INDEX", "SINGLE", "TOKENIZER", "ConversionError", "Weights",
-           "config_from_hf", "export_checkpoint", "hf_config", "import_checkpoint",
+__all__ = ["ARCHITECTURES", "INDEX", "SINGLE", "TOKENIZER", "TOKENIZER_SOURCES", "ConversionError",
+           "Weights", "config_from_hf", "export_checkpoint", "hf_config", "import_checkpoint",
            "params_from_hf", "params_to_hf", "read_config", "write_safetensors"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER = "tokenizer.model"
+# Where an import looks for the tokenizer, first found first: what transformers' AutoTokenizer
+# reads, then a sentencepiece (or tiktoken) model, then Llama 3's tiktoken original.
+TOKENIZER_SOURCES = ("tokenizer.json", TOKENIZER, "tokenizer.tiktoken", "original/tokenizer.model")
 FLOATS = ("F32", "BF16", "F16", "F64")  # safetensors dtypes that import (cast to param_dtype)
 
 
@@ -225,8 +231,10 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   top of the converted config (e.g. ``{"model.compute_dtype": "bfloat16",
   "data.seq_len": 2048}``); shape fields must stay. Returns the run's config.
 
-  A ``tokenizer.model`` (sentencepiece) beside the weights is copied into ``workdir`` and
-  becomes ``data.tokenizer``; other tokenizers (``tokenizer.json`` only) are not read.
+  The tokenizer beside the weights (the first of :data:`TOKENIZER_SOURCES`: a
+  ``tokenizer.json`` with its ``tokenizer_config.json`` and ``special_tokens_map.json``, a
+  sentencepiece ``tokenizer.model``, a tiktoken file) is copied into ``workdir`` and becomes
+  ``data.tokenizer``.
   """
   hf_dir, workdir = storage.absolute(hf_dir), storage.absolute(workdir)
   storage.check(workdir, write=True)
@@ -241,17 +249,7 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
     raise ConversionError(f"{workdir}/checkpoints already holds checkpoints; import into a new "
                           "directory.")
-  tokenizer_src = hf_dir / TOKENIZER
-  if tokenizer_src.is_file():
-    tok = Tokenizer.load(str(tokenizer_src))  # DataError if it is no usable sentencepiece model
-    storage.copy_file(tokenizer_src, workdir / TOKENIZER)
-    cfg.data.tokenizer = str(workdir / TOKENIZER)
-    if tok.vocab_size != cfg.model.vocab_size:
-      say(f"note: {TOKENIZER} has {tok.vocab_size} pieces, the model {cfg.model.vocab_size} rows; "
-          "lmjax trains only with equal sizes.")
-  else:
-    say(f"note: no sentencepiece {TOKENIZER} in {hf_dir}; lmjax reads only those. Evaluate and "
-        "generate with --config.data.tokenizer=..., or with token ids.")
+  _import_tokenizer(hf_dir, workdir, cfg, say)
   config_lib.validate(cfg)
   params = params_from_hf(hf_dir, cfg)
   storage.write_text(workdir / "config.json", cfg.to_json(indent=2))
@@ -262,6 +260,24 @@ def import_checkpoint(hf_dir: str | Path, workdir: str | Path,
   say(f"imported {n:,} parameters ({read_config(hf_dir)['model_type']}) from {hf_dir} "
       f"into {workdir / 'checkpoints' / '0'}")
   return cfg
+
+
+def _import_tokenizer(hf_dir: Path, workdir: Path, cfg: ml_collections.ConfigDict,
+                      say: Callable[[str], None]) -> None:
+  """Copies the tokenizer of ``hf_dir`` (the first of :data:`TOKENIZER_SOURCES`) into
+  ``workdir`` and names it in ``cfg.data.tokenizer``; a note when there is none."""
+  source = next((hf_dir / name for name in TOKENIZER_SOURCES if (hf_dir / name).is_file()), None)
+  if source is None:
+    say(f"note: no tokenizer ({', '.join(TOKENIZER_SOURCES)}) in {hf_dir}. Evaluate and generate "
+        "with --config.data.tokenizer=..., or with token ids.")
+    return
+  tok = Tokenizer.load(str(source))  # DataError if it is no usable tokenizer
+  cfg.data.tokenizer = tok.save(str(workdir))
+  say(f"tokenizer: {source.relative_to(hf_dir)} ({tok.kind}, {tok.vocab_size} ids) -> "
+      f"{', '.join(tok.files())}")
+  if tok.vocab_size != cfg.model.vocab_size:
+    say(f"note: the tokenizer has {tok.vocab_size} ids, the model {cfg.model.vocab_size} rows; "
+        "lmjax trains only with equal sizes.")
 
 
 def _override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -352,8 +368,9 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
                       say: Callable[[str], None] = print) -> dict[str, Any]:
   """Writes run ``workdir``'s parameters (newest usable checkpoint, or ``step``) to
   ``out_dir`` as a Hugging Face checkpoint: ``config.json``, safetensors (``dtype``, default
-  bfloat16 for bf16-compute runs, else float32) and the run's ``tokenizer.model`` if it
-  has a sentencepiece tokenizer. Returns the written ``config.json`` contents. A mixture of
+  bfloat16 for bf16-compute runs, else float32) and the run's tokenizer: a
+  ``tokenizer.json`` with its ``tokenizer_config.json`` (a tiktoken tokenizer is converted to
+  one), or a sentencepiece ``tokenizer.model``. Returns the written ``config.json`` contents. A mixture of
   experts exports as Mixtral (:data:`lmjax.hf_layout.MIXTRAL` says which models can)."""
   storage.check(out_dir, write=True)  # fail before restoring anything
   cfg = run_config(workdir, step)
@@ -373,9 +390,10 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   params = jax.tree.map(np.asarray, jax.device_get(run.params))
   files = write_safetensors(params_to_hf(params, run.cfg, dtype), out_dir, max_shard_size)
   storage.write_text(out_dir / "config.json", json.dumps(config, indent=2))
-  if tok is not None and tok.path and storage.path(tok.path).is_file():
-    storage.copy_file(tok.path, out_dir / TOKENIZER)
-    files.append(TOKENIZER)
+  if tok is not None:
+    for name, data in tok.hf_files().items():
+      storage.write_bytes(out_dir / name, data)
+      files.append(name)
   say(f"exported {workdir} step {run.step} ({config['architectures'][0]}, {dtype}) to {out_dir}: "
       f"{', '.join(['config.json'] + files)}")
   return config

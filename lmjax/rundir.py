@@ -52,9 +52,10 @@ def run_config(workdir: str | os.PathLike, step: int | None = None) -> ml_collec
 
 
 def run_tokenizer(cfg: ml_collections.ConfigDict) -> data_lib.Tokenizer:
-  """The tokenizer a run uses: ``data.tokenizer``, else a fine-tuning run's pre-trained
-  run's (else a DPO run's reference's, a distillation's teacher's), else the one its data
-  source calls for (a prepared dataset's, or one trained for the source and cached)."""
+  """The tokenizer a run uses: ``data.tokenizer`` (any kind: a sentencepiece ``.model``, a
+  ``tokenizer.json``, a tiktoken file), else a fine-tuning run's pre-trained run's (else a
+  DPO run's reference's, a distillation's teacher's), else the one its data source calls for
+  (a prepared dataset's, or one trained for the source and cached)."""
   t = cfg.train
   source_run = t.init_from or (t.reference if t.objective == "dpo" else "") or t.teacher
   if source_run and not cfg.data.tokenizer:

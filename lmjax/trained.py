@@ -30,7 +30,7 @@ class TrainedRun:
   cfg: ml_collections.ConfigDict
   setup: Setup
   params: Any
-  tokenizer: Any  # None for imported weights that came without a sentencepiece tokenizer
+  tokenizer: Any  # any kind (lmjax.data.Tokenizer); None for imported weights that came without one
 
   @property
   def history(self) -> list[dict[str, float]]:
@@ -43,8 +43,8 @@ class TrainedRun:
     """The tokenizer, or a DataError saying how to give one when the run has none."""
     if self.tokenizer is None:
       raise data_lib.DataError(
-          f"{self.workdir} holds imported weights without a sentencepiece tokenizer: import "
-          "again with its tokenizer.model beside the weights, pass a config whose "
+          f"{self.workdir} holds imported weights without a tokenizer: import again with its "
+          "tokenizer.json (or tokenizer.model) beside the weights, pass a config whose "
           "data.tokenizer names one (lmjax.load(workdir, cfg=...); lmjax generate --config), "
           "or work with token ids.")
     return self.tokenizer
@@ -79,7 +79,7 @@ def load(workdir: str | os.PathLike, step: int | None = None, *, cfg: ml_collect
   devices = jax.devices() if devices is None else list(devices)
   setup = build(rundir.loading_config(cfg, len(devices), mesh), devices)
   step, params, meta = rundir.restore_params(workdir, setup, step)
-  # Imported weights whose tokenizer lmjax cannot read (not sentencepiece) come without one.
+  # Imported weights that came without a tokenizer have none.
   imported = meta.get("params_only", False)
   tokenizer = None if imported and not cfg.data.tokenizer else rundir.run_tokenizer(cfg)
   return TrainedRun(workdir=workdir, step=step, cfg=cfg, setup=setup, params=params,

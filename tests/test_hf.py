@@ -355,7 +355,7 @@ def test_command_line_imports_and_exports(converted, tmp_path, capsys):
   run = lambda *a: subprocess.run([*tool, *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
   out = run("import", str(hf_dir), str(tmp_path / "run"), "--set", "model.compute_dtype=bfloat16")
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "imported" in out.stdout and "no sentencepiece tokenizer.model" in out.stdout
+  assert "imported" in out.stdout and "no tokenizer (tokenizer.json" in out.stdout
   assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["compute_dtype"] == "bfloat16"
   report = inspect_checkpoint.describe(tmp_path / "run")
   assert "step 0:" in report and "verified; parameters only, imported from" in report

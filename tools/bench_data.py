@@ -3,12 +3,14 @@
   python tools/bench_data.py                 # all measurements, Markdown tables
   python tools/bench_data.py --seconds 2     # shorter timing windows
   python tools/bench_data.py --no_train      # skip measuring the training steps
+  python tools/bench_data.py --encode_only   # only the tokenizers' encode speeds
 
 Measures, on the embedded corpus repeated ``--copies`` times (vocabulary 1024):
 
-* sentencepiece encode speed, one document at a time (what the raw pipeline does per
-  document) and batched over threads (what ``tools/prepare_data.py`` does): the limit of
-  the raw path;
+* encode speed of a sentencepiece ``.model`` and of a byte-level BPE ``tokenizer.json``
+  (both 1024 ids, trained on the corpus), one document at a time (what the raw pipeline
+  does per document) and batched over threads (what ``tools/prepare_data.py`` does): the
+  limit of the raw path;
 * raw text -> packed batches (Grain: shuffle, tokenize, pack, batch) and prepared
   ArrayRecord rows -> batches, each with 0, 1 and 2 Grain worker processes, for the batch
   shapes of ``configs/tiny.py`` (16 x 128) and ``configs/gpt2_small.py`` (256 x 1024);
@@ -31,7 +33,7 @@ import time
 import jax
 
 from lmjax.config import default_config
-from lmjax.data import default_documents, make_iterator, prepare, train_tokenizer
+from lmjax.data import default_documents, make_iterator, prepare, train_bpe_tokenizer, train_tokenizer
 
 SHAPES = {"tiny (16 x 128)": (16, 128), "gpt2_small (256 x 1024)": (256, 1024)}
 H100_BF16_PEAK = 989e12
@@ -53,14 +55,15 @@ def _rate(it, batch: int, seq: int, seconds: float, warmup: int) -> tuple[float,
 
 
 def bench_encode(tok, docs: list[str], repeats: int) -> list[tuple[str, float]]:
-  sp = tok.processor
+  """(what, tokens/s) of ``tok`` (any kind) on ``docs``."""
 
   def one_at_a_time() -> int:
-    return sum(len(sp.encode(d)) for d in docs)
+    return sum(len(tok.encode(d)) for d in docs)
 
   out = []
   for name, fn in [("one document at a time (raw pipeline)", one_at_a_time)] + [
-      (f"batched, {t} thread(s) (prepare_data)", lambda t=t: sum(map(len, sp.encode(docs, num_threads=t))))
+      (f"batched, {t} thread(s) (prepare_data)",
+       lambda t=t: sum(map(len, tok.encode_batch(docs, num_threads=t))))
       for t in (1, 2)]:
     best = 0.0
     for _ in range(repeats):
@@ -134,6 +137,7 @@ def main() -> None:
   parser.add_argument("--workers", default="0,1,2")
   parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept")
   parser.add_argument("--no_train", action="store_true")
+  parser.add_argument("--encode_only", action="store_true", help="only the encode speeds")
   args = parser.parse_args()
   workers = [int(w) for w in args.workers.split(",")]
   print(f"machine: {os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -150,10 +154,13 @@ def main() -> None:
   mib = os.path.getsize(source) / 2**20
   print(f"corpus: {len(docs)} documents, {mib:.1f} MiB of JSON lines")
 
-  print("\n## sentencepiece encode")
-  encode = bench_encode(tok, docs, args.repeats)
-  for name, rate in encode:
-    print(f"| {name} | {rate:,.0f} tokens/s |")
+  bpe = train_bpe_tokenizer(base, 1024, os.path.join(tmp, "bpe", "tokenizer.json"))
+  print("\n## encode")
+  for kind, t in (("sentencepiece", tok), ("byte-level BPE tokenizer.json", bpe)):
+    for name, rate in bench_encode(t, docs, args.repeats):
+      print(f"| {kind} | {name} | {rate:,.0f} tokens/s |")
+  if args.encode_only:
+    return
 
   print("\n## prepare_data")
   prepared = {}

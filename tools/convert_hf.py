@@ -7,8 +7,11 @@
 
 ``import`` reads ``config.json`` and the safetensors weights (one file or shards with an
 index) and writes an lmjax run directory: ``config.json``, a parameters-only checkpoint
-(step 0) that restores onto any mesh, and the checkpoint's sentencepiece
-``tokenizer.model`` if it has one. Evaluate or generate from it (``lmjax eval --workdir
+(step 0) that restores onto any mesh, and the checkpoint's tokenizer, which becomes
+``data.tokenizer``: its ``tokenizer.json`` (with ``tokenizer_config.json`` -- bos/eos, chat
+template -- and ``special_tokens_map.json``), else a sentencepiece ``tokenizer.model``, else
+a tiktoken file (``tokenizer.model``, ``original/tokenizer.model`` as Llama 3 ships it).
+Evaluate or generate from it (``lmjax eval --workdir
 runs/llama2-7b``), or fine-tune with ``--config.train.init_from=runs/llama2-7b`` in a new
 ``--workdir``. Host memory peaks at about 3 copies of the parameters in ``model.param_dtype``
 while Orbax writes them (float32: ~12 bytes per parameter, ~100 GB for 8B; ``--set
@@ -16,8 +19,10 @@ model.param_dtype=bfloat16`` halves it, and fine-tuning still starts in float32)
 model imports in ~50 s on 2 cores (docs/benchmarks.md).
 
 ``export`` writes a run's parameters (newest usable checkpoint, or ``--step``) as
-``config.json`` + safetensors (+ ``tokenizer.model``), which
-``transformers.AutoModelForCausalLM.from_pretrained`` loads. Nothing is downloaded.
+``config.json`` + safetensors and the run's tokenizer (``tokenizer.json`` +
+``tokenizer_config.json``; a tiktoken tokenizer is converted to those; a sentencepiece run
+writes its ``tokenizer.model``), which ``transformers.AutoModelForCausalLM.from_pretrained``
+and ``AutoTokenizer.from_pretrained`` load. Nothing is downloaded.
 Hugging Face directories and the import's run directory may be ``gs://`` or ``s3://`` URLs.
 """
 

@@ -9,8 +9,10 @@ Sources are what ``data.source`` accepts (``.txt``, ``.jsonl``/``.json`` (also `
 ``.parquet``, ``.arrayrecord``; files, directories, globs; local or ``gs://`` / ``s3://``);
 ``--source`` may repeat. ``--output`` may be a bucket URL too: the directory is built in the
 local cache and uploaded, its metadata file last.
-Without ``--tokenizer`` one is trained on the sources with ``--vocab_size`` pieces (the
-documents are then held in memory once). The output directory holds the rows, the
+``--tokenizer`` is any kind lmjax reads: a sentencepiece ``.model``, a Hugging Face
+``tokenizer.json`` (its ``tokenizer_config.json`` beside it) or a tiktoken file; its file(s)
+are copied into the output. Without ``--tokenizer`` a sentencepiece one is trained on the
+sources with ``--vocab_size`` pieces (the documents are then held in memory once). The output directory holds the rows, the
 tokenizer and ``lmjax_data.json``; set ``data.seq_len`` to the same ``--seq_len`` and
 ``model.vocab_size`` to the tokenizer's size (the last line printed says how).
 Training from it needs no tokenizing, and its data order survives a change of process
@@ -84,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--source", action="append", required=True,
                       help='"default", a file, a directory or a glob; may repeat')
   parser.add_argument("--output", required=True, help="directory to write (must not exist)")
-  parser.add_argument("--tokenizer", default="", help="sentencepiece .model to encode with")
+  parser.add_argument("--tokenizer", default="",
+                      help="tokenizer to encode with: a sentencepiece .model, a tokenizer.json or a "
+                           "tiktoken file")
   parser.add_argument("--vocab_size", type=int, default=0,
                       help="without --tokenizer: train one with this many pieces on the sources")
   parser.add_argument("--seq_len", type=int, default=128, help="positions per packed row")
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--long_documents", choices=LONG_DOCUMENT_POLICIES, default="split")
   parser.add_argument("--bad_records", choices=BAD_RECORD_POLICIES, default="skip")
   parser.add_argument("--shard_mb", type=float, default=256.0, help="target size of each shard")
-  parser.add_argument("--threads", type=int, default=0, help="sentencepiece encode threads (0: all cores)")
+  parser.add_argument("--threads", type=int, default=0, help="encode threads (0: all cores)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)

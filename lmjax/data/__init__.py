@@ -1,4 +1,4 @@
-"""lmjax's data: documents, sentencepiece tokenizers, the Grain pipeline and prepared datasets.
+"""lmjax's data: documents, tokenizers, the Grain pipeline and prepared datasets.
 
 One entry point, whatever ``cfg.data`` names::
 
@@ -16,10 +16,11 @@ prepared directories and tokenizer files may be local paths or ``gs://`` / ``s3:
 (:mod:`lmjax.storage`).
 
 Modules, bottom up: ``readers`` (one per file format; :class:`DataError`), ``corpus``,
-``sources`` (what a source names, the bad-record policy, the held-out split),
-``packing``, ``tokenizer``, ``prepared_format`` / ``prepared_writer`` /
-``prepared_reader``, ``finetune``, and ``pipeline`` (:func:`make_iterator`,
-:func:`get_tokenizer`).
+``sources`` (what a source names, the bad-record policy, the held-out split), ``packing``,
+``tokenizer_base`` (:class:`Tokenizer` and its loader, any kind of file), ``tokenizer``
+(sentencepiece), ``tokenizer_bpe`` (``tokenizer.json``, tiktoken), ``tokenizer_train``
+(byte-level BPE training), ``prepared_format`` / ``prepared_writer`` / ``prepared_reader``,
+``finetune``, and ``pipeline`` (:func:`make_iterator`, :func:`get_tokenizer`).
 """
 
 from lmjax.data.corpus import default_documents
@@ -37,6 +38,8 @@ from lmjax.data.sources import (
     split_documents,
 )
 from lmjax.data.tokenizer import Tokenizer, train_tokenizer
+from lmjax.data.tokenizer_bpe import HFTokenizer, TiktokenTokenizer
+from lmjax.data.tokenizer_train import train_bpe_tokenizer
 
 __all__ = [
     "BATCH_KEYS",
@@ -44,6 +47,8 @@ __all__ = [
     "DataIterator",
     "Document",
     "SkipLog",
+    "HFTokenizer",
+    "TiktokenTokenizer",
     "Tokenizer",
     "default_documents",
     "get_tokenizer",
@@ -55,5 +60,6 @@ __all__ = [
     "prepare",
     "read_metadata",
     "split_documents",
+    "train_bpe_tokenizer",
     "train_tokenizer",
 ]

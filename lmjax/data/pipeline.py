@@ -106,8 +106,9 @@ def get_tokenizer(data_cfg: ml_collections.ConfigDict, vocab_size: int,
 
   * A prepared source (``tools/prepare_data.py``): the tokenizer stored with it; a
     ``data.tokenizer`` that differs from it is an error.
-  * ``data.tokenizer`` set: that model, as it is (comparing its size with
-    ``model.vocab_size`` is the caller's check; ``lmjax.train`` makes it).
+  * ``data.tokenizer`` set: that tokenizer (a sentencepiece ``.model``, a Hugging Face
+    ``tokenizer.json`` or a tiktoken file, told apart by content), as it is (comparing its
+    size with ``model.vocab_size`` is the caller's check; ``lmjax.train`` makes it).
   * Otherwise one with ``vocab_size`` pieces for the documents of ``data.source`` (or of
     every ``data.mixture`` component), trained once and kept in the cache directory
     (``data.tokenizer_cache``) under a hash of the documents and the settings.

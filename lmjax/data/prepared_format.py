@@ -4,7 +4,9 @@
 writes a directory that :mod:`lmjax.data.prepared_reader` reads back::
 
   lmjax_data.json           metadata: format, seq_len, dtypes, tokenizer hash, splits, counts
-  tokenizer.model           the sentencepiece model the rows were encoded with
+  tokenizer.model           the tokenizer the rows were encoded with: a sentencepiece model,
+                            or tokenizer.json (+ tokenizer_config.json), or tokenizer.tiktoken
+                            (+ tokenizer.tiktoken.json); lmjax_data.json names it
   train-00000.arrayrecord   one record per packed row of seq_len positions, ...
   eval-00000.arrayrecord    the held-out documents, packed the same way
 
@@ -31,10 +33,13 @@ from lmjax import storage
 from lmjax.data.packing import positions_from_segments
 from lmjax.data.readers import DataError
 from lmjax.data.sources import PREPARED_METADATA
+from lmjax.data.tokenizer_base import TOKENIZER_FILES
 
 FORMAT = "lmjax-packed-rows"
 VERSION = 1
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a sentencepiece tokenizer's; others: TOKENIZER_FILES
+__all__ = ["FORMAT", "TOKENIZER_FILE", "TOKENIZER_FILES", "VERSION", "RowDecoder", "encode_row",
+           "read_metadata", "row_dtypes", "shard_name", "write_metadata"]
 
 
 def shard_name(split: str, index: int) -> str:

@@ -1,7 +1,7 @@
 """Writing a prepared dataset: documents tokenized and packed once into ArrayRecord rows.
 
 :func:`prepare` (what ``tools/prepare_data.py`` runs) streams the documents of its
-sources, encodes them in chunks with sentencepiece's threads, routes each to ``train`` or
+sources, encodes them in chunks (on the tokenizer's threads), routes each to ``train`` or
 ``eval`` by a keyed hash of its text, packs each split into rows of ``seq_len`` exactly as
 the raw-text pipeline does (same concat-then-split, same ``data.long_documents`` policy)
 and writes the directory described in :mod:`lmjax.data.prepared_format`. A ``gs://`` or
@@ -32,7 +32,7 @@ from lmjax import storage
 from lmjax.data.packing import Encode, RowPacker, Skipped
 from lmjax.data.prepared_format import (
     FORMAT,
-    TOKENIZER_FILE,
+    TOKENIZER_FILES,
     VERSION,
     RowDecoder,
     encode_row,
@@ -44,9 +44,10 @@ from lmjax.data.readers import DataError, Document
 from lmjax.data.sources import PREPARED_METADATA, SPLITS, SkipLog, is_prepared, iter_documents
 from lmjax.data.tokenizer import Tokenizer
 
-_CHUNK_DOCUMENTS = 512  # documents encoded together by sentencepiece's threads
+_CHUNK_DOCUMENTS = 512  # documents encoded together by the tokenizer's threads
 # What an upload cut short leaves (everything but the metadata): replaced like a prepared one.
-_UPLOADED_FIRST = re.compile(rf"^((train|eval)-\d{{5}}\.arrayrecord|{re.escape(TOKENIZER_FILE)})$")
+_UPLOADED_FIRST = re.compile(
+    rf"^((train|eval)-\d{{5}}\.arrayrecord|{'|'.join(map(re.escape, TOKENIZER_FILES))})$")
 
 
 class _SplitWriter:
@@ -128,8 +129,9 @@ def prepare(sources: Sequence[str], output: str, tokenizer: Tokenizer, *, seq_le
   """Tokenizes and packs the documents of ``sources`` into a prepared directory ``output``.
 
   Documents are read in order (sources in the given order, files sorted), encoded in
-  chunks with sentencepiece's threads, routed to ``eval`` when a keyed hash of their text
-  falls below ``eval_fraction``, and packed per split into rows of ``seq_len``. A local
+  chunks on the tokenizer's threads (any kind: sentencepiece, tokenizer.json, tiktoken),
+  routed to ``eval`` when a keyed hash of their text falls below ``eval_fraction``, and
+  packed per split into rows of ``seq_len``; the tokenizer's files go beside them. A local
   directory is written under a temporary name and renamed when complete; a URL's is built
   in the cache and uploaded, the metadata last.
   ``progress(documents, bytes, tokens)`` is called after every chunk. Returns the
@@ -207,7 +209,7 @@ def _write(sources: Sequence[str], directory: str, tokenizer: Tokenizer, *, seq_
       yield from iter_documents(source, text_field=text_field, txt_split=txt_split, skips=skips)
 
   for chunk in _chunks(documents(), _CHUNK_DOCUMENTS):
-    ids = tokenizer.processor.encode([d.text for d in chunk], num_threads=encode_threads or -1)
+    ids = tokenizer.encode_batch([d.text for d in chunk], num_threads=encode_threads)
     chunk_bytes = chunk_tokens = 0
     for doc, doc_ids in zip(chunk, ids):
       chunk_bytes += len(doc.text.encode("utf-8"))
@@ -226,13 +228,13 @@ def _write(sources: Sequence[str], directory: str, tokenizer: Tokenizer, *, seq_
   if splits["train"]["rows"] == 0:
     detail = f"; skipped:\n{skips.summary()}" if skips.total else ""
     raise DataError(f"{', '.join(sources)}: no usable documents for the train split{detail}")
-  with open(os.path.join(directory, TOKENIZER_FILE), "wb") as f:
-    f.write(tokenizer.processor.serialized_model_proto())
+  tokenizer.save(directory)  # its file(s): tokenizer.model, tokenizer.json (+ config), ...
   meta = {
       "format": FORMAT, "version": VERSION, "seq_len": seq_len,
       "token_dtype": dtypes[0], "segment_dtype": dtypes[1],
-      "tokenizer": {"file": TOKENIZER_FILE, "sha256": tokenizer.sha256,
-                    "vocab_size": tokenizer.vocab_size, "source_path": tokenizer.path},
+      "tokenizer": {"file": tokenizer.file_name, "kind": tokenizer.kind,
+                    "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+                    "source_path": tokenizer.path},
       "splits": splits,
       "sources": list(sources), "text_field": text_field, "txt_split": txt_split,
       "long_documents": long_documents, "bad_records": bad_records,

@@ -1,9 +1,11 @@
-"""Sentencepiece tokenizers: loading, deterministic training, and a cache keyed by content.
+"""lmjax's sentencepiece tokenizers: the kind, deterministic training, and a cache keyed by content.
 
 lmjax's token ids are fixed: 0 pad, 1 unk, 2 bos, 3 eos. Trained tokenizers use
 byte fallback (no text is ever unknown) and identity normalisation, so
 ``decode(encode(text)) == text`` for any text, newlines and indentation included.
-Which tokenizer a config uses is decided by :func:`lmjax.data.get_tokenizer`. A ``.model``
+Which tokenizer a config uses is decided by :func:`lmjax.data.get_tokenizer`; any kind of
+tokenizer file loads with :meth:`Tokenizer.load` (:mod:`lmjax.data.tokenizer_base`; Hugging
+Face ``tokenizer.json`` and tiktoken files in :mod:`lmjax.data.tokenizer_bpe`). A ``.model``
 file is a local path or a ``gs://`` / ``s3://`` URL (read and written through
 :mod:`lmjax.storage`); the cache of trained tokenizers is a local directory.
 
@@ -25,10 +27,15 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import sentencepiece as spm
 
 from lmjax import storage
 from lmjax.data.readers import DataError
+from lmjax.data.tokenizer_base import HF_CONFIG, Tokenizer, chat_template_of, read_json
+
+__all__ = ["MODEL_TYPES", "SentencePieceTokenizer", "Tokenizer", "cache_dir", "cached_tokenizer",
+           "train_tokenizer"]
 
 log = logging.getLogger("lmjax.data")  # the logger lmjax.data.sources warns through
 
@@ -55,33 +62,21 @@ _TRAINER_SEED = 0
 _CACHE_VERSION = 2  # bump when the training recipe changes in a way options don't show
 
 
-class Tokenizer:
-  """A sentencepiece model with lmjax's conventions: ids without bos/eos, pad id 0."""
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece model with lmjax's conventions: ids without bos/eos, pad id 0. A
+  ``tokenizer_config.json`` beside it (a Hugging Face checkpoint's) gives its chat template."""
 
-  def __init__(self, processor: spm.SentencePieceProcessor, path: str = ""):
-    self._sp = processor
-    self._path = path
+  kind = "sentencepiece"
+  file_name = "tokenizer.model"
+
+  def __init__(self, files: dict[str, bytes], path: str = ""):
+    super().__init__(files, path)
+    self._sp = _processor_from_proto(files[self.file_name], path)
+    self._template = chat_template_of(read_json(files, HF_CONFIG, path))
 
   @classmethod
-  def load(cls, path: str) -> Tokenizer:
-    """Loads a ``.model`` file (a local path or a URL); DataError if it is missing, corrupt
-    or lacks bos/eos (StorageError if its bucket cannot be read)."""
-    path = os.fspath(storage.path(path))
-    try:
-      proto = storage.path(path).read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-      storage.check(path)  # a URL's bucket that is missing or refused, named as such
-      raise DataError(f"tokenizer {path}: no such file; set data.tokenizer to a sentencepiece "
-                      ".model file, or to \"\" to train one for data.source.") from None
-    except Exception as e:  # noqa: BLE001 - a store's refusal or an unreadable file: one line
-      if not storage.is_url(path):
-        raise DataError(f"tokenizer {path}: cannot be read ({e}).") from None
-      raise storage.explain(path, e) from None
-    tok = cls(_processor_from_proto(proto, path), path)
-    for name, token_id in (("bos", tok.bos_id), ("eos", tok.eos_id)):
-      if token_id < 0:
-        raise DataError(f"tokenizer {path}: has no {name} piece; lmjax needs bos and eos ids.")
-    return tok
+  def sidecars(cls, name: str) -> dict[str, str]:
+    return {HF_CONFIG: HF_CONFIG}
 
   @property
   def vocab_size(self) -> int:
@@ -101,8 +96,15 @@ class Tokenizer:
     return self._sp.eos_id()
 
   @property
-  def path(self) -> str:
-    return self._path
+  def unk_id(self) -> int | None:
+    return self._sp.unk_id() if self._sp.unk_id() >= 0 else None
+
+  def id_to_token(self, i: int) -> str:
+    return self._sp.id_to_piece(i)
+
+  @property
+  def chat_template(self) -> str | None:
+    return self._template
 
   @property
   def sha256(self) -> str:
@@ -113,16 +115,19 @@ class Tokenizer:
   def special_tokens(self) -> list[str]:
     """The user-defined pieces other than newline (see ``train_tokenizer``)."""
     from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=import-outside-toplevel
+    user = pb.ModelProto.SentencePiece.USER_DEFINED
+    return [p.piece for p in self._proto().pieces if p.type == user and p.piece != "\n"]
+
+  def _proto(self):
+    from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=import-outside-toplevel
     model = pb.ModelProto()
     model.ParseFromString(self._sp.serialized_model_proto())
-    user = pb.ModelProto.SentencePiece.USER_DEFINED
-    return [p.piece for p in model.pieces if p.type == user and p.piece != "\n"]
+    return model
 
   def token_id(self, piece: str) -> int:
-    """The id of ``piece`` (e.g. a special token); DataError if it is not in the vocabulary."""
     i = self._sp.piece_to_id(piece)
     if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i):
-      raise DataError(f"tokenizer {self._path}: no piece {piece!r}.")
+      raise self._no_piece(piece)
     return i
 
   @property
@@ -131,8 +136,10 @@ class Tokenizer:
     return self._sp
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of ``text``, without bos/eos."""
     return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+    return self._sp.encode(list(texts), num_threads=num_threads or -1)
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of ``ids`` (any int iterable, numpy arrays included); control ids decode to ""."""
@@ -151,16 +158,26 @@ class Tokenizer:
     lead = first is not None and self._sp.id_to_piece(first).startswith("\u2581")
     return " " * lead + self.decode(ids)
 
-  def __getstate__(self) -> dict[str, Any]:
-    # Grain workers are spawned processes; they receive the model bytes, not a file path.
-    return {"path": self._path, "proto": self._sp.serialized_model_proto()}
+  def _piece_bytes(self, i: int) -> bytes:
+    sp = self._sp
+    if sp.is_control(i) or sp.is_unknown(i):
+      return b""
+    if sp.is_byte(i):
+      return bytes([int(sp.id_to_piece(i)[3:5], 16)])
+    return sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
 
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self._path = state["path"]
-    self._sp = _processor_from_proto(state["proto"], state["path"])
+  def token_bytes(self) -> np.ndarray:
+    """(vocab_size,) int64: UTF-8 bytes of text each piece stands for (0 for control and
+    unknown pieces, 1 for a byte piece; "▁" is a space)."""
+    if getattr(self, "_token_bytes", None) is None:
+      self._token_bytes = np.array([len(self._piece_bytes(i)) for i in range(self.vocab_size)],
+                                   np.int64)
+    return self._token_bytes
 
-  def __repr__(self) -> str:
-    return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
+  def leading_space(self) -> np.ndarray | None:
+    if not self._proto().normalizer_spec.add_dummy_prefix:
+      return None
+    return np.array([self._sp.id_to_piece(i).startswith("\u2581") for i in range(self.vocab_size)])
 
 
 def _processor_from_proto(proto: bytes, path: str) -> spm.SentencePieceProcessor:
@@ -213,7 +230,7 @@ class _TrainingLines:
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
-                    model_type: str = "bpe", special_tokens: Sequence[str] = ()) -> Tokenizer:
+                    model_type: str = "bpe", special_tokens: Sequence[str] = ()) -> SentencePieceTokenizer:
   """Trains a sentencepiece model on ``documents`` and writes it atomically to ``model_path``
   (a local path or a URL).
 
@@ -255,7 +272,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: str,
                 options["max_sentence_length"])
   proto = writer.getvalue()
   storage.write_bytes(model_path, proto)
-  return Tokenizer(_processor_from_proto(proto, model_path), model_path)
+  return SentencePieceTokenizer({SentencePieceTokenizer.file_name: proto}, model_path)
 
 
 def cache_dir(data_cfg: Any = None) -> str:
