@@ -158,6 +158,24 @@ def test_adapters_shard_like_their_weights_and_the_step_matches_one_device():
                                                  jax.tree.leaves(lora.trainable(p1)))) > lr / 2
 
 
+@pytest.mark.slow
+def test_gpipe_pipelined_lora_step_equals_one_device():
+  results = []
+  for mesh, devices in ((dict(), 1), (dict(stage=2, fsdp=2, tensor=2), 8)):
+    cfg = _cfg(4)
+    cfg.mesh.update(mesh)
+    setup = build(cfg, jax.devices()[:devices])
+    state = init_state(setup)
+    state["params"] = _randomize_b(state["params"], std=0.05)
+    state, metrics = compile_train_step(setup)(state, host_to_global(layouts.batch(), setup.mesh,
+                                                                     setup.batch_sharding))
+    results.append((jax.device_get(metrics), jax.device_get(state["params"])))
+  (m1, p1), (m8, p8) = results
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5), p1, p8)
+
+
 # -- a LoRA fine-tune of a pre-trained run ---------------------------------------------------
 
 def _run_cfg(steps, rank=0):
