@@ -16,6 +16,7 @@ from lmjax.model import lora
 from lmjax.state import build, init_state, loss_and_grads
 from lmjax.trainer import compile_train_step
 from tests import layouts
+from tools import merge_lora as merge_lora_tool
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 TOKENS = np.arange(2 * 12, dtype=np.int32).reshape(2, 12) * 7 % 64
@@ -251,6 +252,14 @@ def test_loaded_lora_run_is_merged_and_evaluates_as_the_adapted_model(tuned):
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
   np.testing.assert_allclose(_forward(merged.setup, merged.params),
                              _forward(apart.setup, apart.params), rtol=1e-5, atol=1e-5)
+  # tools/merge_lora.py writes the merged run: a plain model, the same weights.
+  out = workdir.parent / "merged"
+  merge_lora_tool.main([str(workdir), str(out)])
+  copy = lmjax.load(out, devices=jax.devices()[:1])
+  assert copy.cfg.model.lora_rank == 0 and copy.step == merged.step
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),  # 8 devices here
+               jax.device_get(copy.params), jax.device_get(merged.params))
+  assert copy.tokenizer.path == merged.tokenizer.path
   # A plain config cannot read the adapters: merge first.
   plain = rundir.run_config(workdir)
   plain.model.lora_rank = 0
