@@ -2,6 +2,9 @@
 optimizer state and gradients), shard like their base weights, fine-tune a pre-trained run,
 resume bit for bit, and export as a plain model that ``transformers`` loads."""
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,3 +286,15 @@ def test_exported_lora_run_loads_in_transformers_as_a_plain_llama(tmp_path):
   with torch.no_grad():
     got = back(torch.tensor(TOKENS, dtype=torch.long)).logits.float().numpy()
   np.testing.assert_allclose(got, _forward(setup, params), rtol=1e-4, atol=1e-5)
+
+
+def test_bench_lora_section_measures_the_optimizer_state_it_saves():
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+  import bench  # noqa: PLC0415 - tools/bench.py imports its siblings from tools/
+  model = dict(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
+               vocab_size=64, max_seq_len=16)
+  r = bench.lora_rows(model, seq=16, rows=2, rounds=1)
+  full, qv, every = r["full fine-tune"], r["LoRA r=8 q,v"], r["LoRA r=8 all"]
+  assert full["trained"] == full["params"] and qv["trained"] == 1 * (32 * 8 + 8 * 32 + 32 * 8 + 8 * 16)
+  assert qv["opt_bytes"] < every["opt_bytes"] < full["opt_bytes"] / 2
+  assert all(x["step_s"] > 0 and x["temp_bytes"] > 0 for x in r.values())
