@@ -109,6 +109,43 @@ def test_only_adapters_have_optimizer_state_and_gradients():
   assert not attn["q_lora_a"].any() and attn["q_lora_b"].any()
 
 
+def _one_step(cfg, seed=0):
+  setup = build(cfg, jax.devices()[:1])
+  state = init_state(setup)
+  state["params"] = _randomize_b(state["params"], seed)
+  before = jax.device_get(state["params"])
+  state, metrics = compile_train_step(setup)(state, jax.device_put(layouts.batch(), jax.devices()[0]))
+  return before, jax.device_get(state["params"]), jax.device_get(metrics)
+
+
+@pytest.mark.slow
+def test_accumulation_multipliers_and_muon_act_on_the_adapters():
+  targets = ("q", "v", "o", "down")
+  p0, p1, m1 = _one_step(_cfg(4, targets))
+  cfg = _cfg(4, targets)
+  cfg.optim.grad_accum_steps = 2
+  _, p2, m2 = _one_step(cfg)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2 * cfg.optim.learning_rate),
+               p1, p2)
+  cfg = _cfg(4, targets)
+  cfg.optim.lr_multipliers = (("attn/q_lora", 0.0),)
+  _, p3, _ = _one_step(cfg)
+  attn0, attn3 = p0["blocks"]["attn"], p3["blocks"]["attn"]
+  np.testing.assert_array_equal(attn3["q_lora_b"], attn0["q_lora_b"])  # multiplier 0
+  assert not np.array_equal(attn3["v_lora_b"], attn0["v_lora_b"])
+  cfg = _cfg(4, targets)
+  cfg.optim.name, cfg.optim.lr_multipliers = "muon", (("attn/q", 0.5),)  # q's adapters only
+  _, p4, m4 = _one_step(cfg)
+  assert np.isfinite(m4["loss"]) and not np.array_equal(p4["blocks"]["mlp"]["down_lora_b"],
+                                                        p0["blocks"]["mlp"]["down_lora_b"])
+  jax.tree.map(np.testing.assert_array_equal, lora.base(p0), lora.base(p4))
+  cfg.optim.lr_multipliers = (("attn/k$", 0.5),)  # matches a frozen weight only
+  with pytest.raises(ConfigError, match=r"lr_multipliers\[0\]: 'attn/k\$' matches no parameter"):
+    build(cfg, jax.devices()[:1])
+
+
 def test_config_refuses_mlp_adapters_of_experts_and_1f1b():
   c = _cfg(4, ("q", "up"), num_experts=4, experts_per_token=2, expert_mlp_dim=16)
   with pytest.raises(ConfigError, match=r"model.lora_targets.*\['up'\] with model.num_experts=4"):
@@ -238,10 +275,11 @@ def test_lora_finetune_trains_only_adapters_and_resumes_bit_exactly(pretrained, 
   abstract = setup.abstract_state
   s1, s2 = a.restore(12, abstract), ckpt.restore(12, abstract)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(s1), jax.device_get(s2))
-  with pytest.raises(Exception, match="lora"):  # another rank is another model, never resumed
+  with pytest.raises(Exception, match="different model.*model.lora_rank, lora_targets: checkpoint"):
     other = cfg.copy_and_resolve_references()
     other.model.lora_rank, other.train.steps = 2, 13
-    lmjax.train(other, tmp_path, devices=jax.devices()[:1])
+    lmjax.train(other, tmp_path, devices=jax.devices()[:1])  # another rank: another model
+  assert Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [6, 12]  # kept
 
 
 @pytest.mark.slow
