@@ -59,7 +59,8 @@ class Adapters:
     return cls(rank, float(get("lora_alpha")), tuple(get("lora_targets"))) if rank > 0 else None
 
 
-def attach(module: nnx.Module, rngs: nnx.Rngs, spec: Adapters | None, inputs: Mapping[str, int]) -> None:
+def attach(module: nnx.Module, rngs: nnx.Rngs, spec: Adapters | None,
+           inputs: Mapping[str, int]) -> None:
   """Gives ``module`` an adapter pair ``<name>_lora_a``, ``<name>_lora_b`` for each target
   projection ``name`` of ``inputs`` (name -> how many leading axes of its weight are
   inputs). The adapters' keys are derived from the module's next parameter key without
@@ -109,7 +110,8 @@ def add(module: nnx.Module, name: str, eq: str, x: jax.Array, y: jax.Array) -> j
   dt = y.dtype
   h = jnp.einsum(f"{xs},{ins}r->{batch}r", x.astype(dt), _cast(a, dt))  # (b, t, r)
   h = h * jnp.asarray(module.lora_scale, dt)
-  return y + jnp.einsum(f"{batch}r,r{ws[len(ins):]}->{out}", h, _cast(getattr(module, name + SUFFIX_B), dt))
+  b = _cast(getattr(module, name + SUFFIX_B), dt)
+  return y + jnp.einsum(f"{batch}r,r{ws[len(ins):]}->{out}", h, b)  # (b, t, O...)
 
 
 # -- parameter trees -----------------------------------------------------------------------
