@@ -222,6 +222,11 @@ class Checkpointer:
     default = config_lib.default_config().model  # for keys older checkpoints' configs lack
     diffs = [f"model.{k}: checkpoint {saved.get(k, default[k])!r}, config {cfg.model[k]!r}"
              for k in keys if saved.get(k, default[k]) != cfg.model[k]]
+    # LoRA adapters are parameters too (a params-only read takes what it needs: rundir)
+    rank = lambda m: m.get("lora_rank", 0)
+    lora = lambda m: (rank(m), sorted(m.get("lora_targets", ())) if rank(m) else [])
+    if not params_only and lora(saved) != lora(cfg.model):
+      diffs.append(f"model.lora_rank, lora_targets: checkpoint {lora(saved)}, config {lora(cfg.model)}")
     if diffs:
       raise IncompatibleCheckpoint(
           f"{self._step_dir(step)} holds a different model ({'; '.join(diffs)}). Use the "

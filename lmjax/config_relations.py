@@ -54,6 +54,10 @@ def check_objective(cfg: Any, fail: Fail) -> None:
       fail("model.lora_targets", f"unknown projection {target!r}; choose from {LORA_TARGETS}.")
   if m.lora_rank and not m.lora_targets:
     fail("model.lora_targets", f"empty with model.lora_rank={m.lora_rank}; name the projections to adapt.")
+  mlp_targets = [x for x in m.lora_targets if x in ("gate", "up", "down")]
+  if m.lora_rank and m.num_experts and mlp_targets:
+    fail("model.lora_targets", f"{mlp_targets} with model.num_experts={m.num_experts}: LoRA adapts a "
+                               "mixture of experts' attention only; choose among q, k, v, o.")
   if (t.objective == "masked") == m.causal:
     fail("model.causal", f"{m.causal} with train.objective={t.objective!r}: the masked objective needs "
                          "model.causal=False (bidirectional attention), every other one True.")
@@ -92,6 +96,9 @@ def check_parallelism(cfg: Any, shape: dict[str, int], fail: Fail) -> None:
       fail("model.pipeline_microbatches",
            f"{micro} microbatches of the {rows}-row batch (data.global_batch_size / "
            f"optim.grad_accum_steps) must each divide over mesh data*fsdp*expert ({batch_shards}).")
+    if m.lora_rank and m.pipeline_schedule == "1f1b":
+      fail("model.pipeline_schedule", f"'1f1b' with model.lora_rank={m.lora_rank}: LoRA pipelines "
+                                      "with the 'gpipe' schedule only.")
     if m.num_experts:
       fail("mesh.stage", f"{stages} pipeline stages with model.num_experts={m.num_experts}: MoE "
                          "models do not pipeline; use mesh.stage=1 (expert, fsdp, tensor).")

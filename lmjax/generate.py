@@ -258,8 +258,9 @@ def load_run(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None =
              step: int | None = None, devices: list[jax.Device] | None = None) -> TrainedRun:
   """A training run's checkpoint (default: the newest usable one), for generation: the
   run's own config on :data:`lmjax.rundir.LOAD_MESH`, or ``cfg``'s mesh, unpipelined
-  (:func:`lmjax.rundir.loading_config`)."""
+  (:func:`lmjax.rundir.loading_config`). A LoRA run's adapters are merged into its weights,
+  so decoding costs what the base model's does."""
   return load(workdir, step, cfg=cfg, devices=devices,
-              mesh=LOAD_MESH if cfg is None else None)
+              mesh=LOAD_MESH if cfg is None else None, merge=True)
 
 

@@ -371,7 +371,9 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   bfloat16 for bf16-compute runs, else float32) and the run's tokenizer: a
   ``tokenizer.json`` with its ``tokenizer_config.json`` (a tiktoken tokenizer is converted to
   one), or a sentencepiece ``tokenizer.model``. Returns the written ``config.json`` contents. A mixture of
-  experts exports as Mixtral (:data:`lmjax.hf_layout.MIXTRAL` says which models can)."""
+  experts exports as Mixtral (:data:`lmjax.hf_layout.MIXTRAL` says which models can); a LoRA
+  run exports its adapters merged into the weights (:func:`lmjax.model.lora.merge_lora`), a
+  plain model."""
   storage.check(out_dir, write=True)  # fail before restoring anything
   cfg = run_config(workdir, step)
   if hf_kind(cfg.model) == "mixtral" and cfg.model.capacity_factor > 0:
@@ -381,7 +383,8 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, step: int | None
   # Onto the host: the weights go to NumPy anyway, and no accelerator need hold them whole.
   cfg.model.attention = "xla"  # any backend restores the same parameters; xla runs on the CPU
   run = load(workdir, step, cfg=cfg, devices=jax.devices("cpu")[:1],
-             mesh={"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1})
+             mesh={"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1},
+             merge=True)  # LoRA adapters folded in: run.cfg.model.lora_rank is 0
   dtype = dtype or ("bfloat16" if run.cfg.model.compute_dtype == "bfloat16" else "float32")
   tok = run.tokenizer
   out_dir = storage.path(out_dir)

@@ -83,13 +83,16 @@ def muon_dimension_numbers(params: Any) -> Any:
   head, norm scales, biases, as in the Muon papers). The layer axis of a block weight is a
   batch axis, so each layer's matrix is orthogonalised on its own: q, k, v (l, d, n, h)
   reduce over d into (n, h); o (l, n, h, d) reduces over (n, h) into d; gate, up (l, d, f)
-  and down (l, f, d) reduce over their middle axis."""
+  and down (l, f, d) reduce over their middle axis. A LoRA adapter's A (l, I..., r) reduces
+  over its input axes into r, its B (l, r, O...) over r."""
 
   def dims(path, x):
     names = _names(path)
     if not _is_matrix(names) or x.ndim < 2:
       return None
     first = 1 if "blocks" in names else 0  # the stacked layer axis
+    if names[-1].endswith("_lora_a"):
+      return MuonDimensionNumbers(tuple(range(first, x.ndim - 1)), x.ndim - 1)
     if names[-1] in _INTO_RESIDUAL:
       return MuonDimensionNumbers(tuple(range(first, x.ndim - 1)), x.ndim - 1)
     return MuonDimensionNumbers(first, tuple(range(first + 1, x.ndim)))

@@ -21,6 +21,7 @@ from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import storage
 from lmjax.checkpoint import Checkpointer, CheckpointError
+from lmjax.model import lora
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -94,11 +95,18 @@ def restore_params(run: str | os.PathLike, setup: Any, step: int | None = None,
   its checkpoint directory) at ``step``, or of the newest usable checkpoint, sharded as
   ``setup``'s; read-only, so safe beside a run that is saving. Returns ``(step, params,
   meta)``; ``meta["params_only"]`` marks imported weights. Raises CheckpointError when
-  there is no usable checkpoint (or ``step`` is not one), naming the directory."""
+  there is no usable checkpoint (or ``step`` is not one), naming the directory.
+
+  A LoRA setup (``model.lora_rank`` > 0) reading a run without adapters gets the base
+  weights alone (its adapters start from their initialisation: :func:`lmjax.model.lora.combine`
+  them in); a run with other adapters than ``setup``'s is refused (merge it first)."""
   directory = checkpoint_dir(run)
   ckpt = Checkpointer(directory, read_only=True)
   try:
     abstract = setup.abstract_state["params"]
+    steps = ckpt.all_steps()
+    if steps:
+      abstract = _lora_target(ckpt, step if step in steps else steps[-1], setup, abstract, directory)
     if step is None or step < 0:
       step, state, _ = ckpt.restore_latest(setup.cfg, {"params": abstract}, params_only=True, warn=warn)
       if step is None:
@@ -115,3 +123,23 @@ def restore_params(run: str | os.PathLike, setup: Any, step: int | None = None,
   finally:
     ckpt.manager.close()
 
+
+def _lora_target(ckpt: Checkpointer, step: int, setup: Any, abstract: Any,
+                 directory: os.PathLike) -> Any:
+  """What to restore of ``step`` into ``setup``'s ``abstract`` params, by their adapters."""
+  try:
+    saved = lora.Adapters.from_config(config_lib.from_saved(ckpt.saved_config(step)).model)
+  except Exception:  # noqa: BLE001 - an unreadable step is the restore's to report
+    return abstract
+  wanted = lora.Adapters.from_config(setup.cfg.model)
+  shape = lambda a: a and (a.rank, frozenset(a.targets))  # what the saved tree holds
+  if shape(saved) == shape(wanted):
+    return abstract
+  if saved is None:  # a run without adapters: its base weights
+    return lora.base(abstract)
+  run = directory.parent if directory.name == CHECKPOINTS else directory
+  raise CheckpointError(
+      f"{directory / str(step)} holds LoRA adapters (model.lora_rank={saved.rank}, lora_targets="
+      f"{list(saved.targets)}) that this config does not have (model.lora_rank="
+      f"{setup.cfg.model.lora_rank}); merge them into a plain run first (python "
+      f"tools/merge_lora.py {run} MERGED) and use MERGED, or use the run's own LoRA settings.")

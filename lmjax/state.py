@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from lmjax import config as config_lib
 from lmjax.checkpoint import abstract_with_shardings
 from lmjax.mesh import batch_sharding, host_to_global, make_mesh, replicated, rules_from_config, tree_shardings, use_rules
-from lmjax.model import Transformer, count_params, logical_axes
+from lmjax.model import Transformer, count_params, logical_axes, lora
 from lmjax.model.attention import check_backend
 from lmjax.model.cross_entropy import cross_entropy, plain_cross_entropy
 from lmjax.model.distill import Teacher, distill_cross_entropy, plain_distill_cross_entropy
@@ -111,8 +111,11 @@ def build(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = Non
   graphdef, abstract_params = nnx.split(abstract_model)
   abstract_params = abstract_params.to_pure_dict()
   param_shardings = tree_shardings(logical_axes(abstract_model), abstract_params, mesh, rules)
-  check_lr_multipliers(cfg, abstract_params)
-  abstract_opt, opt_shardings = opt_state_shardings(optimizer, abstract_params, param_shardings, mesh)
+  # The optimizer sees the parameters that train: all, or a LoRA model's adapters.
+  trainable = lora.trainable(abstract_params)
+  check_lr_multipliers(cfg, trainable)
+  abstract_opt, opt_shardings = opt_state_shardings(optimizer, trainable,
+                                                    lora.trainable(param_shardings), mesh)
   shardings = {"step": replicated(mesh), "params": param_shardings, "opt_state": opt_shardings,
                "loss_window": replicated(mesh), "spike_run": replicated(mesh), "skipped": replicated(mesh)}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
@@ -135,7 +138,7 @@ def init_state(setup: Setup) -> State:
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed), num_stages=setup.mesh.shape["stage"])
     params = nnx.split(model)[1].to_pure_dict()
     return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": setup.optimizer.init(params),
+            "opt_state": setup.optimizer.init(lora.trainable(params)),
             "loss_window": jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32),
             "spike_run": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
 
@@ -215,20 +218,21 @@ def _head_terms(model: Transformer, features: jax.Array, batch: Batch, z_loss: f
 def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, z_loss: float = 0.0,
                    teacher: Teacher | None = None) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
   """``((total, terms), grads)``: :func:`loss_terms`' weighted sum, its terms but
-  ``logprob``, and the sum's gradient w.r.t. ``params``. A pipelined model
+  ``logprob``, and the sum's gradient w.r.t. the parameters that train,
+  ``lora.trainable(params)`` (all of them, or a LoRA model's adapters). A pipelined model
   (``num_stages > 1``) with ``model.pipeline_schedule = "1f1b"`` computes them by the 1F1B
   schedule (:mod:`lmjax.model.pipeline_1f1b`), every other one by autodiff. ``teacher``:
   distillation (:func:`loss_terms`), not with the 1F1B schedule."""
   model = nnx.merge(graphdef, params)
   if model.num_stages == 1 or model.cfg.pipeline_schedule != "1f1b":
-    def objective(params):
-      total, terms = loss_terms(graphdef, params, batch, z_loss, teacher)
+    def objective(trainable):  # the frozen rest of params closed over
+      total, terms = loss_terms(graphdef, lora.combine(params, trainable), batch, z_loss, teacher)
       return total, {k: v for k, v in terms.items() if k != "logprob"}
-    return jax.value_and_grad(objective, has_aux=True)(params)
+    return jax.value_and_grad(objective, has_aux=True)(lora.trainable(params))
 
   if teacher is not None:
     raise ValueError("distillation runs the GPipe schedule, not model.pipeline_schedule='1f1b'")
-  stacked = params["blocks"]  # a dense model (MoE models do not pipeline)
+  stacked = params["blocks"]  # a dense model without LoRA (neither MoE nor LoRA models do 1F1B)
   rest = {k: v for k, v in params.items() if k != "blocks"}
   with_rest = lambda r: nnx.merge(graphdef, {**r, "blocks": stacked})
   layers = model.stage_layers()

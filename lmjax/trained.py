@@ -19,6 +19,7 @@ from lmjax import data as data_lib
 from lmjax import evaluate as ev
 from lmjax import rundir, storage
 from lmjax.metrics import read_metrics
+from lmjax.model.lora import merge_lora
 from lmjax.state import Setup, build
 
 
@@ -66,19 +67,28 @@ class TrainedRun:
 
 
 def load(workdir: str | os.PathLike, step: int | None = None, *, cfg: ml_collections.ConfigDict | None = None,
-         devices: list[jax.Device] | None = None, mesh: dict[str, int] | None = None) -> TrainedRun:
+         devices: list[jax.Device] | None = None, mesh: dict[str, int] | None = None,
+         merge: bool = True) -> TrainedRun:
   """Restores ``workdir``'s newest usable checkpoint (or ``step``) onto ``devices``, read-only
   (safe while the run is still training).
 
   ``cfg`` defaults to the run's own config. ``mesh`` overrides its mesh sizes (e.g.
   ``{"fsdp": -1}``); by default a pipelined run loads unpipelined (its stages' devices join
   FSDP) and a run whose mesh does not fit the devices is loaded with FSDP over all of them.
+  A LoRA run (``model.lora_rank`` > 0) loads with its adapters merged into the weights
+  (:func:`lmjax.model.lora.merge_lora`; ``cfg`` then has ``lora_rank`` 0), so evaluating and
+  generating cost what the base model does; ``merge=False`` keeps them apart.
   """
   workdir = storage.path(workdir)
   cfg = rundir.run_config(workdir, step) if cfg is None else cfg
   devices = jax.devices() if devices is None else list(devices)
   setup = build(rundir.loading_config(cfg, len(devices), mesh), devices)
   step, params, meta = rundir.restore_params(workdir, setup, step)
+  if merge and cfg.model.lora_rank:
+    params, merged = merge_lora(params, cfg.model)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model = merged
+    setup = build(cfg, devices)  # abstract only: the merged params keep their shardings
   # Imported weights that came without a tokenizer have none.
   imported = meta.get("params_only", False)
   tokenizer = None if imported and not cfg.data.tokenizer else rundir.run_tokenizer(cfg)

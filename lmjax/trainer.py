@@ -29,6 +29,7 @@ from lmjax import frozen as frozen_lib
 from lmjax import objectives, rundir, storage, workdir_lock
 from lmjax.checkpoint import Checkpointer, CheckpointError
 from lmjax.mesh import host_to_global, replicated
+from lmjax.model import lora
 from lmjax.metrics import MetricsWriter, RunSummary, Throughput, expert_load_scalars
 from lmjax.model.moe import update_router_bias
 from lmjax.optim import learning_rate_schedule
@@ -94,10 +95,11 @@ def train_step(setup: Setup, state: State, batch: Batch,
   apply = finite & (~spike | accept_spike)
   window = jnp.where(apply & spike, jnp.full_like(window, jnp.nan), window)
 
-  def update():
-    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    if m.num_experts and m.router == "sigmoid" and m.router_bias_rate:
+  def update():  # of the parameters that train (a LoRA model's adapters), the rest kept
+    trainable = lora.trainable(state["params"])
+    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], trainable)
+    params = lora.combine(state["params"], optax.apply_updates(trainable, updates))
+    if m.num_experts and m.router == "sigmoid" and m.router_bias_rate and not m.lora_rank:
       params = update_router_bias(params, sums["expert_load"], m.router_bias_rate)
     return params, opt_state
 
@@ -174,8 +176,9 @@ def _say(message: str) -> None:
     tqdm.write(f"lmjax: {message}")
 
 
-def _initial_params(cfg: ml_collections.ConfigDict, setup: Setup) -> Any:
-  """The parameters of ``train.init_from``'s checkpoint, on this run's mesh."""
+def _initial_params(cfg: ml_collections.ConfigDict, setup: Setup, init: Any) -> Any:
+  """The parameters of ``train.init_from``'s checkpoint, on this run's mesh, over ``init``:
+  a LoRA run from a run without adapters keeps its fresh adapters."""
   try:
     step, params, _ = rundir.restore_params(cfg.train.init_from, setup, cfg.train.init_step,
                                             warn=lambda m: _say(f"warning: {m}"))
@@ -183,7 +186,7 @@ def _initial_params(cfg: ml_collections.ConfigDict, setup: Setup) -> Any:
     raise config_lib.ConfigError(f"config.train.init_from: {e}") from None
   _say(f"parameters from {rundir.checkpoint_dir(cfg.train.init_from) / str(step)}; "
        "optimizer state starts fresh")
-  return params
+  return lora.combine(init, params)
 
 
 class TrainingHalted(RuntimeError):
@@ -259,7 +262,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: os.PathLike, devices: list[j
   else:
     state, train_iter = init_state(setup), make_iterator()
     if cfg.train.init_from:
-      state["params"] = _initial_params(cfg, setup)
+      state["params"] = _initial_params(cfg, setup, state["params"])
   frozen = frozen_lib.load(setup, warn=lambda m: _say(f"warning: {m}"), say=_say)  # never checkpointed
   if is_main:  # only now that the start is accepted
     storage.write_text(workdir / rundir.CONFIG_FILE, cfg.to_json(indent=2))

@@ -6,6 +6,7 @@
   python tools/bench.py mfu --profile DIR  # also a jax.profiler trace of a few steps per config
   python tools/bench.py loss             # chunked vs whole-logits loss: temp bytes, step time
   python tools/bench.py moe              # MoE vs dense at equal active FLOPs; dropless vs capacity; expert=8 memory
+  python tools/bench.py lora             # full fine-tune vs LoRA (q,v and all): optimizer state, temporaries, step time
   python tools/bench.py compile          # compile time vs depth, scanned vs unrolled layers
   python tools/bench.py memory           # per-device bytes per mesh layout, peak host RSS
   python tools/bench.py layouts          # step time and memory of every layout on 8 devices
@@ -50,8 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # configs/ lives there
 
-SECTIONS = ("mfu", "loss", "moe", "compile", "memory", "layouts", "pipeline", "context", "checkpoint",
-            "processes", "generation", "all")
+SECTIONS = ("mfu", "loss", "moe", "lora", "compile", "memory", "layouts", "pipeline", "context",
+            "checkpoint", "processes", "generation", "all")
 _FAKE_DEVICES = {"moe", "memory", "layouts", "pipeline", "context", "checkpoint", "all"}
 # docs/scaling.md ("XLA flags that matter"), as tools/launch/slurm.sbatch sets them.
 GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
@@ -100,6 +101,7 @@ import numpy as np  # noqa: E402
 from lmjax.config import MESH_AXES, default_config  # noqa: E402
 from lmjax.mesh import host_to_global  # noqa: E402
 from lmjax.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
+from lmjax.model import lora as lora_lib  # noqa: E402
 from lmjax.model.pipeline import bubble_fraction  # noqa: E402
 from lmjax.state import build, init_state  # noqa: E402
 from lmjax.trainer import compile_train_step  # noqa: E402
@@ -476,6 +478,63 @@ def moe(quick: bool, steps: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# lora
+
+LORA_VARIANTS = {"full fine-tune": {}, "LoRA r=8 q,v": dict(lora_rank=8, lora_targets=("q", "v")),
+                 "LoRA r=8 all": dict(lora_rank=8, lora_targets=("q", "k", "v", "o", "gate", "up", "down"))}
+
+
+def lora_rows(model: dict, seq: int, rows: int, rounds: int, steps: int = 1,
+              variants: dict = LORA_VARIANTS) -> dict[str, dict]:
+  """Per variant of ``variants`` (model overrides on ``model``), one device: trained
+  parameters, optimizer-state bytes, the compiled step's temporaries (XLA's
+  temp_size_in_bytes) and its step times over ``rounds`` alternating rounds of ``steps``."""
+  fns, states, out = {}, {}, {}
+  for name, overrides in variants.items():
+    c = default_config()
+    c.model.update(**model, **overrides)
+    c.data.seq_len, c.data.global_batch_size, c.mesh.fsdp = seq, rows, 1
+    setup = build(c, _devices(1))
+    states[name] = init_state(setup)
+    batch = host_to_global(_random_batch(c), setup.mesh, setup.batch_sharding)
+    fns[name] = compile_train_step(setup).lower(states[name], batch).compile()
+    abstract = setup.abstract_state
+    out[name] = {
+        "params": setup.num_params,
+        "trained": sum(x.size for x in jax.tree.leaves(lora_lib.trainable(abstract["params"]))),
+        "opt_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract["opt_state"])),
+        "temp_bytes": fns[name].memory_analysis().temp_size_in_bytes}
+    states[name], _ = fns[name](states[name], batch)  # warm-up
+  times = _interleaved(fns, states, batch, rounds=rounds, steps=steps)
+  for name in variants:
+    out[name]["step_s"] = statistics.median(times[name])
+  return out
+
+
+def lora(quick: bool, steps: int) -> None:
+  """The same model fine-tuned in full and with LoRA (rank 8 on q, v; rank 8 on every
+  projection), AdamW, one device: trained parameters, optimizer-state bytes, the compiled
+  step's temporaries and step time, the variants taking turns each round."""
+  layers, width, seq, rows = (2, 256, 256, 4) if quick else (4, 512, 512, 4)
+  model = dict(num_layers=layers, embed_dim=width, num_heads=width // 64, num_kv_heads=width // 128,
+               head_dim=64, mlp_dim=3 * width, vocab_size=8192, max_seq_len=seq,
+               tie_embeddings=False)
+  rounds = max(3, steps // 2)
+  r = lora_rows(model, seq, rows, rounds, steps=2)
+  full = r["full fine-tune"]
+  print(f"Model: {full['params'] / 1e6:.1f}M parameters, {layers} layers, width {width}, SwiGLU "
+        f"{3 * width}, vocab 8192 untied; batch {rows} x {seq}; fp32; AdamW; one device "
+        f"({_devices(1)[0].device_kind}); {rounds} alternating rounds of 2 steps (median).\n")
+  print("| fine-tune | trained params | optimizer state (MiB) | step temporaries (MiB) | "
+        "step s | vs full |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name, x in r.items():
+    print(f"| {name} | {x['trained'] / 1e6:.3f}M ({x['trained'] / x['params']:.2%}) | "
+          f"{x['opt_bytes'] / 2**20:.2f} | {x['temp_bytes'] / 2**20:.1f} | {x['step_s']:.3f} | "
+          f"{x['step_s'] / full['step_s']:.2f}x |")
+
+
+# ---------------------------------------------------------------------------------------------
 # memory
 
 def memory(quick: bool) -> None:
@@ -831,6 +890,7 @@ def main() -> None:
       "mfu": lambda: mfu(quick, steps, args.gpu, args.batch, args.profile),
       "loss": lambda: loss(quick, steps),
       "moe": lambda: moe(quick, steps),
+      "lora": lambda: lora(quick, steps),
       "compile": lambda: compile_times(quick),
       "memory": lambda: memory(quick),
       "layouts": lambda: layouts(quick, steps),

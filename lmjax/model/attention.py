@@ -37,8 +37,8 @@ from flax import nnx
 
 from lmjax.config import ATTENTION_BACKENDS
 from lmjax.mesh import constrain
-from lmjax.model import context
-from lmjax.model.kernels import (MASKED, blockwise_attention, causal_mask, cudnn_attention,
+from lmjax.model import context, lora
+from lmjax.model.kernels import (blockwise_attention, causal_mask, cudnn_attention,
                                  masked_softmax, per_shard, splash_attention)
 from lmjax.model.layers import Rope, param, project, rope
 
@@ -154,6 +154,8 @@ class Attention(nnx.Module):
   ``quantization`` is the four projections' (see :func:`lmjax.model.layers.project`).
   ``causal=False`` attends both ways within each document (a masked LM); such a module has
   no :meth:`decode` and no context parallelism.
+  ``adapters`` adds LoRA adapters to those of its targets among q, k, v and o
+  (:mod:`lmjax.model.lora`).
 
   >>> attn = Attention(64, 4, 2, 16, rope_theta=1e4, rngs=nnx.Rngs(0), std=0.02,
   ...                  param_dtype=jnp.float32, backend="xla")
@@ -165,7 +167,7 @@ class Attention(nnx.Module):
                backend: str = "xla", use_rope: bool = True, bias: bool = False,
                sliding_window: int = 0, quantization: str = "none",
                context_attention: str = "ring", context_load_balance: bool = True,
-               causal: bool = True):
+               causal: bool = True, adapters: lora.Adapters | None = None):
     if backend not in ATTENTION_BACKENDS:
       raise _unknown(backend)
     self.q = param(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
@@ -180,6 +182,7 @@ class Attention(nnx.Module):
       self.k_bias = param(None, (num_kv_heads, head_dim), ("kv_heads", "head_dim"), param_dtype, fill=0.0)
       self.v_bias = param(None, (num_kv_heads, head_dim), ("kv_heads", "head_dim"), param_dtype, fill=0.0)
       self.o_bias = param(None, (dim,), ("norm",), param_dtype, fill=0.0)
+    lora.attach(self, rngs, adapters, {"q": 1, "k": 1, "v": 1, "o": 2})
     self.rope = (rope_theta if isinstance(rope_theta, Rope) else Rope(theta=rope_theta)) if use_rope else None
     self.backend = backend
     self.sliding_window = sliding_window
@@ -223,9 +226,11 @@ class Attention(nnx.Module):
   def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projections with RoPE: x (b, t, d) -> q (b, t, n, h), k and v (b, t, k, h)."""
     dt = x.dtype
-    q = project("btd,dnh->btnh", x, self.q, dt, self.quantization)  # (b, t, n, h)
-    k = project("btd,dkh->btkh", x, self.k, dt, self.quantization)  # (b, t, k, h)
-    v = project("btd,dkh->btkh", x, self.v, dt, self.quantization)
+    proj = lambda name, eq: lora.add(self, name, eq, x, project(eq, x, getattr(self, name), dt,
+                                                                self.quantization))
+    q = proj("q", "btd,dnh->btnh")  # (b, t, n, h)
+    k = proj("k", "btd,dkh->btkh")  # (b, t, k, h)
+    v = proj("v", "btd,dkh->btkh")
     if self.bias:
       q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
     if self.rope is not None:
@@ -237,5 +242,6 @@ class Attention(nnx.Module):
 
   def _out(self, out: jax.Array, dt) -> jax.Array:
     """The output projection: out (b, t, n, h) -> (b, t, d)."""
-    y = project("btnh,nhd->btd", out, self.o, dt, self.quantization)
+    y = lora.add(self, "o", "btnh,nhd->btd", out, project("btnh,nhd->btd", out, self.o, dt,
+                                                          self.quantization))
     return y + self.o_bias[...].astype(dt) if self.bias else y

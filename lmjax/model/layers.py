@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from lmjax.mesh import constrain
+from lmjax.model import lora
 from lmjax.model.config import ModelConfig
 from lmjax.model.fp8 import fp8_einsum
 
@@ -153,13 +154,15 @@ class Embed(nnx.Module):
 class MLP(nnx.Module):
   """Feed-forward block. ``kind="swiglu"``: down(silu(x gate) * (x up)) (Llama);
   ``kind="gelu"``: down(gelu_tanh(x up)) (GPT-2). ``bias`` adds a bias to each projection;
-  ``quantization`` is the projections' (see :func:`project`).
+  ``quantization`` is the projections' (see :func:`project`); ``adapters`` adds LoRA adapters to
+  those of its targets among gate, up and down (:mod:`lmjax.model.lora`).
 
   >>> mlp = MLP(16, 48, rngs=nnx.Rngs(0), std=0.02, param_dtype=jnp.float32)
   """
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float, param_dtype,
-               kind: str = "swiglu", bias: bool = False, quantization: str = "none"):
+               kind: str = "swiglu", bias: bool = False, quantization: str = "none",
+               adapters: lora.Adapters | None = None):
     if kind not in ("swiglu", "gelu"):
       raise ValueError(f"config.model.mlp={kind!r} is unknown; use 'swiglu' or 'gelu'.")
     self.kind = kind
@@ -174,18 +177,22 @@ class MLP(nnx.Module):
         self.gate_bias = param(None, (hidden,), ("mlp",), param_dtype, fill=0.0)
       self.up_bias = param(None, (hidden,), ("mlp",), param_dtype, fill=0.0)
       self.down_bias = param(None, (dim,), ("norm",), param_dtype, fill=0.0)
+    lora.attach(self, rngs, adapters, {"gate": 1, "up": 1, "down": 1} if kind == "swiglu"
+                else {"up": 1, "down": 1})
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
 
     def up(name: str) -> jax.Array:  # x (b, t, d) -> (b, t, f)
       y = project("btd,df->btf", x, getattr(self, name), dt, self.quantization)
+      y = lora.add(self, name, "btd,df->btf", x, y)
       return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.bias else y
 
     u = up("up")
     h = _swiglu(up("gate"), u) if self.kind == "swiglu" else _gelu(u)
     h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-    out = project("btf,fd->btd", h, self.down, dt, self.quantization)
+    out = lora.add(self, "down", "btf,fd->btd", h, project("btf,fd->btd", h, self.down, dt,
+                                                         self.quantization))
     return out + self.down_bias[...].astype(dt) if self.bias else out
 
 

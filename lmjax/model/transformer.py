@@ -11,7 +11,7 @@ from flax import nnx
 import ml_collections
 
 from lmjax.mesh import constrain
-from lmjax.model import context
+from lmjax.model import context, lora
 from lmjax.model.attention import STACKED_CACHE_AXES, Attention, KVCache
 from lmjax.model.config import ModelConfig
 from lmjax.model.layers import MLP, Embed, Rope, make_norm, param
@@ -37,6 +37,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
     pdt = jnp.dtype(cfg.param_dtype)
+    adapters = lora.Adapters.from_config(cfg)
     self.attn_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           rope_theta=Rope.from_config(cfg), rngs=rngs, std=cfg.init_std,
@@ -44,13 +45,15 @@ class Block(nnx.Module):
                           use_rope=cfg.position_embedding == "rope", bias=cfg.attention_bias,
                           sliding_window=cfg.sliding_window, quantization=cfg.quantization,
                           context_attention=cfg.context_attention,
-                          context_load_balance=cfg.context_load_balance, causal=cfg.causal)
+                          context_load_balance=cfg.context_load_balance, causal=cfg.causal,
+                          adapters=adapters)
     self.mlp_norm = make_norm(cfg.norm, cfg.embed_dim, eps=cfg.norm_eps, param_dtype=pdt)
     if moe:
       self.moe = MoE(cfg, rngs=rngs)
     else:
       self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, rngs=rngs, std=cfg.init_std, param_dtype=pdt,
-                     kind=cfg.mlp, bias=cfg.mlp_bias, quantization=cfg.quantization)
+                     kind=cfg.mlp, bias=cfg.mlp_bias, quantization=cfg.quantization,
+                     adapters=adapters)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -262,7 +265,6 @@ class Transformer(nnx.Module):
       raise ValueError(f"decoding with a KV cache needs num_stages == 1, got {self.num_stages}; "
                        "build the model on a mesh with mesh.stage=1 (checkpoints restore onto "
                        "any mesh).")
-    cfg = self.cfg
     t = tokens.shape[1]
     slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # (t,)
     positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # (b, t); padding at 0
