@@ -271,6 +271,10 @@ MIXTRAL = {"norm": "rmsnorm", "mlp": "swiglu", "position_embedding": "rope",
 def hf_kind(m: ml_collections.ConfigDict) -> str:
   """"llama", "mistral", "mixtral" or "gpt2": the Hugging Face architecture of model config
   ``m``."""
+  if not m.causal:
+    raise ConversionError("model.causal=False (a bidirectional, masked-LM model) has no Hugging "
+                          "Face causal-LM architecture: Llama, Mistral, Mixtral and GPT-2 attend "
+                          "causally and would compute another function.")
   if m.num_experts:
     differ = {k: m[k] for k, v in MIXTRAL.items() if m[k] != v}
     if differ:

@@ -195,3 +195,13 @@ def test_command_line_exits_2_with_one_line(saved, tmp_path):
   assert "Traceback" not in out.stderr
   lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1 and re.search(r"config\.json: no num_hidden_layers", lines[0]), out.stderr
+
+
+def test_export_refuses_a_bidirectional_model():
+  from lmjax.config import default_config
+  m = default_config().model
+  assert hf_layout.hf_kind(m) == "llama"
+  m.causal = False
+  with pytest.raises(hf.ConversionError) as e:
+    hf_layout.hf_kind(m)
+  assert "model.causal=False" in str(e.value) and "\n" not in str(e.value)

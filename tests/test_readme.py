@@ -7,7 +7,8 @@ test corpus is small), placeholders such as ``/data/`` and ``/models/`` point at
 test makes (``gs://my-bucket`` is a bucket on the tests' GCS emulator), ``pip install`` and
 ``python -m pytest`` (the set-up itself) are not rerun, and
 ``[optional]`` arguments are given. A new code block needs no change here unless it shows
-output (then :data:`OUTPUTS` says which command prints it).
+output (then :data:`OUTPUTS` says which command prints it). A block of a file format
+(``yaml``) whose first line is a comment naming a path is written to that path.
 """
 
 from __future__ import annotations
@@ -123,6 +124,16 @@ def _fresh(tmp: Path) -> None:
   (tmp / "items.jsonl").write_text("".join(
       json.dumps({"context": d[:60], "choices": [d[60:90], docs[0][60:90]], "label": 0}) + "\n"
       for d in docs[1:5]))
+  chats = [{"messages": [{"role": "system", "content": "Answer briefly."},
+                         {"role": "user", "content": f"What is {d.split()[0]}?"},
+                         {"role": "assistant", "content": " ".join(d.split()[:12])}]} for d in docs[:40]]
+  (tmp / "conversations.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+  (tmp / "prefs.jsonl").write_text("".join(json.dumps(
+      {"prompt": d[:40], "chosen": d[40:80], "rejected": docs[0][40:80]}) + "\n" for d in docs[1:40]))
+  (tmp / "qa.jsonl").write_text("".join(json.dumps(
+      {"source": d[:60], "reference": [d[60:90], d[60:75]]}) + "\n" for d in docs[1:9]))
+  (tmp / "data" / "my_mc.jsonl").write_text("".join(json.dumps(
+      {"question": d[:60], "choices": [d[60:90], docs[0][60:90]], "label": 0}) + "\n" for d in docs[1:9]))
   import torch
   import transformers
   hf = tmp / "models" / "Mistral-7B-v0.1"
@@ -173,6 +184,10 @@ def test_readme_followed_in_order_on_a_fresh_directory(tmp_path, stores):
           printed[shlex.join(argv)], errors[shlex.join(argv)] = out.stdout, out.stderr
     elif lang == "python":
       run(_python(body), f"snippet:\n{body}")
+    elif lang == "yaml" and body.startswith("# "):  # a file the next commands read
+      path = tmp_path / body.splitlines()[0][2:].strip()
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(_subst(body))
     else:
       key = next((k for k in OUTPUTS if body.startswith(k)), None)
       assert key is not None, f"README output block with no command in OUTPUTS:\n{body[:200]}"
