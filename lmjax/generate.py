@@ -1,8 +1,9 @@
 """Text generation with a KV cache: batched prompts, greedy or temperature / top-k / top-p
 sampling, stop tokens per row.
 
-Prompts are left-padded to the longest one, so every row writes the same cache slot at
-each step and row b's tokens sit at positions ``slot - start[b]``. Jitted calls, each
+Prompts are left-padded to one width (the longest one's length rounded up to a power of
+two, :func:`prompt_width`: prompts of many lengths share a few programs), so every row
+writes the same cache slot at each step and row b's tokens sit at positions ``slot - start[b]``. Jitted calls, each
 donating the cache to the next: the prefill runs :meth:`Transformer.decode` over the padded
 prompts into an empty cache, then a ``lax.while_loop`` draws one token per row and feeds it
 back until every row has hit a stop token or ``max_new_tokens`` are out. A stopped row keeps
@@ -161,6 +162,14 @@ def _decode(static: Static, params: Any, cache: KVCache, logits: jax.Array, key:
     return tokens, seen, cache
 
 
+def prompt_width(longest: int) -> int:
+  """The padded prompt length of a batch whose longest prompt has ``longest`` tokens: the next
+  power of two (at least 16), so that a chat's turns or a task's prompts of varied lengths
+  share a few compiled programs. Left padding is masked and positions count from each
+  prompt's first token: the padding changes no result."""
+  return max(16, 1 << (longest - 1).bit_length())
+
+
 def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0,
@@ -172,7 +181,7 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
   ``params`` the parameters (a pure dict such as ``state["params"]``, or an nnx.State).
   Sampling as in :func:`sample_logits`. Compiled once per Setup or model architecture
   (Transformers or GraphDefs of equal configs share the programs), batch size, padded
-  prompt length, ``max_new_tokens``, ``top_k`` and whether ``top_p < 1``.
+  prompt length (:func:`prompt_width`), ``max_new_tokens``, ``top_k`` and whether ``top_p < 1``.
 
   >>> out = generate_ids(model, nnx.state(model), [[2, 17, 9], [2, 5]], max_new_tokens=8,
   ...                    temperature=0)
@@ -208,14 +217,15 @@ def generate_ids(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
                      f"model.max_seq_len={cfg.max_seq_len}; shorten them.")
 
   b = len(prompts)
-  tokens = np.full((b, longest), pad_id, np.int32)  # left-padded prompts (b, t)
-  start = np.array([longest - len(p) for p in prompts], np.int32)  # (b,)
+  width = prompt_width(longest)
+  tokens = np.full((b, width), pad_id, np.int32)  # left-padded prompts (b, t)
+  start = np.array([width - len(p) for p in prompts], np.int32)  # (b,)
   for row, p in enumerate(prompts):
     tokens[row, start[row]:] = p
   stop = np.asarray(sorted(set(map(int, stop_tokens))) or [-1], np.int32)  # -1: none
   with _context(model):
     # The last new token is never fed back: the cache holds t + N - 1 slots.
-    cache = _init_cache(static, params, jnp.asarray(start), max_len=longest + max_new_tokens - 1)
+    cache = _init_cache(static, params, jnp.asarray(start), max_len=width + max_new_tokens - 1)
     logits, cache = _prefill(static, params, cache, jnp.asarray(tokens))
     out, seen, _ = _decode(static, params, cache, logits, jax.random.key(seed), jnp.asarray(stop),
                            jnp.float32(temperature), jnp.float32(top_p),

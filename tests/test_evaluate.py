@@ -1,6 +1,7 @@
 """Loading a trained run, perplexity / bits per byte, and multiple-choice scoring, checked
 against direct computations with the plain model."""
 
+import functools
 import json
 import math
 import subprocess
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import lmjax
 from lmjax import data as data_lib
@@ -41,11 +43,18 @@ def run(tmp_path_factory):
   return lmjax.load(workdir)
 
 
-def _direct_logprobs(run, inputs, targets):
-  """Per-token log-probabilities of one unpadded row with the plain model (no sharding)."""
-  model = run.model()
-  logits = model(np.asarray(inputs)[None])
+def _direct_logprobs(run, inputs, targets, width=72):
+  """Per-token log-probabilities of one row with the plain model (no sharding): right-padded
+  to ``width`` (causal: the padding changes no earlier logit) so one program serves all."""
+  tokens = np.zeros((1, width), np.int32)
+  tokens[0, :len(inputs)] = inputs
+  logits = _plain_logits(run.setup.graphdef, run.params, tokens)[:, :len(inputs)]
   return -np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, np.asarray(targets)[None]))[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _plain_logits(graphdef, params, tokens):
+  return nnx.merge(graphdef, params)(tokens)
 
 
 def test_load_restores_the_final_checkpoint(run):

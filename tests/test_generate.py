@@ -18,7 +18,7 @@ from lmjax import generate as generate_lib
 from lmjax.config import ConfigError, default_config
 from lmjax import config as config_lib
 from lmjax.data import default_documents, train_tokenizer
-from lmjax.generate import generate, generate_ids, load_run, sample_logits
+from lmjax.generate import generate, generate_ids, load_run, prompt_width, sample_logits
 from lmjax.mesh import use_rules
 from lmjax.model import Transformer
 from lmjax.state import build
@@ -314,3 +314,27 @@ def test_an_equal_model_reuses_the_compiled_programs(monkeypatch):
   got = generate_ids(second, params, PROMPTS[:2], max_new_tokens=3, temperature=0.0)
   assert len(traces) == traced  # nothing traced again
   np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+def test_prompts_of_lengths_in_one_bucket_share_the_compiled_programs(monkeypatch):
+  """A chat's turns and a task's prompts differ in length: padded to a power of two they
+  reuse the programs, and the padding changes no token."""
+  traces = []
+  decode = Transformer.decode
+
+  def counted(self, *args, **kwargs):  # runs only while a program is traced
+    traces.append(1)
+    return decode(self, *args, **kwargs)
+
+  monkeypatch.setattr(Transformer, "decode", counted)
+  graphdef, params = _model()
+  short = generate_ids(graphdef, params, [PROMPTS[0][:3]], max_new_tokens=4, temperature=0.0)
+  traced = len(traces)
+  longer = generate_ids(graphdef, params, [PROMPTS[0][:3] + [7] * 9], max_new_tokens=4, temperature=0.0)
+  assert len(traces) == traced  # 3 and 12 tokens: both 16 wide
+  assert [prompt_width(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+  for out, prompt in ((short, PROMPTS[0][:3]), (longer, PROMPTS[0][:3] + [7] * 9)):
+    seq = list(prompt)
+    for token in out.tokens[0]:
+      assert token == np.argmax(_full_logits(seq, length=24))
+      seq.append(int(token))
