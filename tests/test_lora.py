@@ -326,6 +326,7 @@ def test_exported_lora_run_loads_in_transformers_as_a_plain_llama(tmp_path):
   np.testing.assert_allclose(got, _forward(setup, params), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles three steps of a model
 def test_bench_lora_section_measures_the_optimizer_state_it_saves():
   sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
   import bench  # noqa: PLC0415 - tools/bench.py imports its siblings from tools/
