@@ -75,6 +75,9 @@ class Chat:
   def __init__(self, run: Any, *, system: str | None = None, template: str | None = None,
                max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0):
+    if not run.cfg.model.causal:
+      raise DataError("this run's model is bidirectional (model.causal=False, a masked LM): it "
+                      "cannot generate replies left to right; chat with a causal run.")
     self.run = run
     self.format = chat_format(run, template)
     self.system = system

@@ -360,3 +360,22 @@ def test_chat_config_takes_a_run_and_a_template(tmp_path):
   assert load(f"{REPO / 'configs' / 'chat.py'}:{tmp_path}").data.chat_template == ""
   with pytest.raises(ConfigError, match="needs the run to start from"):
     load(str(REPO / "configs" / "chat.py"))
+
+
+def test_fine_tuning_formats_without_a_tokenizer_name_the_keys_to_set(tmp_path):
+  from lmjax.data import get_tokenizer
+  for fmt in ("chat", "prompt_response", "preference"):
+    cfg = default_config()
+    cfg.data.format, cfg.data.source = fmt, str(_write(tmp_path / "c.jsonl", [{"messages": []}]))
+    with pytest.raises(DataError, match=r"set train.init_from to that run .* or data.tokenizer"):
+      get_tokenizer(cfg.data, cfg.model.vocab_size)
+
+
+def test_a_bidirectional_run_is_refused_before_chatting():
+  from types import SimpleNamespace
+
+  from lmjax.chat import Chat
+  cfg = default_config()
+  cfg.model.causal = False
+  with pytest.raises(DataError, match=r"model.causal=False.*cannot generate"):
+    Chat(SimpleNamespace(cfg=cfg))

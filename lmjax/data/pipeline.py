@@ -117,6 +117,10 @@ def get_tokenizer(data_cfg: ml_collections.ConfigDict, vocab_size: int,
     return prepared_reader.dataset_tokenizer(data_cfg)
   if data_cfg.tokenizer:
     return Tokenizer.load(data_cfg.tokenizer)
+  if data_cfg.format != "text":  # fine-tuning data: the pre-trained model's tokenizer
+    raise DataError(f"data.format={data_cfg.format!r} needs the tokenizer of the model it "
+                    "fine-tunes: set train.init_from to that run (its tokenizer is used) or "
+                    "data.tokenizer to a tokenizer file.")
   docs = []
   for source, _ in sources_of(data_cfg):
     records, _ = cached_records(source, text_field=data_cfg.text_field,
