@@ -18,6 +18,7 @@ of the examples, chosen as raw documents are) is read once, its last batch padde
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -29,27 +30,33 @@ from lmjax.data.sources import SPLIT_SEED, SkipLog, resolve_paths, split_documen
 from lmjax.data.tokenizer import Tokenizer
 
 
-def read_pairs(source: str, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
-  """(prompt, response) pairs from JSONL files; a bad line raises naming file and line."""
-  pairs = []
+def jsonl_lines(source: str) -> Iterator[tuple[str, int, str]]:
+  """(file, line number, text) of every non-blank line of the JSONL files ``source`` names;
+  a line that is not UTF-8 raises DataError naming its file and line."""
   for path in resolve_paths(source, SkipLog("fail")):
     with open_file(path) as f:
       for i, raw in enumerate(f, 1):
         if not raw.strip():
           continue
         try:
-          line = raw.decode("utf-8")
+          yield path, i, raw.decode("utf-8")
         except UnicodeDecodeError as e:
           raise DataError(f"{path}:{i}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
                           "re-encode the file as UTF-8") from None
-        try:
-          record = json.loads(line)
-          prompt, response = record[prompt_field], record[response_field]
-          assert isinstance(prompt, str) and isinstance(response, str) and response
-        except (ValueError, KeyError, TypeError, AssertionError):
-          raise DataError(f"{path}:{i}: expected a JSON object with string fields "
-                          f"{prompt_field!r} and {response_field!r} (non-empty), got {line[:200]!r}") from None
-        pairs.append((prompt, response))
+
+
+def read_pairs(source: str, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
+  """(prompt, response) pairs from JSONL files; a bad line raises naming file and line."""
+  pairs = []
+  for path, i, line in jsonl_lines(source):
+    try:
+      record = json.loads(line)
+      prompt, response = record[prompt_field], record[response_field]
+      assert isinstance(prompt, str) and isinstance(response, str) and response
+    except (ValueError, KeyError, TypeError, AssertionError):
+      raise DataError(f"{path}:{i}: expected a JSON object with string fields "
+                      f"{prompt_field!r} and {response_field!r} (non-empty), got {line[:200]!r}") from None
+    pairs.append((prompt, response))
   if not pairs:
     raise DataError(f"data.source={source!r}: no prompt/response pairs")
   return pairs

@@ -32,9 +32,9 @@ import json
 import ml_collections
 import numpy as np
 
-from lmjax.data.finetune import FinetuneIterator, rows_iterator
-from lmjax.data.readers import DataError, open_file
-from lmjax.data.sources import SPLIT_SEED, SkipLog, resolve_paths, split_documents
+from lmjax.data.finetune import FinetuneIterator, jsonl_lines, rows_iterator
+from lmjax.data.readers import DataError
+from lmjax.data.sources import SPLIT_SEED, split_documents
 from lmjax.data.tokenizer import Tokenizer
 
 Pair = tuple[str, str, str, str]  # prompt, chosen, rejected, "file:line"
@@ -46,25 +46,16 @@ def read_preferences(source: str, prompt_field: str, chosen_field: str,
   """(prompt, chosen, rejected, where) from JSONL files; a bad line raises naming file and line."""
   pairs = []
   fields = (prompt_field, chosen_field, rejected_field)
-  for path in resolve_paths(source, SkipLog("fail")):
-    with open_file(path) as f:
-      for i, raw in enumerate(f, 1):
-        if not raw.strip():
-          continue
-        try:
-          line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          raise DataError(f"{path}:{i}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
-                          "re-encode the file as UTF-8") from None
-        try:
-          record = json.loads(line)
-          prompt, chosen, rejected = (record[k] for k in fields)
-          assert all(isinstance(x, str) for x in (prompt, chosen, rejected)) and chosen and rejected
-        except (ValueError, KeyError, TypeError, AssertionError):
-          raise DataError(f"{path}:{i}: expected a JSON object with string fields {prompt_field!r}, "
-                          f"{chosen_field!r} and {rejected_field!r} (the last two non-empty), got "
-                          f"{line[:200]!r}") from None
-        pairs.append((prompt, chosen, rejected, f"{path}:{i}"))
+  for path, i, line in jsonl_lines(source):
+    try:
+      record = json.loads(line)
+      prompt, chosen, rejected = (record[k] for k in fields)
+      assert all(isinstance(x, str) for x in (prompt, chosen, rejected)) and chosen and rejected
+    except (ValueError, KeyError, TypeError, AssertionError):
+      raise DataError(f"{path}:{i}: expected a JSON object with string fields {prompt_field!r}, "
+                      f"{chosen_field!r} and {rejected_field!r} (the last two non-empty), got "
+                      f"{line[:200]!r}") from None
+    pairs.append((prompt, chosen, rejected, f"{path}:{i}"))
   if not pairs:
     raise DataError(f"data.source={source!r}: no preference pairs")
   return pairs

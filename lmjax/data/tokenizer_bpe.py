@@ -76,7 +76,30 @@ def _unicode_to_byte() -> dict[str, int]:
   return {c: b for b, c in byte_to_unicode().items()}
 
 
-class HFTokenizer(Tokenizer):
+class _RoleIds(Tokenizer):
+  """The special ids of a tokenizer that keeps them in ``self._roles`` (role -> id or None)."""
+
+  _roles: dict[str, int | None]
+
+  @property
+  def pad_id(self) -> int:
+    """The pad token's id, else eos's (padding is told apart by ``segment_ids == 0``)."""
+    return self._roles["pad"] if self._roles.get("pad") is not None else self._roles["eos"]
+
+  @property
+  def bos_id(self) -> int:
+    return self._roles["bos"]
+
+  @property
+  def eos_id(self) -> int:
+    return self._roles["eos"]
+
+  @property
+  def unk_id(self) -> int | None:
+    return self._roles.get("unk")
+
+
+class HFTokenizer(_RoleIds):
   """A Hugging Face ``tokenizer.json``, with the ``tokenizer_config.json`` and
   ``special_tokens_map.json`` beside it."""
 
@@ -144,22 +167,6 @@ class HFTokenizer(Tokenizer):
   def vocab_size(self) -> int:
     return self._vocab_size
 
-  @property
-  def pad_id(self) -> int:
-    """The pad token's id, else eos's (padding is told apart by ``segment_ids == 0``)."""
-    return self._roles["pad"] if self._roles["pad"] is not None else self._roles["eos"]
-
-  @property
-  def bos_id(self) -> int:
-    return self._roles["bos"]
-
-  @property
-  def eos_id(self) -> int:
-    return self._roles["eos"]
-
-  @property
-  def unk_id(self) -> int | None:
-    return self._roles["unk"]
 
   def id_to_token(self, i: int) -> str:
     return self._tok.id_to_token(i) or ""
@@ -243,7 +250,7 @@ def _has_type(component: Any, name: str) -> bool:
   return component.get("type") == name or any(_has_type(p, name) for p in parts or [])
 
 
-class TiktokenTokenizer(Tokenizer):
+class TiktokenTokenizer(_RoleIds):
   """A tiktoken ranks file, with Llama 3's pattern and special tokens unless the JSON file
   beside it (``<file>.json``) names others."""
 
@@ -312,17 +319,6 @@ class TiktokenTokenizer(Tokenizer):
   def vocab_size(self) -> int:
     return self._enc.n_vocab
 
-  @property
-  def pad_id(self) -> int:
-    return self._roles["pad"] if self._roles["pad"] is not None else self._roles["eos"]
-
-  @property
-  def bos_id(self) -> int:
-    return self._roles["bos"]
-
-  @property
-  def eos_id(self) -> int:
-    return self._roles["eos"]
 
   def id_to_token(self, i: int) -> str:
     return self._piece_bytes(i).decode("utf-8", "replace")
