@@ -140,19 +140,23 @@ def _batches(rows, weights, seq_len: int, batch_size: int) -> list[Batch]:
   return out
 
 
+def read_text(path: str | Path, what: str) -> str:
+  """The UTF-8 text of file ``path`` (a local path or a URL); DataError naming it when it is
+  missing or not UTF-8 (``what`` it should hold, e.g. "multiple-choice JSONL")."""
+  try:
+    return storage.path(path).read_bytes().decode("utf-8")
+  except FileNotFoundError:
+    storage.check(path)  # a URL's bucket that is missing or refused, named as such
+    raise DataError(f"{path}: no such file; give {what}.") from None
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; give {what} in UTF-8.") from None
+
+
 def read_choices(path: str | Path) -> list[dict[str, Any]]:
   """Multiple-choice items from JSONL (a local path or a URL); a malformed line, a file that
   is missing, no UTF-8 text or holds no item raises DataError naming the file (and line)."""
   items = []
-  try:
-    text = storage.path(path).read_bytes().decode("utf-8")
-  except FileNotFoundError:
-    storage.check(path)  # a URL's bucket that is missing or refused, named as such
-    raise DataError(f"{path}: no such file; give multiple-choice JSONL.") from None
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; give multiple-choice JSONL "
-                    "in UTF-8.") from None
-  for i, line in enumerate(text.splitlines(), 1):
+  for i, line in enumerate(read_text(path, "multiple-choice JSONL").splitlines(), 1):
     if not line.strip():
       continue
     try:

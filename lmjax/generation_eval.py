@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from lmjax import storage
 from lmjax.config import ConfigError
 from lmjax.data import DataError
+from lmjax.evaluate import read_text
 from lmjax.generate import generate_ids
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -66,14 +66,7 @@ def read_generation_items(path: str | Path, source_field: str = "source",
   ``source_field`` (a string) and ``reference_field`` (a string or a list of strings), the
   first ``limit`` of them. A malformed line, a missing file or one without items raises
   DataError naming the file (and line)."""
-  try:
-    text = storage.path(path).read_bytes().decode("utf-8")
-  except FileNotFoundError:
-    storage.check(path)  # a URL's bucket that is missing or refused, named as such
-    raise DataError(f"{path}: no such file; give generation JSONL.") from None
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; give generation JSONL in "
-                    "UTF-8.") from None
+  text = read_text(path, "generation JSONL")
   items = []
   for i, line in enumerate(text.splitlines(), 1):
     if not line.strip():

@@ -77,9 +77,11 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 class _RoleIds(Tokenizer):
-  """The special ids of a tokenizer that keeps them in ``self._roles`` (role -> id or None)."""
+  """What a tokenizer with its special ids in ``self._roles`` (role -> id or None) and its
+  chat template in ``self._template`` answers alike."""
 
   _roles: dict[str, int | None]
+  _template: str | None
 
   @property
   def pad_id(self) -> int:
@@ -97,6 +99,20 @@ class _RoleIds(Tokenizer):
   @property
   def unk_id(self) -> int | None:
     return self._roles.get("unk")
+
+  @property
+  def chat_template(self) -> str | None:
+    return self._template
+
+  @property
+  def special_tokens(self) -> list[str]:
+    """Its special (added) tokens other than bos/eos/pad/unk, in id order."""
+    roles = set(self._roles.values())
+    return [t for t, i in sorted(self._specials().items(), key=lambda kv: kv[1]) if i not in roles]
+
+  def _specials(self) -> dict[str, int]:
+    """Every special token and its id."""
+    raise NotImplementedError
 
 
 class HFTokenizer(_RoleIds):
@@ -171,15 +187,8 @@ class HFTokenizer(_RoleIds):
   def id_to_token(self, i: int) -> str:
     return self._tok.id_to_token(i) or ""
 
-  @property
-  def chat_template(self) -> str | None:
-    return self._template
-
-  @property
-  def special_tokens(self) -> list[str]:
-    """The added tokens other than bos/eos/pad/unk, in id order."""
-    roles = set(self._roles.values())
-    return [t for t, i in sorted(self._added.items(), key=lambda kv: kv[1]) if i not in roles]
+  def _specials(self) -> dict[str, int]:
+    return self._added
 
   def token_id(self, piece: str) -> int:
     i = self._tok.token_to_id(piece)
@@ -323,15 +332,8 @@ class TiktokenTokenizer(_RoleIds):
   def id_to_token(self, i: int) -> str:
     return self._piece_bytes(i).decode("utf-8", "replace")
 
-  @property
-  def chat_template(self) -> str | None:
-    return self._template
-
-  @property
-  def special_tokens(self) -> list[str]:
-    """Its special tokens other than bos/eos/pad, in id order."""
-    roles = set(self._roles.values())
-    return [t for t, i in sorted(self._special.items(), key=lambda kv: kv[1]) if i not in roles]
+  def _specials(self) -> dict[str, int]:
+    return self._special
 
   def token_id(self, piece: str) -> int:
     if piece in self._special:
